@@ -1,0 +1,56 @@
+# The two user-facing commands are `make demo` and `make test`; both set up what they need.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEB_PACKAGES := iptables nftables conntrack iproute2 libnetfilter-queue-dev libnetfilter-queue1 \
+	gcc python3-dev python3-venv pkgconf tcpdump iputils-ping procps
+.PHONY: all deps venv proto check-proto lint typecheck unit netns test demo bench clean
+
+all: test
+
+# Debian packages for the data path and for building NetfilterQueue.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml | deps
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: deps $(STAMP)
+
+# Regenerate the committed betterproto code from proto/.
+proto: venv
+	$(PY) -m meridio.tools.protogen src/meridio/api
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q -m "not netns"
+
+netns: venv
+	$(VENV)/bin/pytest -q -m netns
+
+test: venv lint typecheck
+	$(VENV)/bin/pytest -q
+
+bench: venv
+	$(PY) -m bench
+
+demo: venv
+	$(VENV)/bin/meridioctl demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
