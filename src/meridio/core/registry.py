@@ -1,0 +1,514 @@
+"""The NSP target registry: Meridio's ``nsp.v1.TargetRegistry`` semantics, as a pure object.
+
+No I/O and no clock: every time is a float of seconds passed in by the caller. The NSP server passes
+wall-clock time (``time.time()``) so that timestamps persisted by :mod:`meridio.store.registry`
+still mean something after a restart.
+
+Semantics
+---------
+* **Key.** A target is identified by its IPs, its type and its stream (see :func:`target_key`)::
+
+      "<canonical IPs, sorted, comma separated>-<type number>-<stream>.<conduit>.<trench>"
+
+  for example ``"172.16.1.3/24,fd00::3/64-0-stream-a.conduit-a.trench-a"`` or, for a frontend
+  registered with its trench only, ``"192.0.2.7/24-1-..trench-a"``. Each IP is canonicalised with
+  :mod:`ipaddress`: a CIDR keeps its host bits and prefix (``"172.16.1.3/24"`` stays as given,
+  ``"FD00::0003/64"`` becomes ``"fd00::3/64"``, a dotted netmask becomes a prefix length); a bare
+  address stays bare. The list is sorted numerically: IPv4 before IPv6, then by address, then by
+  prefix length; a string that does not parse keeps its text and sorts last. Duplicates collapse.
+  The key is an identity, not a format to parse back: names containing ``-`` or ``.`` make it
+  ambiguous in theory, but two different configured streams would have to spell the same dotted
+  path for two live targets to collide.
+* **What is stored.** A copy of the registered target with canonical, sorted IPs; the context as
+  sent (a later registration replaces it wholesale); the managed status; the type; and the stream
+  reduced to what identifies it (stream name, ``max_targets``, conduit name, trench name; a
+  conduit's port NATs are configuration, not part of a registration). A target registered with no
+  stream names and no ``max_targets`` is stored with its stream unset. Stored targets are never
+  mutated in place (a change stores a new object), so :meth:`TargetRegistry.snapshot` hands them
+  out without copying: callers must treat them as read-only.
+* **Status.** A new key is always stored ``DISABLED``, whatever status it asks for. A later
+  registration with ``ENABLED`` enables it and one with ``DISABLED`` disables it (TAPA disables
+  before it unregisters); any other status value leaves the status as it is (:func:`validate`
+  rejects those values before they get here).
+* **Keepalive.** Every registration refreshes the entry's ``last_seen``. A registration that changes
+  nothing else returns ``False`` and leaves :attr:`TargetRegistry.generation` alone, so watchers
+  are not woken by keepalives. An entry whose ``last_seen + entry_timeout <= now`` is expired by
+  :meth:`TargetRegistry.expire`; :meth:`TargetRegistry.next_expiry` gives the earliest such time so
+  the server can sleep until then.
+* **Generation.** An integer that grows by one for every stored change (a key added, changed,
+  removed, expired or restored to a different value). Watch handlers compare it with the value they
+  last sent and re-send a full filtered snapshot when it moved: level-triggered, latest value wins.
+* **Watch filter.** See :func:`matches`.
+* **Validation** happens before the registry is touched, in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final, cast
+
+from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetStatus, TargetType, Trench
+
+__all__ = [
+    "DEFAULT_ENTRY_TIMEOUT",
+    "DEFAULT_MAX_TARGETS",
+    "IDENTIFIER",
+    "MAX_CONTEXT_ENTRIES",
+    "MAX_CONTEXT_KEY_LENGTH",
+    "MAX_CONTEXT_VALUE_LENGTH",
+    "MAX_IPS",
+    "MAX_IP_LENGTH",
+    "MAX_NAME_LENGTH",
+    "Entry",
+    "InvalidTarget",
+    "StreamLookup",
+    "TargetRegistry",
+    "canonical_ip",
+    "canonical_ips",
+    "canonical_target",
+    "matches",
+    "stream_path",
+    "target_key",
+    "validate",
+]
+
+DEFAULT_ENTRY_TIMEOUT: Final = 60.0
+"""Meridio's ``NSM_ENTRY_TIMEOUT`` default, in seconds."""
+DEFAULT_MAX_TARGETS: Final = 100
+"""Meridio's default ``max-targets``; used when the configuration reports 0 (unset)."""
+IDENTIFIER: Final = "identifier"
+"""The context key that carries a DEFAULT target's identifier, ``"1"`` .. ``"<max_targets>"``."""
+MAX_IPS: Final = 16
+MAX_IP_LENGTH: Final = 64
+MAX_CONTEXT_ENTRIES: Final = 32
+MAX_CONTEXT_KEY_LENGTH: Final = 64
+MAX_CONTEXT_VALUE_LENGTH: Final = 1024
+MAX_NAME_LENGTH: Final = 253
+
+_ENABLED: Final = int(TargetStatus.ENABLED)
+_DISABLED: Final = int(TargetStatus.DISABLED)
+_ANY: Final = int(TargetStatus.ANY)
+_DEFAULT: Final = int(TargetType.DEFAULT)
+_FRONTEND: Final = int(TargetType.FRONTEND)
+
+StreamLookup = Callable[[str, str, str], int | None]
+"""``lookup_stream(trench, conduit, stream)``: its ``max_targets``, None if it is unknown."""
+
+
+class InvalidTarget(ValueError):
+    """A registration that must be refused; the message says exactly why."""
+
+
+# --- canonical forms -------------------------------------------------------------------------
+
+_IpSortKey = tuple[int, int, int, str]
+
+
+@lru_cache(maxsize=8192)
+def _canonical(ip: str) -> tuple[_IpSortKey, str]:
+    """(sort key, canonical text) of one IP string; text that does not parse is kept as is."""
+    if "%" not in ip:  # scoped IPv6 addresses are not target addresses; keep them verbatim
+        try:
+            if "/" in ip:
+                iface = ipaddress.ip_interface(ip)
+                return (iface.version, int(iface.ip), iface.network.prefixlen, ""), str(iface)
+            addr = ipaddress.ip_address(ip)
+            return (addr.version, int(addr), -1, ""), str(addr)
+        except ValueError:
+            pass
+    return (99, 0, 0, ip), ip
+
+
+def canonical_ip(ip: str) -> str:
+    """The canonical text of one IP or CIDR (unchanged if it does not parse)."""
+    return _canonical(ip)[1]
+
+
+def canonical_ips(ips: Iterable[str]) -> list[str]:
+    """The canonical IPs, deduplicated and in the canonical order used by keys."""
+    pairs = {_canonical(ip) for ip in ips}
+    return [text for _, text in sorted(pairs)]
+
+
+def stream_path(stream: Stream | None) -> tuple[str, str, str]:
+    """``(stream name, conduit name, trench name)``; an unset level gives empty names."""
+    if stream is None:
+        return "", "", ""
+    conduit = stream.conduit
+    trench = conduit.trench if conduit is not None else None
+    return (
+        cast(str, stream.name or ""),
+        cast(str, conduit.name or "") if conduit is not None else "",
+        cast(str, trench.name or "") if trench is not None else "",
+    )
+
+
+def _key(ips: list[str], type_: int, path: tuple[str, str, str]) -> str:
+    return f"{','.join(ips)}-{type_}-{path[0]}.{path[1]}.{path[2]}"
+
+
+def target_key(target: Target) -> str:
+    """The registry key of *target* (see the module documentation for the format)."""
+    return _key(canonical_ips(target.ips), int(target.type), stream_path(target.stream))
+
+
+def _stored_stream(path: tuple[str, str, str], max_targets: int) -> Stream | None:
+    if not any(path) and not max_targets:
+        return None
+    return Stream(
+        name=path[0],
+        conduit=Conduit(name=path[1], trench=Trench(name=path[2])),
+        max_targets=max_targets,
+    )
+
+
+def _max_targets(stream: Stream | None) -> int:
+    return int(stream.max_targets or 0) if stream is not None else 0
+
+
+def _make_target(
+    ips: list[str],
+    context: dict[str, str],
+    status: int,
+    type_: int,
+    path: tuple[str, str, str],
+    max_targets: int,
+) -> Target:
+    target = Target(
+        ips=ips,
+        context=context,
+        status=TargetStatus(status),
+        type=TargetType(type_) if type_ in (_DEFAULT, _FRONTEND) else type_,
+    )
+    stream = _stored_stream(path, max_targets)
+    if stream is not None:
+        target.stream = stream
+    return target
+
+
+def canonical_target(target: Target) -> Target:
+    """A new target in the stored form (canonical IPs, reduced stream), keeping its status."""
+    status = int(target.status)
+    return _make_target(
+        canonical_ips(target.ips),
+        dict(target.context),
+        status if status in (_ENABLED, _DISABLED) else _DISABLED,
+        int(target.type),
+        stream_path(target.stream),
+        _max_targets(target.stream),
+    )
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One registered target: its key, the stored target (read-only) and its last refresh time."""
+
+    key: str
+    target: Target
+    last_seen: float
+
+
+class TargetRegistry:
+    """In-memory target registry. Not thread-safe; every time is passed in (seconds)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        # Min-heap of (last_seen, tie-breaker, entry); an item is stale once its entry is no longer
+        # the one stored under its key. Stale items are dropped lazily and compacted in bulk.
+        self._heap: list[tuple[float, int, Entry]] = []
+        self._tick = 0
+        self._generation = 0
+
+    # -- reading
+
+    @property
+    def generation(self) -> int:
+        """Grows by one on every stored change; unchanged by pure keepalives."""
+        return self._generation
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> Entry | None:
+        return self._entries.get(key)
+
+    def keys(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        """Every entry, ordered by key."""
+        return [self._entries[k] for k in sorted(self._entries)]
+
+    def all(self) -> list[Target]:
+        """Every stored target, ordered by key (whatever its status or type)."""
+        return [self._entries[k].target for k in sorted(self._entries)]
+
+    def snapshot(self, filter: Target) -> list[Target]:
+        """The targets that *filter* selects (see :func:`matches`), ordered by key."""
+        return [e.target for e in self.entries() if matches(filter, e.target)]
+
+    # -- changing
+
+    def register(self, target: Target, now: float) -> bool:
+        """Add or refresh *target*; True if the stored state changed (False for a keepalive)."""
+        ips = canonical_ips(target.ips)
+        type_ = int(target.type)
+        path = stream_path(target.stream)
+        key = _key(ips, type_, path)
+        max_targets = _max_targets(target.stream)
+        context = cast(dict[str, str], target.context)
+        old = self._entries.get(key)
+        if old is None:
+            stored = _make_target(ips, dict(context), _DISABLED, type_, path, max_targets)
+            self._put(Entry(key, stored, now))
+            self._generation += 1
+            return True
+        current = old.target
+        asked = int(target.status)
+        status = asked if asked in (_ENABLED, _DISABLED) else int(current.status)
+        if (
+            status == int(current.status)
+            and context == current.context
+            and max_targets == _max_targets(current.stream)
+        ):
+            # Same key means same IPs, type and stream path: only the keepalive moves.
+            self._put(Entry(key, current, now))
+            return False
+        stored = _make_target(ips, dict(context), status, type_, path, max_targets)
+        self._put(Entry(key, stored, now))
+        self._generation += 1
+        return True
+
+    def unregister(self, target: Target, now: float) -> bool:
+        """Remove *target* (silently nothing if unknown); True if it was there.
+
+        *now* is accepted for symmetry with :meth:`register` and is not used.
+        """
+        del now
+        return self.remove(target_key(target)) is not None
+
+    def remove(self, key: str) -> Entry | None:
+        """Remove the entry under *key*; return it, or None if there was none."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._generation += 1
+        return entry
+
+    def expire(self, now: float, entry_timeout: float) -> list[str]:
+        """Remove entries with ``last_seen + entry_timeout <= now``; return their keys, sorted."""
+        return [e.key for e in self.pop_expired(now, entry_timeout)]
+
+    def pop_expired(self, now: float, entry_timeout: float) -> list[Entry]:
+        """Like :meth:`expire` but return the removed entries (ordered by key)."""
+        heap = self._heap
+        removed: list[Entry] = []
+        while heap and heap[0][0] + entry_timeout <= now:
+            entry = heapq.heappop(heap)[2]
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+                removed.append(entry)
+        self._generation += len(removed)
+        removed.sort(key=lambda e: e.key)
+        return removed
+
+    def next_expiry(self, entry_timeout: float) -> float | None:
+        """The earliest time at which :meth:`expire` would remove something, or None if empty."""
+        heap = self._heap
+        while heap and self._entries.get(heap[0][2].key) is not heap[0][2]:
+            heapq.heappop(heap)
+        return heap[0][0] + entry_timeout if heap else None
+
+    def restore(self, key: str, entry: Entry | None) -> None:
+        """Set the slot *key* to *entry* (None: absent), as it was before a change.
+
+        Used to roll back a change whose persistence failed, and to load persisted entries. The
+        generation moves only if the stored target changes.
+        """
+        current = self._entries.get(key)
+        before = current.target if current is not None else None
+        if entry is None:
+            if current is not None:
+                del self._entries[key]
+        else:
+            if entry.key != key:
+                raise ValueError(f"entry key {entry.key!r} does not match {key!r}")
+            self._put(entry)
+        if before is not (entry.target if entry is not None else None):
+            self._generation += 1
+
+    def _put(self, entry: Entry) -> None:
+        self._entries[entry.key] = entry
+        self._tick += 1
+        heapq.heappush(self._heap, (entry.last_seen, self._tick, entry))
+        if len(self._heap) > 2 * len(self._entries) + 64:
+            self._heap = [
+                (e.last_seen, i, e) for i, e in enumerate(self._entries.values(), self._tick)
+            ]
+            self._tick += len(self._entries)
+            heapq.heapify(self._heap)
+
+
+# --- Watch filter ----------------------------------------------------------------------------
+
+
+def matches(filter: Target, target: Target) -> bool:
+    """Whether the Watch *filter* selects *target*.
+
+    * status: equal to the filter's, unless the filter says ``ANY``; the default value 0 means
+      ``ENABLED`` only;
+    * type: equal (the default value 0 means ``DEFAULT``);
+    * stream: each of the filter's stream, conduit and trench names, when non-empty, must equal
+      the target's; an empty name (or an unset stream) is a wildcard at that level.
+    """
+    wanted = int(filter.status)
+    if wanted != _ANY and wanted != int(target.status):
+        return False
+    if int(filter.type) != int(target.type):
+        return False
+    f_path = stream_path(filter.stream)
+    if not any(f_path):
+        return True
+    t_path = stream_path(target.stream)
+    return all(not f or f == t for f, t in zip(f_path, t_path, strict=True))
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _show(text: str, limit: int = 64) -> str:
+    """Quote *text* for an error message, shortened if long."""
+    return f'"{text}"' if len(text) <= limit else f'"{text[:limit]}..."'
+
+
+def _validate_ips(ips: list[str]) -> None:
+    if not ips:
+        raise InvalidTarget("at least one IP is required")
+    if len(ips) > MAX_IPS:
+        raise InvalidTarget(f"too many IPs: {len(ips)} (at most {MAX_IPS})")
+    seen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+    for ip in ips:
+        if len(ip) > MAX_IP_LENGTH:
+            raise InvalidTarget(f"IP {_show(ip)} too long: {len(ip)} characters")
+        if "%" in ip:
+            raise InvalidTarget(f"IP {_show(ip)}: scoped addresses are not supported")
+        try:
+            address = ipaddress.ip_interface(ip).ip if "/" in ip else ipaddress.ip_address(ip)
+        except ValueError:
+            raise InvalidTarget(f"IP {_show(ip)} is not an IP address or CIDR") from None
+        if address in seen:
+            raise InvalidTarget(
+                f"duplicate IP {_show(ip)} (same address as {_show(seen[address])})"
+            )
+        seen[address] = ip
+
+
+def _validate_context(context: dict[str, str]) -> None:
+    if len(context) > MAX_CONTEXT_ENTRIES:
+        raise InvalidTarget(
+            f"too many context entries: {len(context)} (at most {MAX_CONTEXT_ENTRIES})"
+        )
+    for key, value in context.items():
+        if not key:
+            raise InvalidTarget("context key must not be empty")
+        if len(key) > MAX_CONTEXT_KEY_LENGTH:
+            raise InvalidTarget(
+                f"context key {_show(key)} too long: {len(key)} characters "
+                f"(at most {MAX_CONTEXT_KEY_LENGTH})"
+            )
+        if len(value) > MAX_CONTEXT_VALUE_LENGTH:
+            raise InvalidTarget(
+                f"context value for key {_show(key)} too long: {len(value)} characters "
+                f"(at most {MAX_CONTEXT_VALUE_LENGTH})"
+            )
+
+
+def _validate_identifier(value: str, max_targets: int | None, stream: str) -> None:
+    if not (value.isascii() and value.isdigit()):
+        raise InvalidTarget(f"identifier {_show(value)} is not a decimal integer")
+    number = int(value)
+    if max_targets is None:
+        if number < 1:
+            raise InvalidTarget(f"identifier {_show(value)} must be at least 1")
+    elif not 1 <= number <= max_targets:
+        raise InvalidTarget(
+            f"identifier {_show(value)} out of range 1..{max_targets} for stream {stream}"
+        )
+
+
+def validate(target: Target, lookup_stream: StreamLookup) -> None:
+    """Refuse a registration that must not be stored, raising :class:`InvalidTarget`.
+
+    Checks, in order:
+
+    * status is ``ENABLED`` or ``DISABLED`` (``ANY`` is only meaningful in a Watch filter);
+    * type is ``DEFAULT`` or ``FRONTEND``;
+    * 1..:data:`MAX_IPS` IPs, each an address or CIDR (``"172.16.1.3/24"``, ``"fd00::3/64"``,
+      ``"192.0.2.1"``), no scoped IPv6 addresses, no two IPs with the same address (whatever the
+      prefix length);
+    * context: at most :data:`MAX_CONTEXT_ENTRIES` entries, keys non-empty and at most
+      :data:`MAX_CONTEXT_KEY_LENGTH` characters, values at most :data:`MAX_CONTEXT_VALUE_LENGTH`;
+    * stream names at most :data:`MAX_NAME_LENGTH` characters each;
+    * ``DEFAULT`` targets: stream, conduit and trench names all non-empty;
+      ``lookup_stream(trench, conduit, stream)`` must give the stream's ``max_targets`` (None
+      means the stream does not exist; 0 means unset and counts as :data:`DEFAULT_MAX_TARGETS`);
+      ``context["identifier"]`` is required and must be a decimal integer in 1..max_targets;
+    * ``FRONTEND`` targets (decision): the stream is optional and may be partial, as Meridio's
+      frontend registers with its trench only. The names given must be a top-down prefix of the
+      hierarchy (a conduit needs a trench, a stream needs a conduit); when a stream name is given
+      the stream must exist. The identifier is optional; when present it must be a decimal
+      integer of at least 1, and within 1..max_targets when a stream was named.
+    """
+    status = int(target.status)
+    if status not in (_ENABLED, _DISABLED):
+        if status == _ANY:
+            raise InvalidTarget("status ANY is only valid in a Watch filter, not in a registration")
+        raise InvalidTarget(f"unknown target status {status}")
+    type_ = int(target.type)
+    if type_ not in (_DEFAULT, _FRONTEND):
+        raise InvalidTarget(f"unknown target type {type_}")
+    _validate_ips(cast(list[str], target.ips))
+    context = cast(dict[str, str], target.context)
+    _validate_context(context)
+
+    stream, conduit, trench = stream_path(target.stream)
+    for level, name in (("stream", stream), ("conduit", conduit), ("trench", trench)):
+        if len(name) > MAX_NAME_LENGTH:
+            raise InvalidTarget(
+                f"{level} name {_show(name)} too long: {len(name)} characters "
+                f"(at most {MAX_NAME_LENGTH})"
+            )
+    if type_ == _DEFAULT:
+        for level, name in (("stream", stream), ("conduit", conduit), ("trench", trench)):
+            if not name:
+                raise InvalidTarget(f"{level} name is required for DEFAULT targets")
+    else:
+        if conduit and not trench:
+            raise InvalidTarget(f"conduit {conduit} given without a trench name")
+        if stream and not conduit:
+            raise InvalidTarget(f"stream {stream} given without a conduit name")
+
+    max_targets: int | None = None
+    if stream:
+        found = lookup_stream(trench, conduit, stream)
+        if found is None:
+            raise InvalidTarget(
+                f"stream {stream} of conduit {conduit} in trench {trench} does not exist"
+            )
+        max_targets = found if found > 0 else DEFAULT_MAX_TARGETS
+
+    identifier = context.get(IDENTIFIER)
+    if identifier is None:
+        if type_ == _DEFAULT:
+            raise InvalidTarget(f'context "{IDENTIFIER}" is required for DEFAULT targets')
+        return
+    _validate_identifier(identifier, max_targets, stream)

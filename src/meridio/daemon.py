@@ -1,0 +1,105 @@
+"""``meridiod``: load one role plugin onto the shared runtime and run it.
+
+Exit status: 0 after a graceful stop (SIGTERM/SIGINT), 2 for a usage or settings error (nothing
+is started), 1 when the role fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import NoReturn
+
+import click
+import trio
+
+from meridio import __version__
+from meridio.roles.base import Role, load_role
+from meridio.runtime import Runtime, logs, open_runtime
+from meridio.settings import CommonSettings, SettingsError, load_settings, parse_flag_args
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"meridiod: error: {message}", err=True)
+    sys.exit(2)
+
+
+async def supervise(role: Role, runtime: Runtime, settings: CommonSettings) -> None:
+    """Run the role, react to signals, and shut down gracefully on SIGTERM/SIGINT."""
+    log = runtime.log
+    with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+        async with trio.open_nursery() as role_nursery:
+            await role_nursery.start(role.run)
+            log.info("role started", version=__version__, health=str(runtime.health_socket))
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("reload requested")
+                    role_nursery.start_soon(role.reload)
+                elif signum == signal.SIGUSR1:
+                    log.warning("log level changed", level=logs.shift_level(-1))
+                elif signum == signal.SIGUSR2:
+                    log.warning("log level changed", level=logs.shift_level(+1))
+                else:
+                    log.info("shutting down", signal=signal.Signals(signum).name)
+                    break
+            runtime.health.begin_shutdown()
+            with trio.move_on_after(settings.drain_timeout) as drain_scope:
+                await role.drain()
+            if drain_scope.cancelled_caught:
+                log.warning("drain timed out", timeout=settings.drain_timeout)
+            role_nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def run_role(role_cls: type[Role], settings: CommonSettings) -> None:
+    async with open_runtime(role_cls.name, settings) as runtime:
+        role = role_cls(settings, runtime)
+        await supervise(role, runtime, settings)
+
+
+@click.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": ["-h", "--help"],
+    },
+    epilog="Any other --NAME=VALUE is a setting of the role; see the README for the list.",
+)
+@click.option("--role", envvar="MERIDIOD_ROLE", help="lb, proxy, target, ipam or nsp.")
+@click.option("--config", "config_file", envvar="MERIDIOD_CONFIG", help="YAML file of settings.")
+@click.version_option(__version__, prog_name="meridiod")
+@click.pass_context
+def cli(ctx: click.Context, role: str | None, config_file: str | None) -> None:
+    """Run one meridio role on the shared runtime."""
+    if not role:
+        fail("no role given: use --role=ROLE or MERIDIOD_ROLE")
+    try:
+        role_cls = load_role(role)
+    except LookupError as exc:
+        fail(str(exc))
+    try:
+        flags = parse_flag_args(list(ctx.args))
+        settings = load_settings(
+            role_cls.Settings, file=config_file, environ=os.environ, flags=flags
+        )
+        logs.configure(
+            settings.log_level,
+            settings.log_format,
+            role=role,
+            instance=settings.instance or os.uname().nodename,
+        )
+        role_cls.check_settings(settings)
+    except (SettingsError, ValueError) as exc:
+        fail(str(exc))
+    trio.run(run_role, role_cls, settings)
+
+
+def main() -> None:
+    cli(prog_name="meridiod")
+
+
+if __name__ == "__main__":
+    main()

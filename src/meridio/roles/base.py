@@ -1,0 +1,63 @@
+"""What a role plugin is: a class registered under the ``meridio.roles`` entry point group."""
+
+from __future__ import annotations
+
+import abc
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, ClassVar
+
+import trio
+
+from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
+
+ENTRY_POINT_GROUP = "meridio.roles"
+
+
+class Role(abc.ABC):
+    """A role runs on the shared runtime until cancelled.
+
+    ``run`` calls ``task_status.started()`` once it serves; ``drain`` is called after SIGTERM
+    (readiness is already NOT_SERVING) and is bounded by the ``drain-timeout`` setting;
+    ``reload`` is called on SIGHUP.
+    """
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[CommonSettings]] = CommonSettings
+
+    def __init__(self, settings: CommonSettings, runtime: Runtime) -> None:
+        self.settings = settings
+        self.runtime = runtime
+
+    @classmethod  # noqa: B027 - optional hook
+    def check_settings(cls, settings: CommonSettings) -> None:
+        """Refuse settings that parse but cannot work (ValueError naming the setting)."""
+
+    @abc.abstractmethod
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled."""
+
+    async def drain(self) -> None:  # noqa: B027 - optional hook
+        """Finish in-flight work before exit (unregister, withdraw, let clients move)."""
+
+    async def reload(self) -> None:  # noqa: B027 - optional hook
+        """Re-read configuration files (SIGHUP)."""
+
+
+def available_roles() -> dict[str, object]:
+    """Role name -> entry point, for every installed plugin."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_role(name: str) -> type[Role]:
+    roles = available_roles()
+    if name not in roles:
+        raise LookupError(
+            f"unknown role {name!r}; available roles: {', '.join(sorted(roles)) or 'none'}"
+        )
+    cls = roles[name].load()  # type: ignore[attr-defined]
+    if not (isinstance(cls, type) and issubclass(cls, Role)):
+        raise LookupError(f"entry point for role {name!r} is not a meridio Role class")
+    return cls

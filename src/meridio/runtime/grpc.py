@@ -1,0 +1,294 @@
+"""grpclib served and consumed from trio through one trio-asyncio loop.
+
+grpclib is asyncio code: servers and channels are built inside the trio-asyncio loop (grpclib
+captures the running loop when constructed). Server streams are consumed by one asyncio
+coroutine that pushes each message into a trio memory channel; trio code never iterates an
+asyncio async generator directly, because cancelling that corrupts trio's cancel scopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import stat
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpclib
+import grpclib.client
+import grpclib.server
+import trio
+import trio_asyncio
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import StreamTerminatedError
+
+from meridio.runtime.logs import get_logger
+from meridio.runtime.metrics import split_hostport
+
+T = TypeVar("T")
+log = get_logger("meridio.grpc")
+
+# gRPC's customary 4 MiB: a target list of 10,000 entries fits many times over.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class LimitedCodec(ProtoCodec):
+    """Protobuf codec that refuses messages over a size limit and answers malformed ones clearly.
+
+    grpclib has no message size setting of its own, so the limit lives in the codec.
+    """
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = max_message_bytes
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        data = bytes(message)
+        if len(data) > self.max_message_bytes:
+            raise grpclib.GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"message of {len(data)} bytes exceeds the limit of {self.max_message_bytes}",
+            )
+        return data
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if len(data) > self.max_message_bytes:
+            raise grpclib.GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"message of {len(data)} bytes exceeds the limit of {self.max_message_bytes}",
+            )
+        try:
+            return message_type().parse(data)
+        except Exception as exc:
+            raise grpclib.GRPCError(
+                Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to listen or connect: TCP ``host:port`` or a unix socket ``unix:///path``."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, default_host: str = "::") -> Endpoint:
+        if text.startswith("unix://"):
+            return cls(path=text[len("unix://") :])
+        if text.startswith("unix:"):
+            return cls(path=text[len("unix:") :])
+        if text.startswith("/"):
+            return cls(path=text)
+        host, port = split_hostport(text, default_host)
+        return cls(host=host, port=port)
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 0.1
+    maximum: float = 5.0
+    factor: float = 2.0
+
+    def next_delay(self, current: float) -> float:
+        return min(self.maximum, max(self.initial, current * self.factor))
+
+
+RETRYABLE = (
+    grpclib.GRPCError,
+    StreamTerminatedError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class _Server(grpclib.server.Server):
+    """grpclib's server, which also drops open connections when closed.
+
+    grpclib cancels the running handlers on close but leaves their HTTP/2 connections open
+    (Python 3.11's asyncio cannot close a server's clients), so clients would keep talking to
+    a server that is gone instead of reconnecting to its successor.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> Any:
+        protocol = super()._protocol_factory()
+        self._protocols.add(protocol)
+        return protocol
+
+    def close(self) -> None:
+        super().close()
+        for protocol in list(self._protocols):
+            connection = getattr(protocol, "connection", None)
+            transport = getattr(connection, "_transport", None)
+            if transport is not None:
+                transport.close()
+
+
+class GrpcServer:
+    """One grpclib server per endpoint, sharing a handler list."""
+
+    def __init__(self, handlers: Sequence[Any], endpoints: Sequence[Endpoint], codec: Any) -> None:
+        self.handlers = list(handlers)
+        self.endpoints = list(endpoints)
+        self.codec = codec
+        self._servers: list[_Server] = []
+        self.bound: list[Endpoint] = []
+
+    async def _start_aio(self) -> None:
+        for endpoint in self.endpoints:
+            server = _Server(self.handlers, codec=self.codec)
+            if endpoint.path is not None:
+                _prepare_unix_path(endpoint.path)
+                await server.start(path=endpoint.path)
+                self.bound.append(endpoint)
+            else:
+                await server.start(endpoint.host, endpoint.port, reuse_address=True)
+                sockets = getattr(server._server, "sockets", None) or []
+                port = sockets[0].getsockname()[1] if sockets else endpoint.port
+                self.bound.append(Endpoint(host=endpoint.host, port=port))
+            self._servers.append(server)
+
+    async def _close_aio(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        for endpoint in self.endpoints:
+            if endpoint.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(endpoint.path)
+        self._servers.clear()
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio_asyncio.aio_as_trio(self._close_aio)()
+
+
+def _prepare_unix_path(path: str) -> None:
+    """Create the socket's directory; remove a stale socket left by a killed process."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.exists() or p.is_symlink():
+        if not stat.S_ISSOCK(p.lstat().st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        p.unlink()
+
+
+class GrpcStack:
+    """Servers and client channels of one process."""
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.codec = LimitedCodec(max_message_bytes)
+        self._servers: list[GrpcServer] = []
+        self._channels: list[grpclib.client.Channel] = []
+
+    async def serve(self, handlers: Sequence[Any], listen: Sequence[str | Endpoint]) -> GrpcServer:
+        endpoints = [e if isinstance(e, Endpoint) else Endpoint.parse(e) for e in listen]
+        server = GrpcServer(handlers, endpoints, self.codec)
+        try:
+            await trio_asyncio.aio_as_trio(server._start_aio)()
+        except BaseException:
+            await server.close()
+            raise
+        self._servers.append(server)
+        for endpoint in server.bound:
+            log.info("grpc serving", endpoint=str(endpoint))
+        return server
+
+    async def channel(self, target: str | Endpoint) -> grpclib.client.Channel:
+        endpoint = target if isinstance(target, Endpoint) else Endpoint.parse(target, "localhost")
+
+        async def build() -> grpclib.client.Channel:
+            if endpoint.path is not None:
+                return grpclib.client.Channel(path=endpoint.path, codec=self.codec)
+            return grpclib.client.Channel(endpoint.host, endpoint.port, codec=self.codec)
+
+        channel: grpclib.client.Channel = await trio_asyncio.aio_as_trio(build)()
+        self._channels.append(channel)
+        return channel
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one asyncio call (a unary stub method) from trio."""
+        return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+
+    async def pump(
+        self,
+        open_stream: Callable[[], AsyncIterator[T]],
+        send: trio.MemorySendChannel[T],
+        *,
+        reconnect: bool = True,
+        backoff: Backoff | None = None,
+        on_state: Callable[[bool], None] | None = None,
+        name: str = "stream",
+    ) -> None:
+        """Consume a server stream in asyncio and deliver each message to ``send`` (trio).
+
+        With ``reconnect`` the stream is reopened after a failure, waiting with exponential
+        backoff and jitter; ``on_state`` hears True after the first message of each attempt
+        and False when an attempt fails. Returns when the stream ends without reconnect;
+        cancel the calling trio scope to stop it.
+        """
+        policy = backoff or Backoff()
+
+        async def deliver(item: T) -> None:
+            # Hand over without awaiting trio from asyncio: a cancel that lands while such an
+            # await is completing is lost by trio-asyncio and the pump would never stop.
+            # When the channel is full, poll for room (backpressure, not a busy loop).
+            while True:
+                try:
+                    send.send_nowait(item)
+                    return
+                except trio.WouldBlock:
+                    await asyncio.sleep(0.01)
+
+        async def aio_pump() -> None:
+            delay = policy.initial
+            while True:
+                connected = False
+                try:
+                    async for item in open_stream():
+                        if not connected:
+                            connected = True
+                            delay = policy.initial
+                            if on_state:
+                                on_state(True)
+                        await deliver(item)
+                    if not reconnect:
+                        return
+                    log.info("stream ended, reopening", stream=name)
+                except RETRYABLE as exc:
+                    if not reconnect:
+                        raise
+                    log.info("stream failed, retrying", stream=name, error=str(exc), delay=delay)
+                if on_state:
+                    on_state(False)
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = policy.next_delay(delay)
+
+        await trio_asyncio.aio_as_trio(aio_pump)()
+
+    async def close(self) -> None:
+        for server in self._servers:
+            await server.close()
+        self._servers.clear()
+        channels, self._channels = self._channels, []
+        for ch in channels:
+            ch.close()

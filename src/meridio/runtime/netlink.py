@@ -1,0 +1,440 @@
+"""The netlink manager: idempotent kernel changes and kernel events on the bus.
+
+Changes go through pyroute2's ``AsyncIPRoute`` inside the trio-asyncio loop. Events come from a
+separate trio-native netlink multicast socket opened in the target namespace and parsed with
+pyroute2's marshal, so receiving events never involves asyncio. Every helper is idempotent:
+``ensure_*`` makes a thing present (or absent) and is harmless to repeat.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+import trio_asyncio
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTM_DELADDR,
+    RTM_DELLINK,
+    RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV4_RULE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_IPV6_RULE,
+    RTMGRP_LINK,
+)
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+from meridio.runtime.bus import EventBus
+from meridio.runtime.logs import get_logger
+
+log = get_logger("meridio.netlink")
+
+EVENT_GROUPS = (
+    RTMGRP_LINK
+    | RTMGRP_IPV4_IFADDR
+    | RTMGRP_IPV6_IFADDR
+    | RTMGRP_IPV4_ROUTE
+    | RTMGRP_IPV6_ROUTE
+    | RTMGRP_IPV4_RULE
+    | RTMGRP_IPV6_RULE
+)
+NETLINK_ROUTE = 0
+IFF_UP = 0x1
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetlinkEvent:
+    """Base of every kernel event; ``netns`` is the namespace it came from (None: our own)."""
+
+    netns: str | None
+    action: str  # "new" or "del"
+
+
+@dataclass(frozen=True)
+class LinkEvent(NetlinkEvent):
+    index: int
+    ifname: str
+    kind: str | None
+    up: bool
+
+
+@dataclass(frozen=True)
+class AddressEvent(NetlinkEvent):
+    index: int
+    address: str
+    prefixlen: int
+
+
+@dataclass(frozen=True)
+class RouteEvent(NetlinkEvent):
+    family: int
+    table: int
+    dst: str | None
+    dst_len: int
+    gateway: str | None
+    oif: int | None
+
+
+@dataclass(frozen=True)
+class RuleEvent(NetlinkEvent):
+    family: int
+    priority: int
+    table: int
+    fwmark: int | None
+    src: str | None
+
+
+@dataclass(frozen=True)
+class NetlinkOverrun(NetlinkEvent):
+    """The kernel dropped events for us (ENOBUFS): re-read whatever state matters."""
+
+
+def event_from_message(msg: Any, netns: str | None) -> NetlinkEvent | None:
+    """Translate one parsed rtnetlink message into a bus event (None for other types)."""
+    kind = msg["header"]["type"]
+    if kind in (RTM_NEWLINK, RTM_DELLINK):
+        linkinfo = msg.get("IFLA_LINKINFO")
+        return LinkEvent(
+            netns,
+            "new" if kind == RTM_NEWLINK else "del",
+            index=msg["index"],
+            ifname=msg.get("IFLA_IFNAME") or "",
+            kind=linkinfo.get("IFLA_INFO_KIND") if linkinfo else None,
+            up=bool(msg["flags"] & IFF_UP),
+        )
+    if kind in (RTM_NEWADDR, RTM_DELADDR):
+        return AddressEvent(
+            netns,
+            "new" if kind == RTM_NEWADDR else "del",
+            index=msg["index"],
+            address=msg.get("IFA_ADDRESS") or msg.get("IFA_LOCAL") or "",
+            prefixlen=msg["prefixlen"],
+        )
+    if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+        return RouteEvent(
+            netns,
+            "new" if kind == RTM_NEWROUTE else "del",
+            family=msg["family"],
+            table=msg.get("RTA_TABLE") or msg["table"],
+            dst=msg.get("RTA_DST"),
+            dst_len=msg["dst_len"],
+            gateway=msg.get("RTA_GATEWAY"),
+            oif=msg.get("RTA_OIF"),
+        )
+    if kind in (RTM_NEWRULE, RTM_DELRULE):
+        return RuleEvent(
+            netns,
+            "new" if kind == RTM_NEWRULE else "del",
+            family=msg["family"],
+            priority=msg.get("FRA_PRIORITY") or 0,
+            table=msg.get("FRA_TABLE") or msg["table"],
+            fwmark=msg.get("FRA_FWMARK"),
+            src=msg.get("FRA_SRC"),
+        )
+    return None
+
+
+def open_event_socket(netns: str | None) -> socket.socket:
+    """A netlink route socket in ``netns`` bound to the link/address/route/rule groups.
+
+    Opening a socket in another namespace forks a helper (pyroute2), so call this in a thread.
+    """
+    if netns is None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    else:
+        from pyroute2.netns import create_socket
+
+        sock = create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE, flags=0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    sock.bind((0, EVENT_GROUPS))
+    return sock
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+# --- the manager ------------------------------------------------------------------------------
+
+
+class NetlinkManager:
+    """Kernel state of one network namespace (by name under /run/netns, or by path)."""
+
+    def __init__(self, bus: EventBus, netns: str | None = None) -> None:
+        self.bus = bus
+        self.netns = netns
+        self._ipr: Any = None
+
+    async def open(self) -> None:
+        async def aio_open() -> Any:
+            ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
+            await ipr.setup_endpoint()
+            return ipr
+
+        self._ipr = await trio_asyncio.aio_as_trio(aio_open)()
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._ipr is None:
+            await self.open()
+        fn: Callable[..., Any] = getattr(self._ipr, method)
+        return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+
+    async def _dump(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        if self._ipr is None:
+            await self.open()
+
+        async def collect() -> list[Any]:
+            return [m async for m in await getattr(self._ipr, method)(*args, **kwargs)]
+
+        result: list[Any] = await trio_asyncio.aio_as_trio(collect)()
+        return result
+
+    # links
+
+    async def link_index(self, ifname: str) -> int | None:
+        found = await self._call("link_lookup", ifname=ifname)
+        return int(found[0]) if found else None
+
+    async def links(self) -> list[Any]:
+        return await self._dump("link", "dump")
+
+    async def ensure_link(self, ifname: str, kind: str, **attrs: Any) -> int:
+        """Create the link if it is missing; returns its index. Attributes are set at creation."""
+        index = await self.link_index(ifname)
+        if index is None:
+            try:
+                await self._call("link", "add", ifname=ifname, kind=kind, **attrs)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            index = await self.link_index(ifname)
+        if index is None:
+            raise RuntimeError(f"link {ifname} vanished right after creation")
+        return index
+
+    async def ensure_link_absent(self, ifname: str) -> bool:
+        index = await self.link_index(ifname)
+        if index is None:
+            return False
+        try:
+            await self._call("link", "del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+        return True
+
+    async def set_link(self, ifname: str, **attrs: Any) -> None:
+        index = await self.link_index(ifname)
+        if index is None:
+            raise LookupError(f"no link named {ifname}")
+        await self._call("link", "set", index=index, **attrs)
+
+    async def ensure_link_up(self, ifname: str) -> None:
+        await self.set_link(ifname, state="up")
+
+    # addresses
+
+    async def addresses(self, ifname: str | None = None) -> list[str]:
+        kwargs: dict[str, Any] = {}
+        if ifname is not None:
+            index = await self.link_index(ifname)
+            if index is None:
+                return []
+            kwargs["index"] = index
+        msgs = await self._dump("addr", "dump", **kwargs)
+        return [f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}" for m in msgs]
+
+    async def ensure_address(self, ifname: str, cidr: str) -> None:
+        iface = ipaddress.ip_interface(cidr)
+        index = await self.link_index(ifname)
+        if index is None:
+            raise LookupError(f"no link named {ifname}")
+        try:
+            await self._call(
+                "addr",
+                "add",
+                index=index,
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
+            )
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+
+    async def ensure_address_absent(self, ifname: str, cidr: str) -> None:
+        iface = ipaddress.ip_interface(cidr)
+        index = await self.link_index(ifname)
+        if index is None:
+            return
+        try:
+            await self._call(
+                "addr", "del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
+            )
+        except NetlinkError as exc:
+            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+                raise
+
+    # rules
+
+    async def rules(self, family: int | None = None) -> list[Any]:
+        families = [family] if family else [socket.AF_INET, socket.AF_INET6]
+        result: list[Any] = []
+        for fam in families:
+            result.extend(await self._dump("rule", "dump", family=fam))
+        return result
+
+    @staticmethod
+    def _rule_attrs(
+        family: int, priority: int, table: int, fwmark: int | None, src: str | None
+    ) -> dict[str, Any]:
+        attrs: dict[str, Any] = {"family": family, "priority": priority, "table": table}
+        if fwmark is not None:
+            attrs["fwmark"] = fwmark
+            attrs["fwmask"] = 0xFFFFFFFF
+        if src is not None:
+            net = ipaddress.ip_network(src, strict=False)
+            attrs["src"] = str(net.network_address)
+            attrs["src_len"] = net.prefixlen
+        return attrs
+
+    async def ensure_rule(
+        self,
+        *,
+        family: int,
+        priority: int,
+        table: int,
+        fwmark: int | None = None,
+        src: str | None = None,
+    ) -> None:
+        try:
+            await self._call(
+                "rule", "add", **self._rule_attrs(family, priority, table, fwmark, src)
+            )
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+
+    async def ensure_rule_absent(
+        self,
+        *,
+        family: int,
+        priority: int,
+        table: int,
+        fwmark: int | None = None,
+        src: str | None = None,
+    ) -> None:
+        try:
+            await self._call(
+                "rule", "del", **self._rule_attrs(family, priority, table, fwmark, src)
+            )
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
+    # routes
+
+    async def routes(self, table: int, family: int | None = None) -> list[Any]:
+        kwargs: dict[str, Any] = {"table": table}
+        if family:
+            kwargs["family"] = family
+        return await self._dump("route", "dump", **kwargs)
+
+    async def ensure_route(
+        self,
+        dst: str,
+        *,
+        table: int = 254,
+        gateway: str | None = None,
+        oif: str | None = None,
+        multipath: list[str] | None = None,
+        family: int | None = None,
+        **extra: Any,
+    ) -> None:
+        """Install or replace the route to ``dst`` (``default`` or a CIDR) in ``table``."""
+        attrs: dict[str, Any] = {"table": table, **extra}
+        probe = gateway or (multipath[0] if multipath else None) or dst
+        attrs["family"] = family or (_family(probe) if probe != "default" else socket.AF_INET)
+        attrs["dst"] = dst
+        if gateway is not None:
+            attrs["gateway"] = gateway
+        if multipath:
+            attrs["multipath"] = [{"gateway": gw} for gw in multipath]
+        if oif is not None:
+            index = await self.link_index(oif)
+            if index is None:
+                raise LookupError(f"no link named {oif}")
+            attrs["oif"] = index
+        await self._call("route", "replace", **attrs)
+
+    async def ensure_route_absent(self, dst: str, *, table: int = 254, family: int) -> None:
+        try:
+            await self._call("route", "del", dst=dst, table=table, family=family)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
+    # neighbours
+
+    async def ensure_neighbour(self, ifname: str, ip: str, lladdr: str) -> None:
+        index = await self.link_index(ifname)
+        if index is None:
+            raise LookupError(f"no link named {ifname}")
+        await self._call(
+            "neigh", "replace", ifindex=index, dst=ip, lladdr=lladdr, state="permanent"
+        )
+
+    async def ensure_neighbour_absent(self, ifname: str, ip: str) -> None:
+        index = await self.link_index(ifname)
+        if index is None:
+            return
+        try:
+            await self._call("neigh", "del", ifindex=index, dst=ip)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
+    # events
+
+    async def run_events(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Publish kernel events of this namespace on the bus until cancelled."""
+        raw = await trio.to_thread.run_sync(open_event_socket, self.netns)
+        marshal = MarshalRtnl()
+        with trio.socket.from_stdlib_socket(raw) as sock:
+            task_status.started()
+            while True:
+                try:
+                    data = await sock.recv(1 << 20)
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    log.warning("netlink events overrun", netns=self.netns)
+                    self.bus.publish(NetlinkOverrun(self.netns, "overrun"))
+                    continue
+                for msg in marshal.parse(data):
+                    event = event_from_message(msg, self.netns)
+                    if event is not None:
+                        self.bus.publish(event)

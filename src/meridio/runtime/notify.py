@@ -1,0 +1,53 @@
+"""A change counter that asyncio-side gRPC stream handlers can wait on.
+
+State lives on the trio thread and handlers run in the trio-asyncio loop on that same thread,
+so handlers read state directly; they only need to sleep until it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import betterproto
+
+
+class Changes:
+    def __init__(self) -> None:
+        self.version = 0
+        self._waiters: set[asyncio.Event] = set()
+
+    def bump(self) -> None:
+        self.version += 1
+        for waiter in self._waiters:
+            waiter.set()
+
+    async def wait_past(self, seen: int) -> None:
+        """asyncio side: return once the version has moved past ``seen``."""
+        while self.version == seen:
+            event = asyncio.Event()
+            self._waiters.add(event)
+            try:
+                await event.wait()
+            finally:
+                self._waiters.discard(event)
+
+
+async def watch_changes(
+    changes: Changes, compute: Callable[[], betterproto.Message]
+) -> AsyncIterator[Any]:
+    """Level-triggered stream: the current value first, then again after every change of it.
+
+    ``compute`` builds the full (filtered) value; a change that leaves it identical sends
+    nothing, so watchers of unrelated state are not woken up for nothing.
+    """
+    last: bytes | None = None
+    while True:
+        seen = changes.version
+        message = compute()
+        data = bytes(message)
+        if data != last:
+            last = data
+            yield message
+        await changes.wait_past(seen)
