@@ -1,0 +1,318 @@
+"""``meridioctl``: inspect running roles, and (in later issues) drive the lab and traffic tools.
+
+Client commands are one-shot: they open a grpclib channel in a plain asyncio loop, ask, print
+and exit. Listings print a table by default, or ``-o json`` / ``-o yaml`` for machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+import grpclib
+import grpclib.client
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from meridio import __version__
+from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
+from meridio.api.meridio.admin.v1 import IpamInspectStub, ListAllocationsRequest
+from meridio.api.nsp.v1 import (
+    Conduit,
+    ConfigurationManagerStub,
+    Stream,
+    Target,
+    TargetStatus,
+    TargetType,
+    Trench,
+)
+from meridio.runtime.grpc import Endpoint, LimitedCodec
+from meridio.runtime.health import PROBES
+
+T = TypeVar("T")
+OUTPUT = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+)
+
+
+def open_channel(target: str) -> grpclib.client.Channel:
+    endpoint = Endpoint.parse(target, "localhost")
+    if endpoint.path is not None:
+        return grpclib.client.Channel(path=endpoint.path, codec=LimitedCodec())
+    return grpclib.client.Channel(endpoint.host, endpoint.port, codec=LimitedCodec())
+
+
+def run_client(target: str, body: Callable[[grpclib.client.Channel], Awaitable[T]]) -> T:
+    """Run ``body(channel)`` to completion; connection problems become one clear line."""
+
+    async def main() -> T:
+        channel = open_channel(target)
+        try:
+            return await asyncio.wait_for(body(channel), 10)
+        finally:
+            channel.close()
+
+    try:
+        return asyncio.run(main())
+    except grpclib.GRPCError as exc:
+        raise click.ClickException(f"{target}: {exc.status.name}: {exc.message}") from exc
+    except (TimeoutError, OSError) as exc:
+        raise click.ClickException(f"cannot reach {target}: {exc or 'timed out'}") from exc
+
+
+def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], output: str, title: str) -> None:
+    if output == "json":
+        click.echo(json.dumps(list(rows), indent=2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(list(rows), sort_keys=False), nl=False)
+    else:
+        if title:
+            click.echo(title)
+        table = Table()
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(_cell(row.get(c)) for c in columns))
+        # Off a terminal (pipes, CI logs) do not squeeze columns into 80 characters.
+        Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+    return "" if value is None else str(value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meridioctl")
+def main() -> None:
+    """Inspect and drive meridio."""
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--socket", "socket_path", help="Health socket (default <run-dir>/health.sock).")
+@click.option("--role", help="Role whose default run dir to use (/run/meridio/<role>).")
+@click.argument("services", nargs=-1)
+@OUTPUT
+def health(
+    socket_path: str | None, role: str | None, services: tuple[str, ...], output: str
+) -> None:
+    """Ask a role's health service; exit status 1 unless every service asked is SERVING."""
+    if not socket_path:
+        if not role:
+            raise click.UsageError("give --socket or --role")
+        socket_path = f"/run/meridio/{role}/health.sock"
+    names = list(services) or list(PROBES)
+
+    async def ask(channel: grpclib.client.Channel) -> list[dict[str, Any]]:
+        stub = HealthStub(channel)
+        rows = []
+        for name in names:
+            try:
+                reply = await stub.check(HealthCheckRequest(service=name))
+                status = reply.status.name
+            except grpclib.GRPCError as exc:
+                status = exc.status.name
+            rows.append({"service": name, "status": status})
+        return rows
+
+    rows = run_client(f"unix://{socket_path}", ask)
+    render(rows, ["service", "status"], output, f"health of {socket_path}")
+    if any(r["status"] != "SERVING" for r in rows):
+        sys.exit(1)
+
+
+# --- nsp --------------------------------------------------------------------------------------
+
+
+@main.group()
+def nsp() -> None:
+    """The NSP: registered targets and configuration."""
+
+
+NSP_OPTION = click.option(
+    "--nsp",
+    "nsp_addr",
+    envvar="MERIDIOCTL_NSP",
+    default="localhost:7778",
+    show_default=True,
+    help="NSP address, host:port or unix:///path.",
+)
+
+
+def target_row(t: Target) -> dict[str, Any]:
+    stream = t.stream
+    conduit = stream.conduit if stream else None
+    return {
+        "ips": list(t.ips),
+        "identifier": t.context.get("identifier", ""),
+        "status": TargetStatus(t.status).name,
+        "type": TargetType(t.type).name,
+        "stream": stream.name if stream else "",
+        "conduit": conduit.name if conduit else "",
+        "trench": conduit.trench.name if conduit and conduit.trench else "",
+        "context": dict(t.context),
+    }
+
+
+@nsp.command("targets")
+@NSP_OPTION
+@click.option("--status", type=click.Choice(["any", "enabled", "disabled"]), default="any")
+@click.option("--type", "kind", type=click.Choice(["default", "frontend"]), default="default")
+@click.option("--trench", default="")
+@click.option("--conduit", default="")
+@click.option("--stream", default="")
+@OUTPUT
+def nsp_targets(
+    nsp_addr: str, status: str, kind: str, trench: str, conduit: str, stream: str, output: str
+) -> None:
+    """List registered targets (the first message of a Watch)."""
+    flt = Target(
+        status=TargetStatus[status.upper()],
+        type=TargetType[kind.upper()],
+        stream=Stream(name=stream, conduit=Conduit(name=conduit, trench=Trench(name=trench))),
+    )
+
+    async def ask(channel: grpclib.client.Channel) -> list[Target]:
+        from meridio.api.nsp.v1 import TargetRegistryStub
+
+        async for reply in TargetRegistryStub(channel).watch(flt):
+            return list(reply.targets)
+        return []
+
+    rows = [target_row(t) for t in run_client(nsp_addr, ask)]
+    columns = ["ips", "identifier", "status", "type", "stream", "conduit", "trench"]
+    render(rows, columns, output, f"targets at {nsp_addr}")
+
+
+CONFIG_KINDS = ("trench", "conduits", "streams", "flows", "vips", "attractors", "gateways")
+
+
+@nsp.command("config")
+@NSP_OPTION
+@OUTPUT
+def nsp_config(nsp_addr: str, output: str) -> None:
+    """Show the configuration the NSP serves (the first message of each Watch stream)."""
+    from meridio.api.nsp.v1 import Attractor, Flow, Gateway, Vip
+
+    async def ask(channel: grpclib.client.Channel) -> dict[str, Any]:
+        stub = ConfigurationManagerStub(channel)
+        calls: dict[str, Any] = {
+            "trench": (stub.watch_trench, Trench()),
+            "conduits": (stub.watch_conduit, Conduit()),
+            "streams": (stub.watch_stream, Stream()),
+            "flows": (stub.watch_flow, Flow()),
+            "vips": (stub.watch_vip, Vip()),
+            "attractors": (stub.watch_attractor, Attractor()),
+            "gateways": (stub.watch_gateway, Gateway()),
+        }
+        result: dict[str, Any] = {}
+        for key, (call, request) in calls.items():
+            async for reply in call(request):
+                result[key] = reply.to_pydict(casing=_kebab)
+                break
+        return result
+
+    config = run_client(nsp_addr, ask)
+    if output != "table":
+        render([config], [], output, "")
+        return
+    rows = []
+    for key in CONFIG_KINDS:
+        body = config.get(key, {})
+        # TrenchResponse holds one trench; the other responses hold a list under their key
+        items = [body["trench"]] if key == "trench" and "trench" in body else body.get(key, [])
+        for item in items:
+            rows.append({"kind": key, "name": item.get("name", ""), "detail": _detail(item)})
+    render(rows, ["kind", "name", "detail"], output, f"configuration at {nsp_addr}")
+
+
+def _kebab(name: str) -> str:
+    out = "".join("-" + c.lower() if c.isupper() else c for c in name)
+    return out.replace("_", "-").lstrip("-")
+
+
+def _detail(item: dict[str, Any]) -> str:
+    parts = []
+    for key, value in item.items():
+        if key in ("name", "trench"):
+            continue
+        if isinstance(value, dict):
+            value = value.get("name", "")
+        elif isinstance(value, list):
+            value = ",".join(v.get("name", "") if isinstance(v, dict) else str(v) for v in value)
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+# --- ipam -------------------------------------------------------------------------------------
+
+
+@main.group()
+def ipam() -> None:
+    """The IPAM: allocations."""
+
+
+@ipam.command("list")
+@click.option(
+    "--ipam",
+    "ipam_addr",
+    envvar="MERIDIOCTL_IPAM",
+    default="localhost:7777",
+    show_default=True,
+    help="IPAM address, host:port or unix:///path.",
+)
+@click.option("--trench", default="")
+@click.option("--conduit", default="")
+@click.option("--node", default="")
+@OUTPUT
+def ipam_list(ipam_addr: str, trench: str, conduit: str, node: str, output: str) -> None:
+    """List allocated addresses."""
+
+    async def ask(channel: grpclib.client.Channel) -> list[dict[str, Any]]:
+        reply = await IpamInspectStub(channel).list(
+            ListAllocationsRequest(trench=trench, conduit=conduit, node=node)
+        )
+        return [
+            {
+                "trench": a.trench,
+                "conduit": a.conduit,
+                "node": a.node,
+                "family": a.family,
+                "prefix": a.prefix,
+                "name": a.name,
+                "address": a.address,
+                "updated": a.updated,
+            }
+            for a in reply.allocations
+        ]
+
+    rows = run_client(ipam_addr, ask)
+    columns = ["trench", "conduit", "node", "family", "prefix", "name", "address"]
+    render(rows, columns, output, f"allocations at {ipam_addr}")
+
+
+@main.command()
+def demo() -> None:
+    """Run the control plane (NSP and IPAM) in a namespace and show it working."""
+    from meridio.demo import run_demo
+
+    run_demo()
+
+
+if __name__ == "__main__":
+    main()
