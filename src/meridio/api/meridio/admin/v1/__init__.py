@@ -47,6 +47,62 @@ class ListAllocationsResponse(betterproto.Message):
     allocations: List["Allocation"] = betterproto.message_field(1)
 
 
+@dataclass(eq=False, repr=False)
+class ShowRequest(betterproto.Message):
+    pass
+
+
+@dataclass(eq=False, repr=False)
+class LbTarget(betterproto.Message):
+    identifier: int = betterproto.uint32_field(1)
+    fwmark: int = betterproto.uint32_field(2)
+    ips: List[str] = betterproto.string_field(3)
+    entries: int = betterproto.uint32_field(4)
+
+
+@dataclass(eq=False, repr=False)
+class LbStream(betterproto.Message):
+    trench: str = betterproto.string_field(1)
+    conduit: str = betterproto.string_field(2)
+    name: str = betterproto.string_field(3)
+    table_size: int = betterproto.uint32_field(4)
+    max_targets: int = betterproto.uint32_field(5)
+    offset: int = betterproto.uint32_field(6)
+    digest: str = betterproto.string_field(7)
+    targets: List["LbTarget"] = betterproto.message_field(8)
+
+
+@dataclass(eq=False, repr=False)
+class ShowResponse(betterproto.Message):
+    mode: str = betterproto.string_field(1)
+    instance: str = betterproto.string_field(2)
+    streams: List["LbStream"] = betterproto.message_field(3)
+    vips: List[str] = betterproto.string_field(4)
+    problems: List[str] = betterproto.string_field(5)
+    counters: Dict[str, int] = betterproto.map_field(
+        6, betterproto.TYPE_STRING, betterproto.TYPE_UINT64
+    )
+
+
+@dataclass(eq=False, repr=False)
+class WhichRequest(betterproto.Message):
+    src: str = betterproto.string_field(1)
+    dst: str = betterproto.string_field(2)
+    sport: int = betterproto.uint32_field(3)
+    dport: int = betterproto.uint32_field(4)
+    protocol: str = betterproto.string_field(5)
+
+
+@dataclass(eq=False, repr=False)
+class WhichResponse(betterproto.Message):
+    flow: str = betterproto.string_field(1)
+    stream: str = betterproto.string_field(2)
+    index: int = betterproto.uint32_field(3)
+    identifier: int = betterproto.uint32_field(4)
+    fwmark: int = betterproto.uint32_field(5)
+    ips: List[str] = betterproto.string_field(6)
+
+
 class IpamInspectStub(betterproto.ServiceStub):
     async def list(
         self,
@@ -60,6 +116,42 @@ class IpamInspectStub(betterproto.ServiceStub):
             "/meridio.admin.v1.IpamInspect/List",
             list_allocations_request,
             ListAllocationsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+
+class LbInspectStub(betterproto.ServiceStub):
+    async def show(
+        self,
+        show_request: "ShowRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ShowResponse":
+        return await self._unary_unary(
+            "/meridio.admin.v1.LbInspect/Show",
+            show_request,
+            ShowResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def which(
+        self,
+        which_request: "WhichRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "WhichResponse":
+        return await self._unary_unary(
+            "/meridio.admin.v1.LbInspect/Which",
+            which_request,
+            WhichResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
@@ -88,5 +180,44 @@ class IpamInspectBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ListAllocationsRequest,
                 ListAllocationsResponse,
+            ),
+        }
+
+
+class LbInspectBase(ServiceBase):
+
+    async def show(self, show_request: "ShowRequest") -> "ShowResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def which(self, which_request: "WhichRequest") -> "WhichResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def __rpc_show(
+        self, stream: "grpclib.server.Stream[ShowRequest, ShowResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.show(request)
+        await stream.send_message(response)
+
+    async def __rpc_which(
+        self, stream: "grpclib.server.Stream[WhichRequest, WhichResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.which(request)
+        await stream.send_message(response)
+
+    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
+        return {
+            "/meridio.admin.v1.LbInspect/Show": grpclib.const.Handler(
+                self.__rpc_show,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ShowRequest,
+                ShowResponse,
+            ),
+            "/meridio.admin.v1.LbInspect/Which": grpclib.const.Handler(
+                self.__rpc_which,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                WhichRequest,
+                WhichResponse,
             ),
         }

@@ -1,0 +1,320 @@
+"""NSP target registry: Register throughput and Watch fan-out delay on a real daemon.
+
+The daemon runs in a throw-away network namespace and listens on unix sockets; the clients run
+in this process (watchers) or in forked client processes (load). Baselines come from the same
+daemon in the same run: a unary ``grpc.health.v1`` Check over its health socket, with the same
+client layout, for calls per second; the Check round-trip time for the Watch delay.
+
+    python -m bench.bench_nsp
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from grpclib.client import Channel
+
+from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
+from meridio.api.nsp.v1 import (
+    Conduit,
+    Stream,
+    Target,
+    TargetRegistryStub,
+    TargetStatus,
+    Trench,
+)
+from tests.netns.daemons import (
+    Daemon,
+    RawCodec,
+    bench_netns,
+    measure_rate,
+    percentile,
+    raw_watch,
+    run_async,
+)
+
+TARGETS = 1000
+PROCESSES = 2
+TASKS_PER_PROCESS = 4
+REFRESH_PASSES = 2
+BASELINE_CALLS = 2000
+WATCHERS = 20
+CHANGES = 50
+STREAM_B = 20
+BIG_CHANGES = 6
+
+CONFIG = {
+    "trench": {"name": "trench-a"},
+    "conduits": {"items": [{"name": "conduit-a", "trench": "trench-a"}]},
+    "streams": {
+        "items": [
+            {"name": "stream-a", "conduit": "conduit-a", "max-targets": TARGETS},
+            {"name": "stream-b", "conduit": "conduit-a", "max-targets": TARGETS},
+        ]
+    },
+}
+
+
+def stream(name: str) -> Stream:
+    return Stream(name=name, conduit=Conduit(name="conduit-a", trench=Trench(name="trench-a")))
+
+
+def make_target(i: int, stream_name: str = "stream-a") -> Target:
+    """Target i: one IPv4 and one IPv6 address, identifier i+1."""
+    base = 0 if stream_name == "stream-a" else 8
+    return Target(
+        ips=[f"198.18.{base + i // 250}.{i % 250 + 1}/16", f"fd00:20::{base:x}:{i + 1:x}/64"],
+        context={"identifier": str(i + 1)},
+        status=TargetStatus.ENABLED,
+        stream=stream(stream_name),
+    )
+
+
+# -- calls made by the load processes ------------------------------------------------------------
+
+
+def health_call(ch: Channel) -> Any:
+    stub = HealthStub(ch, timeout=10)
+    request = HealthCheckRequest(service="Readiness")
+
+    async def call(_: Any) -> None:
+        await stub.check(request)
+
+    return call
+
+
+def register_call(ch: Channel) -> Any:
+    stub = TargetRegistryStub(ch, timeout=10)
+
+    async def call(target: Target) -> None:
+        await stub.register(target)
+
+    return call
+
+
+async def health_warmup(ch: Channel) -> None:
+    await HealthStub(ch, timeout=10).check(HealthCheckRequest(service="Readiness"))
+
+
+async def registry_warmup(ch: Channel) -> None:
+    # Unregistering an unknown target changes nothing: it only opens the connection.
+    await TargetRegistryStub(ch, timeout=10).unregister(Target(ips=["192.0.2.255"]))
+
+
+# -- watch fan-out -------------------------------------------------------------------------------
+
+
+async def health_rtt(daemon: Daemon, calls: int = 200) -> float:
+    """Median round-trip of a sequential Check on one connection (seconds)."""
+    ch = Channel(path=str(daemon.health_socket))
+    try:
+        stub = HealthStub(ch, timeout=10)
+        request = HealthCheckRequest(service="Readiness")
+        await stub.check(request)
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            await stub.check(request)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+    finally:
+        ch.close()
+
+
+async def fanout_delays(
+    daemon: Daemon, watch_filter: Target, extra: Target, *, watchers: int, changes: int
+) -> tuple[list[float], list[float]]:
+    """Alternately register and unregister ``extra`` (each is a change of the filtered view)
+    and time each change until every watcher has its update: (delays to the last watcher,
+    delays of every watcher).
+
+    The next change is only made once every watcher has its update, so the n-th message after
+    the snapshot answers the n-th change.
+    """
+    counts = [0] * watchers
+    arrived: list[list[float]] = [[] for _ in range(watchers)]
+    progress = asyncio.Event()
+
+    def receiver(k: int) -> Any:
+        def on_message(_: bytes) -> None:
+            counts[k] += 1
+            arrived[k].append(time.perf_counter())
+            progress.set()
+
+        return on_message
+
+    async def all_reached(n: int) -> None:
+        while min(counts) < n:
+            progress.clear()
+            await progress.wait()
+
+    channels = [Channel(path=str(daemon.socket), codec=RawCodec()) for _ in range(watchers)]
+    client = Channel(path=str(daemon.socket))
+    path = "/nsp.v1.TargetRegistry/Watch"
+    tasks = [
+        asyncio.create_task(raw_watch(ch, path, watch_filter, receiver(k)))
+        for k, ch in enumerate(channels)
+    ]
+    try:
+        registry = TargetRegistryStub(client, timeout=60)
+        await asyncio.wait_for(all_reached(1), 60)  # the snapshots
+        to_last: list[float] = []
+        each: list[float] = []
+        for n in range(2, changes + 2):
+            change = registry.register if n % 2 == 0 else registry.unregister
+            started = time.perf_counter()
+            await change(extra)
+            try:
+                await asyncio.wait_for(all_reached(n), 60)
+            except TimeoutError:
+                raise RuntimeError(
+                    f"change {n - 1}: watchers got {counts}, expected {n} messages each; "
+                    f"daemon alive: {daemon.alive()}\n{daemon.log_text()[-2000:]}"
+                ) from None
+            times = [arrived[k][n - 1] - started for k in range(watchers)]
+            to_last.append(max(times))
+            each.extend(times)
+            if max(counts) > n:
+                raise RuntimeError("a watcher got more updates than changes were made")
+        return to_last, each
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ch in (*channels, client):
+            ch.close()
+
+
+async def register_all(daemon: Daemon, targets: list[Target]) -> None:
+    ch = Channel(path=str(daemon.socket))
+    try:
+        stub = TargetRegistryStub(ch, timeout=60)
+        for _ in range(2):  # new (stored DISABLED), then ENABLED
+            await asyncio.gather(*(stub.register(t) for t in targets))
+    finally:
+        ch.close()
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def row(name: str, value: str, ratio: str = "") -> None:
+    print(f"  {name:<52} {value:>16} {ratio:>14}", flush=True)
+
+
+_T0 = time.monotonic()
+
+
+def progress(what: str) -> None:
+    print(f"  [{time.monotonic() - _T0:5.1f} s] {what}", flush=True)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def measure(daemon: Daemon) -> None:
+    layout = {"processes": PROCESSES, "tasks": TASKS_PER_PROCESS}
+    targets = [make_target(i) for i in range(TARGETS)]
+
+    def register_pass() -> float:
+        n, secs = measure_rate(
+            daemon.socket, register_call, targets, warmup=registry_warmup, **layout
+        )
+        return n / secs
+
+    n, secs = measure_rate(
+        daemon.health_socket,
+        health_call,
+        list(range(BASELINE_CALLS)),
+        warmup=health_warmup,
+        **layout,
+    )
+    baseline = n / secs
+    progress("baseline measured")
+    first = register_pass()
+    enable = register_pass()
+    refresh = statistics.mean(register_pass() for _ in range(REFRESH_PASSES))
+    progress("register passes done")
+
+    rtt = run_async(health_rtt(daemon))
+    # The watched stream holds STREAM_B targets; the 1000 stream-a targets are elsewhere in the
+    # registry. One more target comes and goes: every change is seen by the filter.
+    run_async(register_all(daemon, [make_target(i, "stream-b") for i in range(STREAM_B)]))
+    extra = make_target(STREAM_B, "stream-b")
+    per_stream = Target(status=TargetStatus.ANY, stream=stream("stream-b"))
+    fan_last, fan_each = run_async(
+        fanout_delays(daemon, per_stream, extra, watchers=WATCHERS, changes=CHANGES)
+    )
+    progress(f"{WATCHERS}-watcher fan-out done")
+    whole = Target(status=TargetStatus.ANY)
+    big_last, _ = run_async(fanout_delays(daemon, whole, extra, watchers=1, changes=BIG_CHANGES))
+    progress("whole-registry watch done")
+    alive = daemon.alive()
+    code = run_async(daemon.stop())
+
+    print(f"\n  {'metric':<52} {'value':>16} {'vs baseline':>14}")
+    row("baseline: Health Check (unary round trips)", f"{baseline:,.0f} /s", "1.00x")
+    for label, rate in (
+        (f"Register, pass 1: {TARGETS} new targets (commit)", first),
+        ("Register, pass 2: same calls enable them (commit)", enable),
+        (f"Register, passes 3-{2 + REFRESH_PASSES}: refresh (keepalive)", refresh),
+    ):
+        row(label, f"{rate:,.0f} /s", f"{rate / baseline:.2f}x")
+    print()
+    row("baseline: Health Check round trip, median", ms(rtt), "1.00x")
+    for label, value in (
+        (f"Register -> all {WATCHERS} Watch streams, p50", statistics.median(fan_last)),
+        (f"Register -> all {WATCHERS} Watch streams, p95", percentile(fan_last, 0.95)),
+        (f"Register -> one of the {WATCHERS} Watch streams, p50", statistics.median(fan_each)),
+        (
+            f"Register -> 1 Watch of all {TARGETS + STREAM_B + 1} targets, p50",
+            statistics.median(big_last),
+        ),
+    ):
+        row(label, ms(value), f"{value / rtt:.1f}x")
+    print(
+        f"\n  fan-out: {CHANGES} changes (register/unregister alternating), filter stream-b "
+        f"(ANY) with {STREAM_B}-{STREAM_B + 1} targets, {TARGETS} stream-a targets also in the "
+        f"registry; whole-registry watch: {BIG_CHANGES} changes; daemon alive at the end: "
+        f"{alive}; exit status after SIGTERM: {code}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="mbench-nsp-", dir="/tmp"))
+    try:
+        with bench_netns() as ns:
+            config = workdir / "meridio-configuration.yaml"
+            config.write_text(yaml.safe_dump(CONFIG))
+            # A long entry timeout: nothing may expire while the benchmark runs.
+            daemon = Daemon(
+                ns, "nsp", workdir / "d", f"--configuration-file={config}", "--entry-timeout=3600"
+            )
+            run_async(daemon.start())
+            print(
+                f"NSP daemon in netns {ns.name}; {os.cpu_count()} CPUs; database on "
+                f"{daemon.database.parent}; load: {PROCESSES} client processes x "
+                f"{TASKS_PER_PROCESS} connections",
+                flush=True,
+            )
+            try:
+                measure(daemon)
+            except BaseException:
+                print(f"daemon log (tail):\n{daemon.log_text()[-3000:]}", flush=True)
+                raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,683 @@
+"""The load-balancer role: VIP traffic to targets through one Maglev table per stream.
+
+The LB watches the NSP for its conduit's streams, flows and VIPs and for the enabled targets of
+those streams. A reconcile task turns that into kernel state and keeps it there: for every
+target and each of its IP families an ``ip rule fwmark X lookup X`` and a ``default via
+<target>`` route in table X (X = stream offset + identifier), the data path of the chosen mode,
+and the NFQUEUE readers. It runs on every change and every ``resync-period`` (repairing drift,
+e.g. a rule deleted by hand), and removes all it installed when the role stops.
+
+Modes (``mode`` setting), all from the same table:
+
+* ``kernel``: an nftables map per stream holds the table; ``jhash`` of the 5-tuple picks the
+  entry, no packet visits user space except ICMP errors (steered by their quoted header with the
+  kernel's own jhash, so path MTU discovery reaches the right target).
+* ``nfqueue``: every VIP packet is queued; the reader classifies it by flow, hashes it with a
+  keyed hash and sets the mark.
+* ``first-packet``: only the first packet of a connection is queued; its mark is kept in
+  conntrack, so established connections stay put when the target set changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpclib
+import trio
+from grpclib.const import Status
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
+
+from meridio.api.meridio.admin.v1 import (
+    LbInspectBase,
+    LbStream,
+    LbTarget,
+    ShowRequest,
+    ShowResponse,
+    WhichRequest,
+    WhichResponse,
+)
+from meridio.api.nsp.v1 import (
+    Conduit,
+    ConfigurationManagerStub,
+    Flow,
+    Stream,
+    Target,
+    TargetRegistryStub,
+    TargetStatus,
+    TargetType,
+    Trench,
+    Vip,
+)
+from meridio.core import maglev
+from meridio.core.classifier import Classifier
+from meridio.core.jhash import flow_key, nft_bucket
+from meridio.core.lbstate import (
+    DesiredState,
+    RouteSpec,
+    RuleSpec,
+    StreamKey,
+    StreamSpec,
+    TargetSpec,
+    desired_state,
+    plan,
+)
+from meridio.core.packet import MalformedPacket, parse
+from meridio.lb import iptables
+from meridio.lb import nftables as nft
+from meridio.lb.nfq import QueueReader
+from meridio.roles.base import Role
+from meridio.runtime.metrics import REGISTRY
+from meridio.settings import CommonSettings
+
+MODES = ("kernel", "nfqueue", "first-packet")
+PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
+
+HITS = PromCounter(
+    "meridio_conduit_stream_target_hit_packets",
+    "Packets steered to a target by the user-space reader",
+    ["trench", "conduit", "stream", "identifier"],
+    registry=REGISTRY,
+)
+HIT_BYTES = PromCounter(
+    "meridio_conduit_stream_target_hit_bytes",
+    "Bytes steered to a target by the user-space reader",
+    ["trench", "conduit", "stream", "identifier"],
+    registry=REGISTRY,
+)
+DROPS = PromCounter(
+    "meridio_lb_dropped_packets",
+    "Packets the LB dropped, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+TARGETS = Gauge(
+    "meridio_lb_targets",
+    "Targets in the Maglev table of a stream",
+    ["trench", "conduit", "stream"],
+    registry=REGISTRY,
+)
+
+
+class LbSettings(CommonSettings, kw_only=True):
+    nsp: str = "localhost:7778"
+    """Address of the NSP, host:port or unix:///path."""
+    trench: str = ""
+    conduit: str = ""
+    """Serve the streams of this conduit (empty: every conduit of the trench)."""
+    mode: str = "kernel"
+    table_size: int = 0
+    """Maglev table size M; 0 picks the smallest prime of at least 100 x max-targets."""
+    queue: int = 0
+    """First NFQUEUE number."""
+    queues: int = 1
+    """Number of queues (and reader tasks); packets are spread over them by flow hash."""
+    fail_open: bool = False
+    """With no reader bound, let queued packets through unmarked (they are then dropped by
+    routing unless the host routes VIPs elsewhere) instead of dropping them in the queue."""
+    batch: int = 64
+    identifier_offset: int = 5000
+    rule_priority: int = 100
+    resync_period: float = 5.0
+    hash_seed: int = 0
+    """Seed of the flow hash, equal on every LB of a trench; 0 derives it from the trench name."""
+    reject_no_target: bool = False
+    inspect_listen: str = ""
+    """Also serve the LbInspect API on this TCP host:port (always on <run-dir>/lb.sock)."""
+
+
+def derive_seed(settings: LbSettings) -> int:
+    if settings.hash_seed:
+        return settings.hash_seed & 0xFFFFFFFF
+    digest = hashlib.blake2b(f"meridio-lb/{settings.trench}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+@dataclass(frozen=True)
+class StreamTable:
+    key: StreamKey
+    offset: int
+    table: maglev.MaglevTable
+    targets: Mapping[int, TargetSpec]
+
+
+@dataclass(frozen=True)
+class DataPath:
+    """What the packet path reads: swapped as a whole, never changed in place."""
+
+    classifier: Classifier
+    streams: Mapping[StreamKey, StreamTable]
+    vips: tuple[str, ...]
+    seed: int
+    hash_flow: maglev.FlowHasher
+
+
+@dataclass
+class Inputs:
+    """The latest view of the NSP (level-triggered: each message replaces a whole list)."""
+
+    streams: list[Stream] | None = None
+    flows: list[Flow] | None = None
+    vips: list[Vip] | None = None
+    targets: list[Target] | None = None
+    connected: dict[str, bool] = field(default_factory=dict)
+
+    def complete(self) -> bool:
+        return None not in (self.streams, self.flows, self.vips, self.targets)
+
+
+def table_size_for(settings: LbSettings, max_targets: int) -> int:
+    return settings.table_size or maglev.default_table_size(max_targets)
+
+
+def stream_key(stream: Stream) -> StreamKey:
+    conduit = stream.conduit
+    return (
+        conduit.trench.name if conduit and conduit.trench else "",
+        conduit.name if conduit else "",
+        stream.name,
+    )
+
+
+def target_specs(targets: list[Target]) -> list[TargetSpec]:
+    specs = []
+    for t in targets:
+        try:
+            identifier = int(t.context.get("identifier", ""))
+        except ValueError:
+            continue
+        specs.append(TargetSpec(stream_key(t.stream), identifier, tuple(t.ips)))
+    return specs
+
+
+class Verdicts:
+    """The per-packet decision of the user-space readers, with its counters."""
+
+    def __init__(self, role: LbRole) -> None:
+        self.role = role
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, pkt: Any) -> None:
+        path = self.role.datapath
+        payload = pkt.get_payload()
+        try:
+            flow = parse(payload)
+        except MalformedPacket as exc:
+            self._drop(pkt, f"malformed-{exc.reason}")
+            return
+        if path is None:
+            self._drop(pkt, "not-ready")
+            return
+        match = path.classifier.lookup(
+            flow.family, flow.proto, flow.src, flow.dst, flow.sport, flow.dport
+        )
+        if match is None:
+            self._drop(pkt, "no-flow")
+            return
+        stream = path.streams.get(match.stream)
+        if stream is None:
+            self._drop(pkt, "no-stream")
+            return
+        if self.role.mode == "kernel":
+            # ICMP errors in kernel mode: the kernel's own jhash, so the error follows its flow
+            key = flow_key(flow.src, flow.dst, flow.sport, flow.dport)
+            identifier = stream.table.lookup(nft_bucket(key, stream.table.size, path.seed))
+        else:
+            hashed = path.hash_flow(flow.src, flow.dst, flow.proto, flow.sport, flow.dport)
+            identifier = stream.table.lookup(hashed)
+        if identifier == 0:
+            self._drop(pkt, "no-target")
+            return
+        pkt.set_mark(stream.offset + identifier)
+        pkt.accept()
+        self.counts[f"hit {match.stream[2]} {identifier}"] += 1
+        trench, conduit, name = match.stream
+        HITS.labels(trench, conduit, name, str(identifier)).inc()
+        HIT_BYTES.labels(trench, conduit, name, str(identifier)).inc(len(payload))
+
+    def _drop(self, pkt: Any, reason: str) -> None:
+        pkt.drop()
+        self.counts[reason] += 1
+        DROPS.labels(reason).inc()
+
+
+class LbRole(Role):
+    name = "lb"
+    Settings = LbSettings
+
+    @classmethod
+    def check_settings(cls, settings: CommonSettings) -> None:
+        assert isinstance(settings, LbSettings)
+        if settings.mode not in MODES:
+            raise ValueError(f"setting 'mode': {settings.mode!r} is not one of {', '.join(MODES)}")
+        if not settings.trench:
+            raise ValueError("setting 'trench' is required")
+        if settings.queues < 1 or not 0 <= settings.queue <= 65535 - settings.queues:
+            raise ValueError("settings 'queue'/'queues' must give queue numbers within 0..65535")
+        if settings.table_size and not maglev.is_prime(settings.table_size):
+            raise ValueError(f"setting 'table-size': {settings.table_size} is not a prime")
+
+    def __init__(self, settings: CommonSettings, runtime: Any) -> None:
+        super().__init__(settings, runtime)
+        assert isinstance(settings, LbSettings)
+        self.lb = settings
+        self.mode = settings.mode
+        self.seed = derive_seed(settings)
+        # the flow hash key follows from the seed, so LBs sharing a seed agree
+        self.hash_flow = maglev.flow_hasher(
+            hashlib.blake2s(b"meridio-flow/%d" % self.seed).digest()
+        )
+        self.inputs = Inputs()
+        self.dirty = trio.Event()
+        self.datapath: DataPath | None = None
+        self.desired: DesiredState | None = None
+        self.offsets: dict[StreamKey, int] = {}
+        self.verdicts = Verdicts(self)
+        self._tables: dict[tuple[StreamKey, int, tuple[int, ...]], maglev.MaglevTable] = {}
+        self._installed_rules: set[RuleSpec] = set()
+        self._installed_routes: set[RouteSpec] = set()
+        self._nft_structure: Any = None
+        self._nft_entries: dict[StreamKey, tuple[int, ...]] = {}
+        self._iptables: dict[int, str] = {}
+        self.nft_table = "meridio-lb"
+        self.log = runtime.log
+
+    # --- NSP watches -------------------------------------------------------------------------
+
+    def _filters(self) -> tuple[Trench, Conduit]:
+        trench = Trench(name=self.lb.trench)
+        return trench, Conduit(name=self.lb.conduit, trench=trench)
+
+    async def _watch(
+        self, name: str, open_stream: Callable[[], AsyncIterator[Any]], store: Callable[[Any], None]
+    ) -> None:
+        send, recv = trio.open_memory_channel[Any](4)
+
+        def on_state(up: bool) -> None:
+            self.inputs.connected[name] = up
+            self._update_nsp_health()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: self.runtime.grpc.pump(open_stream, send, on_state=on_state, name=name)
+            )
+            async for message in recv:
+                store(message)
+                self.dirty.set()
+
+    def _update_nsp_health(self) -> None:
+        up = len(self.inputs.connected) == 4 and all(self.inputs.connected.values())
+        self.nsp_check.set(up)
+
+    # --- reconcile ---------------------------------------------------------------------------
+
+    def _table(self, key: StreamKey, size: int, identifiers: tuple[int, ...]) -> maglev.MaglevTable:
+        cache_key = (key, size, identifiers)
+        table = self._tables.get(cache_key)
+        if table is None:
+            table = maglev.build_table(identifiers, size)
+            self._tables = {k: v for k, v in self._tables.items() if k[0] != key}
+            self._tables[cache_key] = table
+        return table
+
+    def _compute(self) -> tuple[DesiredState, DataPath]:
+        inputs = self.inputs
+        assert inputs.streams is not None and inputs.flows is not None
+        assert inputs.vips is not None and inputs.targets is not None
+        specs = [StreamSpec(stream_key(s), int(s.max_targets) or 100) for s in inputs.streams]
+        desired = desired_state(
+            specs,
+            target_specs(inputs.targets),
+            self.offsets,
+            offset_start=self.lb.identifier_offset,
+            rule_priority=self.lb.rule_priority,
+        )
+        streams: dict[StreamKey, StreamTable] = {}
+        for key, state in desired.streams.items():
+            size = table_size_for(self.lb, state.spec.max_targets)
+            table = self._table(key, size, tuple(sorted(state.targets)))
+            streams[key] = StreamTable(key, state.offset, table, state.targets)
+        served = {s.name for s in inputs.streams}
+        flows = [f for f in inputs.flows if f.stream and f.stream.name in served]
+        vip_addresses = tuple(sorted({v.address for f in flows for v in f.vips}))
+        path = DataPath(
+            Classifier.compile(flows), streams, vip_addresses, self.seed, self.hash_flow
+        )
+        return desired, path
+
+    async def reconcile(self, *, check_drift: bool) -> None:
+        if not self.inputs.complete():
+            return
+        desired, path = self._compute()
+        for problem in desired.problems:
+            self.log.warning("target left out", problem=problem)
+        self.offsets = {k: s.offset for k, s in desired.streams.items()}
+        netlink = await self.runtime.netlink()
+        await self._reconcile_routing(netlink, desired, check_drift)
+        self.datapath = path  # the readers see the new tables from here on
+        await self._reconcile_datapath(path, check_drift)
+        self.desired = desired
+        for key, stream in path.streams.items():
+            TARGETS.labels(*key).set(len(stream.targets))
+        self.datapath_check.set(True)
+
+    async def _reconcile_routing(
+        self, netlink: Any, desired: DesiredState, check_drift: bool
+    ) -> None:
+        if check_drift:
+            current_rules, current_routes = await self._read_routing(netlink)
+        else:
+            current_rules, current_routes = self._installed_rules, self._installed_routes
+        add_routes, del_routes = plan(current_routes, desired.routes)
+        add_rules, del_rules = plan(current_rules, desired.rules)
+        for rule in del_rules:
+            await netlink.ensure_rule_absent(
+                family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
+            )
+        for route in del_routes:
+            if route.table not in {r.table for r in desired.routes if r.family == route.family}:
+                await netlink.ensure_route_absent("default", table=route.table, family=route.family)
+        for route in add_routes:
+            await netlink.ensure_route(
+                "default", table=route.table, gateway=route.gateway, family=route.family
+            )
+        for rule in add_rules:
+            await netlink.ensure_rule(
+                family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
+            )
+        if add_rules or del_rules or add_routes or del_routes:
+            self.log.info(
+                "routing reconciled",
+                rules_added=len(add_rules),
+                rules_removed=len(del_rules),
+                routes_added=len(add_routes),
+                routes_removed=len(del_routes),
+                drift=check_drift,
+            )
+        self._installed_rules = set(desired.rules)
+        self._installed_routes = set(desired.routes)
+
+    def _ours(self, mark: int | None, priority: int | None) -> bool:
+        low = self.lb.identifier_offset
+        return priority == self.lb.rule_priority and mark is not None and mark > low
+
+    async def _read_routing(self, netlink: Any) -> tuple[set[RuleSpec], set[RouteSpec]]:
+        rules: set[RuleSpec] = set()
+        for msg in await netlink.rules():
+            mark = msg.get("FRA_FWMARK")
+            priority = msg.get("FRA_PRIORITY")
+            table = msg.get("FRA_TABLE") or msg["table"]
+            if self._ours(mark, priority):
+                rules.add(RuleSpec(msg["family"], mark, table, priority))
+        routes: set[RouteSpec] = set()
+        tables = {r.table for r in self._installed_routes} | {r.table for r in rules}
+        if self.desired is not None:
+            tables |= {r.table for r in self.desired.routes}
+        for table in sorted(tables):
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in await netlink.routes(table, family):
+                    gateway = msg.get("RTA_GATEWAY")
+                    if (
+                        msg["dst_len"] == 0
+                        and gateway
+                        and (msg.get("RTA_TABLE") or msg["table"]) == table
+                    ):
+                        routes.add(RouteSpec(family, table, gateway))
+        return rules, routes
+
+    async def _reconcile_datapath(self, path: DataPath, check_drift: bool) -> None:
+        for family in (4, 6):
+            script = iptables.render(self.mode, family, path.vips, self._queue_spec())
+            if script != self._iptables.get(family) or (
+                check_drift and not await self._iptables_intact(family)
+            ):
+                await iptables.apply(family, script)
+                self._iptables[family] = script
+        if self.mode == "kernel":
+            await self._reconcile_nft(path, check_drift)
+
+    async def _iptables_intact(self, family: int) -> bool:
+        text = await iptables.current(family)
+        expected = [
+            line for line in self._iptables.get(family, "").splitlines() if line.startswith("-A ")
+        ]
+        return all(line in text for line in expected) and f"-N {iptables.PRE_CHAIN}" in text
+
+    def _queue_spec(self) -> iptables.QueueSpec:
+        count = 1 if self.mode == "kernel" else self.lb.queues
+        return iptables.QueueSpec(self.lb.queue, count, self.lb.fail_open)
+
+    def _nft_spec(self, path: DataPath) -> nft.TableSpec:
+        maps = []
+        for key, stream in sorted(path.streams.items()):
+            marks = stream.table.entries.astype("int64") + stream.offset
+            marks[stream.table.entries == maglev.NO_TARGET] = 0
+            maps.append(nft.StreamMap(key, tuple(marks.tolist())))
+        return nft.TableSpec(
+            streams=tuple(maps),
+            flows=path.classifier.flows,
+            seed=path.seed,
+            name=self.nft_table,
+            reject_no_target=self.lb.reject_no_target,
+        )
+
+    async def _reconcile_nft(self, path: DataPath, check_drift: bool) -> None:
+        spec = self._nft_spec(path)
+        structure = spec.structure()
+        missing = check_drift and not await nft.exists(self.nft_table)
+        if structure != self._nft_structure or missing:
+            await nft.apply(nft.render_table(spec))
+            self._nft_structure = structure
+            if missing:
+                self.log.warning("nftables table was missing, reinstalled", table=self.nft_table)
+        else:
+            for stream_map in spec.streams:
+                old = self._nft_entries[stream_map.key]
+                changes: list[tuple[int, int | None]] = [
+                    (i, new)
+                    for i, (new, was) in enumerate(zip(stream_map.entries, old, strict=True))
+                    if new != was
+                ]
+                if changes:
+                    name = spec.map_name(stream_map.key)
+                    await nft.apply(nft.render_map_update(spec.name, name, changes))
+                    self.log.info("maglev map updated", map=name, entries=len(changes))
+        self._nft_entries = {s.key: s.entries for s in spec.streams}
+
+    async def cleanup(self) -> None:
+        """Remove every rule, route, chain, table and map this LB installed."""
+        netlink = await self.runtime.netlink()
+        for rule in sorted(self._installed_rules):
+            await netlink.ensure_rule_absent(
+                family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
+            )
+        for route in sorted(self._installed_routes):
+            await netlink.ensure_route_absent("default", table=route.table, family=route.family)
+        # rules a previous, killed instance left behind are ours too
+        rules, routes = await self._read_routing(netlink)
+        for rule in rules:
+            await netlink.ensure_rule_absent(
+                family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
+            )
+        for route in routes:
+            await netlink.ensure_route_absent("default", table=route.table, family=route.family)
+        for family in (4, 6):
+            await iptables.remove(family)
+        if self.mode == "kernel":
+            await nft.apply(nft.render_delete(self.nft_table), check=False)
+        self.log.info("data path removed")
+
+    # --- role life ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        health = self.runtime.health
+        self.nsp_check = health.register("NSPCli", ["Readiness"])
+        self.datapath_check = health.register("Stream", ["Readiness"])
+        health.register("LB", ["Startup", "Liveness"]).set(True)
+        nsp = await self.runtime.grpc.channel(self.lb.nsp)
+        registry, config = TargetRegistryStub(nsp), ConfigurationManagerStub(nsp)
+        trench, conduit = self._filters()
+        target_filter = Target(
+            status=TargetStatus.ENABLED, type=TargetType.DEFAULT, stream=Stream(conduit=conduit)
+        )
+        inputs = self.inputs
+        listen = [f"unix://{self.runtime.run_dir / 'lb.sock'}"]
+        if self.lb.inspect_listen:
+            listen.append(self.lb.inspect_listen)
+        await self.runtime.grpc.serve([LbInspect(self)], listen)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def setter(attr: str, field_name: str) -> Callable[[Any], None]:
+                    return lambda msg: setattr(inputs, attr, list(getattr(msg, field_name)))
+
+                nursery.start_soon(
+                    self._watch,
+                    "streams",
+                    lambda: config.watch_stream(Stream(conduit=conduit)),
+                    setter("streams", "streams"),
+                )
+                nursery.start_soon(
+                    self._watch,
+                    "flows",
+                    lambda: config.watch_flow(Flow(stream=Stream(conduit=conduit))),
+                    setter("flows", "flows"),
+                )
+                nursery.start_soon(
+                    self._watch,
+                    "vips",
+                    lambda: config.watch_vip(Vip(trench=trench)),
+                    setter("vips", "vips"),
+                )
+                nursery.start_soon(
+                    self._watch,
+                    "targets",
+                    lambda: registry.watch(target_filter),
+                    setter("targets", "targets"),
+                )
+                await self._start_readers(nursery)
+                task_status.started()
+                await self._reconcile_loop()
+        finally:
+            with trio.CancelScope(shield=True):
+                self.datapath_check.set(False)
+                try:
+                    await self.cleanup()
+                except Exception as exc:  # never mask the original exit reason
+                    self.log.error("cleanup failed", error=str(exc))
+
+    async def _start_readers(self, nursery: trio.Nursery) -> None:
+        count = 1 if self.mode == "kernel" else self.lb.queues
+        self.readers = [
+            QueueReader(self.lb.queue + i, self.verdicts, batch=self.lb.batch) for i in range(count)
+        ]
+        for reader in self.readers:
+            await nursery.start(reader.run)
+
+    async def _reconcile_loop(self) -> None:
+        next_resync = trio.current_time() + self.lb.resync_period
+        while True:
+            with trio.move_on_at(next_resync):
+                await self.dirty.wait()
+            drift = trio.current_time() >= next_resync
+            if drift:
+                next_resync = trio.current_time() + self.lb.resync_period
+            self.dirty = trio.Event()
+            try:
+                await self.reconcile(check_drift=drift)
+            except Exception as exc:
+                self.datapath_check.set(False)
+                self.log.error("reconcile failed, retrying", error=str(exc), exc_info=True)
+                await trio.sleep(1)
+                self.dirty.set()
+
+    async def drain(self) -> None:
+        # Readiness is already off; give the gateway's health checks a moment to move traffic.
+        await trio.sleep(0)
+
+
+class LbInspect(LbInspectBase):
+    def __init__(self, role: LbRole) -> None:
+        self.role = role
+
+    async def show(self, show_request: ShowRequest) -> ShowResponse:
+        role = self.role
+        path = role.datapath
+        streams = []
+        if path is not None:
+            for key, stream in sorted(path.streams.items()):
+                counts = stream.table.counts()
+                spec = role.desired.streams[key].spec if role.desired else None
+                streams.append(
+                    LbStream(
+                        trench=key[0],
+                        conduit=key[1],
+                        name=key[2],
+                        table_size=stream.table.size,
+                        max_targets=spec.max_targets if spec else 0,
+                        offset=stream.offset,
+                        digest=stream.table.digest(),
+                        targets=[
+                            LbTarget(
+                                identifier=i,
+                                fwmark=stream.offset + i,
+                                ips=list(t.ips),
+                                entries=counts.get(i, 0),
+                            )
+                            for i, t in sorted(stream.targets.items())
+                        ],
+                    )
+                )
+        return ShowResponse(
+            mode=role.mode,
+            instance=role.runtime.instance,
+            streams=streams,
+            vips=list(path.vips) if path else [],
+            problems=list(role.desired.problems) if role.desired else [],
+            counters={k: v for k, v in role.verdicts.counts.items()},
+        )
+
+    async def which(self, which_request: WhichRequest) -> WhichResponse:
+        req = which_request
+        path = self.role.datapath
+        if path is None:
+            raise grpclib.GRPCError(Status.UNAVAILABLE, "the LB has no data path yet")
+        try:
+            src = ipaddress.ip_address(req.src)
+            dst = ipaddress.ip_address(req.dst)
+        except ValueError as exc:
+            raise grpclib.GRPCError(Status.INVALID_ARGUMENT, str(exc)) from exc
+        proto = PROTOCOLS.get(req.protocol.lower())
+        if proto is None or src.version != dst.version:
+            raise grpclib.GRPCError(
+                Status.INVALID_ARGUMENT,
+                "protocol must be tcp, udp or sctp and both addresses of one family",
+            )
+        match = path.classifier.lookup(
+            src.version, proto, src.packed, dst.packed, req.sport, req.dport
+        )
+        if match is None:
+            return WhichResponse()
+        stream = path.streams[match.stream]
+        if self.role.mode == "kernel":
+            key = flow_key(src.packed, dst.packed, req.sport, req.dport)
+            index = nft_bucket(key, stream.table.size, path.seed)
+        else:
+            hashed = path.hash_flow(src.packed, dst.packed, proto, req.sport, req.dport)
+            index = hashed % stream.table.size
+        identifier = int(stream.table.entries[index])
+        target = stream.targets.get(identifier)
+        return WhichResponse(
+            flow=match.flow,
+            stream=match.stream[2],
+            index=index,
+            identifier=identifier,
+            fwmark=stream.offset + identifier if identifier else 0,
+            ips=list(target.ips) if target else [],
+        )
