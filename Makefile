@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := iptables nftables conntrack iproute2 libnetfilter-queue-dev libnetfilter-queue1 \
 	gcc python3-dev python3-venv pkgconf tcpdump iputils-ping procps
-.PHONY: all deps venv proto check-proto lint typecheck unit netns test demo bench clean
+BENCH_PACKAGES := netsniff-ng iperf3 wrk
+.PHONY: all deps bench-deps venv proto lint typecheck unit netns test demo bench clean
 
 all: test
 
@@ -46,7 +47,15 @@ netns: venv
 test: venv lint typecheck
 	$(VENV)/bin/pytest -q
 
-bench: venv
+# Load generators for the data-path benchmark (trafgen comes with netsniff-ng).
+bench-deps:
+	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+bench: venv bench-deps
 	$(PY) -m bench
 
 demo: venv

@@ -138,7 +138,10 @@ def measure(daemon: Daemon) -> None:
         n, secs = measure_rate(socket, call, items, warmup=warmup, **layout)
         return n / secs
 
-    baseline = rate(daemon.health_socket, health_call, list(range(BASELINE_CALLS)), health_warmup)
+    def baseline_pass() -> float:
+        return rate(daemon.health_socket, health_call, list(range(BASELINE_CALLS)), health_warmup)
+
+    before = baseline_pass()
     progress("baseline measured")
     new = rate(daemon.socket, allocate_call, children, ipam_warmup)
     progress("allocations done")
@@ -147,6 +150,9 @@ def measure(daemon: Daemon) -> None:
     progress("re-allocations done")
     released = rate(daemon.socket, release_call, children, ipam_warmup)
     progress("releases done")
+    after = baseline_pass()
+    baseline = (before + after) / 2
+    progress("baseline measured again")
     left, _ = run_async(allocation_count(daemon))
     rtt, allocate_rtt = run_async(sequential(daemon))
     progress("sequential calls done")
@@ -154,6 +160,7 @@ def measure(daemon: Daemon) -> None:
 
     print(f"\n  {'metric':<52} {'value':>16} {'vs baseline':>14}")
     row("baseline: Health Check (unary round trips)", f"{baseline:,.0f} /s", "1.00x")
+    row("  (measured before / after the calls below)", f"{before:,.0f} / {after:,.0f}")
     for label, value in (
         (f"Allocate: {CHILDREN} new children (commit + fsync)", new),
         ("Allocate again: same names (refresh, commit + fsync)", again),

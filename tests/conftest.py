@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -47,14 +48,29 @@ def delete_netns(name: str) -> None:
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_stale_namespaces() -> Iterator[None]:
-    """Remove namespaces left behind by an earlier run that was killed."""
+    """Remove namespaces left behind by an earlier test process that was killed.
+
+    Names carry the creating process id (``mtest-<pid>-...``), so a concurrent test run's
+    namespaces are left alone.
+    """
     if have_root():
         listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         for line in listing.splitlines():
             name = line.split()[0] if line.split() else ""
-            if name.startswith(NETNS_PREFIX):
+            match = re.fullmatch(rf"{NETNS_PREFIX}(\d+)-.*", name)
+            if match and not _pid_alive(int(match.group(1))):
                 delete_netns(name)
     yield
 
@@ -91,7 +107,7 @@ class Netns:
 
 
 def make_netns(tag: str = "") -> Netns:
-    name = f"{NETNS_PREFIX}{tag}{secrets.token_hex(3)}"
+    name = f"{NETNS_PREFIX}{os.getpid()}-{tag}{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     ns = Netns(name)
     ns.run("ip", "link", "set", "lo", "up")

@@ -21,7 +21,13 @@ from rich.table import Table
 
 from meridio import __version__
 from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
-from meridio.api.meridio.admin.v1 import IpamInspectStub, ListAllocationsRequest
+from meridio.api.meridio.admin.v1 import (
+    IpamInspectStub,
+    LbInspectStub,
+    ListAllocationsRequest,
+    ShowRequest,
+    WhichRequest,
+)
 from meridio.api.nsp.v1 import (
     Conduit,
     ConfigurationManagerStub,
@@ -304,6 +310,99 @@ def ipam_list(ipam_addr: str, trench: str, conduit: str, node: str, output: str)
     rows = run_client(ipam_addr, ask)
     columns = ["trench", "conduit", "node", "family", "prefix", "name", "address"]
     render(rows, columns, output, f"allocations at {ipam_addr}")
+
+
+# --- lb ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def lb() -> None:
+    """A load balancer: its Maglev tables and where a flow goes."""
+
+
+LB_OPTION = click.option(
+    "--lb",
+    "lb_addr",
+    envvar="MERIDIOCTL_LB",
+    default="unix:///run/meridio/lb/lb.sock",
+    show_default=True,
+    help="LB inspection address, unix:///path or host:port.",
+)
+
+
+@lb.command("show")
+@LB_OPTION
+@OUTPUT
+def lb_show(lb_addr: str, output: str) -> None:
+    """M, N, the active identifiers with fwmark, table and target IPs, and the table digest."""
+
+    async def ask(channel: grpclib.client.Channel) -> Any:
+        return await LbInspectStub(channel).show(ShowRequest())
+
+    reply = run_client(lb_addr, ask)
+    if output != "table":
+        render([reply.to_pydict()], [], output, "")
+        return
+    click.echo(f"mode {reply.mode}, instance {reply.instance}, VIPs {', '.join(reply.vips) or '-'}")
+    for stream in reply.streams:
+        click.echo(
+            f"\nstream {stream.trench}/{stream.conduit}/{stream.name}: M={stream.table_size} "
+            f"N={stream.max_targets} offset={stream.offset} digest={stream.digest[:16]}"
+        )
+        rows = [
+            {
+                "identifier": t.identifier,
+                "fwmark": t.fwmark,
+                "table": t.fwmark,
+                "ips": list(t.ips),
+                "entries": t.entries,
+                "share": f"{100 * t.entries / max(1, stream.table_size):.1f}%",
+            }
+            for t in stream.targets
+        ]
+        render(rows, ["identifier", "fwmark", "table", "ips", "entries", "share"], output, "")
+    for problem in reply.problems:
+        click.echo(f"problem: {problem}")
+    if reply.counters:
+        click.echo("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(reply.counters.items())))
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    """``A``, ``A:port``, ``[v6]:port`` or a bare IPv6 address."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+        return host, int(port or 0)
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, 0
+
+
+@lb.command("which")
+@LB_OPTION
+@click.option("--src", required=True, help="Source address[:port].")
+@click.option("--dst", required=True, help="Destination (VIP) address[:port].")
+@click.option("--proto", default="tcp", type=click.Choice(["tcp", "udp", "sctp"]))
+@OUTPUT
+def lb_which(lb_addr: str, src: str, dst: str, proto: str, output: str) -> None:
+    """Which target a flow maps to."""
+    src_ip, sport = _endpoint(src)
+    dst_ip, dport = _endpoint(dst)
+    request = WhichRequest(src=src_ip, dst=dst_ip, sport=sport, dport=dport, protocol=proto)
+
+    async def ask(channel: grpclib.client.Channel) -> Any:
+        return await LbInspectStub(channel).which(request)
+
+    reply = run_client(lb_addr, ask)
+    row = {
+        "flow": reply.flow or "(no flow: dropped)",
+        "stream": reply.stream,
+        "index": reply.index,
+        "identifier": reply.identifier or "(no target)",
+        "fwmark": reply.fwmark,
+        "ips": list(reply.ips),
+    }
+    render([row], list(row), output, "")
 
 
 @main.command()

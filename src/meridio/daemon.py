@@ -39,9 +39,9 @@ async def supervise(role: Role, runtime: Runtime, settings: CommonSettings) -> N
                     log.info("reload requested")
                     role_nursery.start_soon(role.reload)
                 elif signum == signal.SIGUSR1:
-                    log.warning("log level changed", level=logs.shift_level(-1))
+                    log.warning("log level changed", new_level=logs.shift_level(-1))
                 elif signum == signal.SIGUSR2:
-                    log.warning("log level changed", level=logs.shift_level(+1))
+                    log.warning("log level changed", new_level=logs.shift_level(+1))
                 else:
                     log.info("shutting down", signal=signal.Signals(signum).name)
                     break

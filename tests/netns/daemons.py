@@ -41,6 +41,8 @@ NOT_SERVING = HealthCheckResponseServingStatus.NOT_SERVING
 MAX_UNIX_PATH = 107
 # Addresses for IPAM tests and benchmarks: benchmarking range and ULA only.
 IPAM_PREFIXES = ("--prefix-ipv4=198.18.0.0/16", "--prefix-ipv6=fd00:10::/48")
+# Roles with a ``database`` setting (given a file in the daemon's workdir).
+ROLES_WITH_DATABASE = frozenset({"ipam", "nsp"})
 
 T = TypeVar("T")
 
@@ -120,15 +122,16 @@ class Daemon:
 
     @property
     def argv(self) -> list[str]:
-        return [
+        """The command line; later ``--name=value`` flags in ``args`` override earlier ones."""
+        argv = [
             MERIDIOD,
             f"--role={self.role}",
             f"--run-dir={self.run_dir}",
             f"--listen=unix://{self.socket}",
-            f"--database={self.database}",
-            "--log-format=json",
-            *self.extra_args,
         ]
+        if self.role in ROLES_WITH_DATABASE:
+            argv.append(f"--database={self.database}")
+        return [*argv, "--log-format=json", *self.extra_args]
 
     # -- life cycle
 

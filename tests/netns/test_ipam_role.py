@@ -221,10 +221,6 @@ async def test_allocations_survive_kill_9(netns: Any, tmp_path: Path) -> None:
     assert await daemon.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="roles/ipam.py does not create the database directory (roles/nsp.py does)",
-)
 @aio_test
 async def test_the_database_directory_is_created(netns: Any, tmp_path: Path) -> None:
     daemon = Daemon(netns, "ipam", tmp_path / "ipam", *IPAM_PREFIXES)

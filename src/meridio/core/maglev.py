@@ -57,6 +57,7 @@ __all__ = [
     "MAX_IDENTIFIER",
     "NO_TARGET",
     "TABLE_KEY",
+    "FlowHasher",
     "MaglevTable",
     "build_table",
     "default_table_size",
@@ -182,7 +183,6 @@ def _check_size(size: int) -> None:
 _U32 = npt.NDArray[np.uint32]
 _I64 = npt.NDArray[np.int64]
 _I32 = npt.NDArray[np.int32]
-_BOOL = npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True, eq=False)
@@ -322,14 +322,26 @@ _EMPTY: Final[int] = 2**31 - 1
 _TAKEN: Final[int] = -1
 """Marker of a slot claimed in an earlier round (below any agent number)."""
 
-_ENDGAME: Final[int] = 512
-"""Turns left to the endgame, which finds slots by list position instead of scanning lists."""
+
+def _endgame_turns(size: int) -> int:
+    """Turns left to the endgame, which finds slots by list position instead of scanning lists.
+
+    With ``f`` empty slots left, a turn scans about ``size / f`` list positions, while the
+    endgame computes ``f`` positions per turn: they cost the same near ``f = sqrt(size)``. Twice
+    that measured best (512 turns at M = 65537).
+    """
+    return min(size, 2 * math.isqrt(size))
+
 
 _ENDGAME_BATCH: Final[int] = 32
 """Turns per endgame batch."""
 
 _ROUNDS_MIN_TARGETS: Final[int] = 320
-"""From this many targets on, the round engine is faster than the scalar loop (at M = 65537)."""
+"""From this many targets on, the round engine beats the scalar loop.
+
+A vectorised round costs about as much as 330 turns of the Python loop, whatever ``M`` (measured
+at M = 10007, 65537 and 655373), so rounds win when they hold more turns than that.
+"""
 
 
 def _populate_fast(offsets: _I64, skips: _I64, size: int) -> _I64:
@@ -351,7 +363,7 @@ def _populate_fast(offsets: _I64, skips: _I64, size: int) -> _I64:
     n = int(offsets.size)
     owner: _I32 = np.full(size, -1, dtype=np.int32)
     cur = offsets.copy()  # the slot at each target's pointer: the next one it will examine
-    t0 = max(0, size - _ENDGAME)  # turns before the endgame
+    t0 = size - _endgame_turns(size)  # turns before the endgame
     if t0:
         if n >= _ROUNDS_MIN_TARGETS:
             _rounds(owner, cur, skips, size, t0)
@@ -564,9 +576,10 @@ def flow_hasher(key: bytes) -> FlowHasher:
     the same key, so a flow maps to the same entry on all of them (ECMP may send its packets to
     any instance); a secret key keeps outsiders from aiming many flows at one target, which an
     unkeyed hash (crc32, djb2 as in nfqlb) allows. BLAKE2s rather than BLAKE2b because it is
-    measurably faster for these short inputs; the keyed state is prepared once and copied per
-    packet (about 0.4 us per call on the project's 2-vCPU VM, against 0.2 us for crc32).
-    The hash is not symmetric: replies are not looked up.
+    faster for these short inputs, and the keyed state is prepared once and copied per packet:
+    about 0.4 us per call on the project's 2-vCPU VM, three times an unkeyed crc32
+    (``bench/bench_maglev.py`` measures both). The hash is not symmetric: replies are not looked
+    up.
     """
     keyed = hashlib.blake2s(digest_size=8, key=key)
     pack = _PORTS.pack

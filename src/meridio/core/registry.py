@@ -220,6 +220,8 @@ class TargetRegistry:
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        self._facets: list[tuple[int, int, tuple[str, str, str], Target]] = []
+        self._facets_generation = -1
         # Min-heap of (last_seen, tie-breaker, entry); an item is stale once its entry is no longer
         # the one stored under its key. Stale items are dropped lazily and compacted in bulk.
         self._heap: list[tuple[float, int, Entry]] = []
@@ -254,8 +256,30 @@ class TargetRegistry:
         return [self._entries[k].target for k in sorted(self._entries)]
 
     def snapshot(self, filter: Target) -> list[Target]:
-        """The targets that *filter* selects (see :func:`matches`), ordered by key."""
-        return [e.target for e in self.entries() if matches(filter, e.target)]
+        """The targets that *filter* selects (see :func:`matches`), ordered by key.
+
+        Equivalent to testing :func:`matches` on every entry, but each target's status, type
+        and stream path are read once per generation instead of once per call: many watchers
+        ask after every change, and reading betterproto fields is what costs.
+        """
+        if self._facets_generation != self._generation:
+            self._facets = [
+                (int(t.status), int(t.type), stream_path(t.stream), t)
+                for t in (self._entries[k].target for k in sorted(self._entries))
+            ]
+            self._facets_generation = self._generation
+        wanted = int(filter.status)
+        kind = int(filter.type)
+        f_stream, f_conduit, f_trench = stream_path(filter.stream)
+        return [
+            target
+            for status, type_, (stream, conduit, trench), target in self._facets
+            if wanted in (_ANY, status)
+            and kind == type_
+            and (not f_stream or f_stream == stream)
+            and (not f_conduit or f_conduit == conduit)
+            and (not f_trench or f_trench == trench)
+        ]
 
     # -- changing
 

@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import betterproto
@@ -164,6 +165,7 @@ class IpamRole(Role):
         settings = self.settings
         assert isinstance(settings, IpamSettings)
         check = self.runtime.health.register("IPAM")
+        Path(settings.database).parent.mkdir(parents=True, exist_ok=True)
         ipam = await trio.to_thread.run_sync(
             PersistentIpam, settings.database, ipam_config(settings)
         )

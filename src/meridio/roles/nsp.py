@@ -93,6 +93,8 @@ class NspState:
         self.config_digest = nspconfig.config_digest(config)
         self.targets_changed = Changes()
         self.config_changed = Changes()
+        self._cache: dict[bytes, bytes] = {}
+        self._cache_generation = -1
 
     def lookup_stream(self, trench: str, conduit: str, stream: str) -> int | None:
         found = self.config.stream_by_key(trench, conduit, stream)
@@ -105,6 +107,19 @@ class NspState:
         self.config, self.config_digest = config, digest
         self.config_changed.bump()
         return True
+
+    def targets_bytes(self, target_filter: Target) -> bytes:
+        """The serialized Watch reply for a filter, shared by every watcher with that filter."""
+        generation = self.registry.generation
+        if generation != self._cache_generation:
+            self._cache.clear()
+            self._cache_generation = generation
+        key = bytes(target_filter)
+        data = self._cache.get(key)
+        if data is None:
+            data = bytes(TargetResponse(targets=self.registry.snapshot(target_filter)))
+            self._cache[key] = data
+        return data
 
     def targets_updated(self) -> None:
         TARGETS.set(len(self.registry))
@@ -135,11 +150,8 @@ class TargetRegistryService(TargetRegistryBase):
         return Empty()
 
     def watch(self, target: Target) -> AsyncIterator[TargetResponse]:
-        registry = self.state.registry
-        return watch_changes(
-            self.state.targets_changed,
-            lambda: TargetResponse(targets=registry.snapshot(target)),
-        )
+        state = self.state
+        return watch_changes(state.targets_changed, lambda: state.targets_bytes(target))
 
 
 class ConfigurationManagerService(ConfigurationManagerBase):

@@ -38,6 +38,15 @@ log = get_logger("meridio.grpc")
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
+class Encoded:
+    """A message already serialized: streams that computed the bytes anyway send them as is."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 class LimitedCodec(ProtoCodec):
     """Protobuf codec that refuses messages over a size limit and answers malformed ones clearly.
 
@@ -48,7 +57,7 @@ class LimitedCodec(ProtoCodec):
         self.max_message_bytes = max_message_bytes
 
     def encode(self, message: Any, message_type: Any) -> bytes:
-        data = bytes(message)
+        data = message.data if isinstance(message, Encoded) else bytes(message)
         if len(data) > self.max_message_bytes:
             raise grpclib.GRPCError(
                 Status.RESOURCE_EXHAUSTED,

@@ -12,6 +12,8 @@ from typing import Any
 
 import betterproto
 
+from meridio.runtime.grpc import Encoded
+
 
 class Changes:
     def __init__(self) -> None:
@@ -35,19 +37,20 @@ class Changes:
 
 
 async def watch_changes(
-    changes: Changes, compute: Callable[[], betterproto.Message]
+    changes: Changes, compute: Callable[[], betterproto.Message | bytes]
 ) -> AsyncIterator[Any]:
     """Level-triggered stream: the current value first, then again after every change of it.
 
-    ``compute`` builds the full (filtered) value; a change that leaves it identical sends
-    nothing, so watchers of unrelated state are not woken up for nothing.
+    ``compute`` builds the full (filtered) value, as a message or already serialized; a change
+    that leaves it identical sends nothing, so watchers of unrelated state are not woken up.
+    The bytes compared are the bytes sent (the codec does not serialize them again).
     """
     last: bytes | None = None
     while True:
         seen = changes.version
-        message = compute()
-        data = bytes(message)
+        value = compute()
+        data = value if isinstance(value, bytes) else bytes(value)
         if data != last:
             last = data
-            yield message
+            yield Encoded(data)
         await changes.wait_past(seen)

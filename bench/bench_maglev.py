@@ -1,0 +1,125 @@
+"""Maglev table: build time against the plain-Python reference, table quality, per-packet cost.
+
+For each (M, N) the fast build (:func:`meridio.core.maglev.build_table`) and the reference
+(:func:`meridio.core.maglev._build_reference`, the paper's Pseudocode 1 in plain Python) build
+the same table in the same run; the ratio is fast / reference. Quality uses the metric names of
+``reference/load-balancing.md`` section 5: balance (max and min entries per target over the mean)
+and disruption when one target is removed or added (changed share of entries, against the ideal
+1/N, and the excess). Targets are identifiers 1..N, as in a Meridio stream.
+
+    python -m bench.bench_maglev
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import struct
+import time
+import timeit
+import zlib
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+
+from meridio.core import maglev
+
+CASES = ((65537, 100), (65537, 1000), (655373, 1000))
+FAST_RUNS = 9
+REF_RUNS = 5  # and 3 fast, 1 reference at M = 655373, where one reference build takes seconds
+DISRUPTION_SAMPLES = 5
+HASH_CALLS = 200_000
+GOAL_MS = 20.0  # M = 65537, N = 1000 (reference/load-balancing.md, goal 5)
+
+
+def median_ms(build: Callable[[], object], runs: int) -> float:
+    build()  # warm-up (imports, allocator)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        build()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def changed(a: maglev.MaglevTable, b: maglev.MaglevTable) -> float:
+    return int(np.count_nonzero(a.entries != b.entries)) / a.size
+
+
+def quality(size: int, n: int) -> dict[str, float]:
+    targets = list(range(1, n + 1))
+    table = maglev.build_table(targets, size)
+    counts = np.array(list(table.counts().values()), dtype=np.float64)
+    mean = size / n
+    rnd = random.Random(size * 7919 + n)
+    removed = []
+    for victim in rnd.sample(targets, DISRUPTION_SAMPLES):
+        removed.append(changed(table, maglev.build_table(set(targets) - {victim}, size)))
+    added = []
+    for extra in rnd.sample(range(n + 1, 100 * n), DISRUPTION_SAMPLES):
+        added.append(changed(table, maglev.build_table([*targets, extra], size)))
+    return {
+        "max_avg": float(counts.max()) / mean,
+        "min_avg": float(counts.min()) / mean,
+        "remove": statistics.mean(removed),
+        "add": statistics.mean(added),
+    }
+
+
+def ns_per_call(call: Callable[[], object]) -> float:
+    return min(timeit.repeat(call, number=HASH_CALLS, repeat=5)) / HASH_CALLS * 1e9
+
+
+def main() -> None:
+    print(
+        f"Build: median of {FAST_RUNS} fast and {REF_RUNS} reference runs "
+        "(3 and 1 at M = 655373); targets 1..N."
+    )
+    header = (
+        f"{'M':>7} {'N':>5} {'fast ms':>8} {'ref ms':>8} {'fast/ref':>8} {'max/avg':>8} "
+        f"{'min/avg':>8} {'remove-1 (ideal)':>17} {'excess':>7} {'add-1 (ideal)':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    goal_ms = None
+    for size, n in CASES:
+        targets = list(range(1, n + 1))
+        large = size > 100_000
+        fast = median_ms(partial(maglev.build_table, targets, size), 3 if large else FAST_RUNS)
+        ref = median_ms(partial(maglev._build_reference, targets, size), 1 if large else REF_RUNS)
+        if maglev.build_table(targets, size) != maglev._build_reference(targets, size):
+            raise SystemExit(f"fast and reference tables differ at M={size}, N={n}")
+        if (size, n) == (65537, 1000):
+            goal_ms = fast
+        q = quality(size, n)
+        excess = (q["remove"] - 1 / n) * 100
+        print(
+            f"{size:>7} {n:>5} {fast:>8.2f} {ref:>8.2f} {fast / ref:>8.3f} {q['max_avg']:>8.4f} "
+            f"{q['min_avg']:>8.4f} {q['remove'] * 100:>7.2f} % ({100 / n:.2f} %) {excess:>5.2f} % "
+            f"{q['add'] * 100:>5.2f} % ({100 / (n + 1):.2f} %)"
+        )
+    if goal_ms is not None:
+        verdict = "met" if goal_ms <= GOAL_MS else "NOT met"
+        print(f"Goal: build M=65537, N=1000 in <= {GOAL_MS:.0f} ms: {goal_ms:.2f} ms, {verdict}.")
+
+    print(f"\nPer packet (best of 5 x {HASH_CALLS} calls), IPv4 5-tuple:")
+    key = b"bench-flow-key-0"
+    src, dst = bytes([198, 18, 0, 1]), bytes([203, 0, 113, 5])
+    hasher = maglev.flow_hasher(key)
+    table = maglev.build_table(range(1, 101), 65537)
+    h = hasher(src, dst, 6, 40000, 80)
+    ports = struct.Struct("!BHH").pack
+    rows = [
+        ("flow_hasher(key)(...)  [keyed BLAKE2s]", lambda: hasher(src, dst, 6, 40000, 80)),
+        ("flow_hash(..., key)", lambda: maglev.flow_hash(src, dst, 6, 40000, 80, key)),
+        ("table.lookup(h)", lambda: table.lookup(h)),
+        ("hash + lookup", lambda: table.lookup(hasher(src, dst, 6, 40000, 80))),
+        ("baseline: zlib.crc32 (not keyed)", lambda: zlib.crc32(src + dst + ports(6, 40000, 80))),
+    ]
+    for name, call in rows:
+        print(f"  {name:<40} {ns_per_call(call):7.0f} ns")
+
+
+if __name__ == "__main__":
+    main()
