@@ -616,3 +616,34 @@ def test_invalid_intervals(tmp_path: Path) -> None:
         PersistentRegistry(tmp_path / "r.db", 0.0, entry_timeout=0)
     with pytest.raises(ValueError):
         PersistentRegistry(tmp_path / "r.db", 0.0, entry_timeout=10, seen_write_interval=10)
+
+
+def test_nsp_reply_bytes_equal_betterproto_serialization() -> None:
+    """The NSP builds Watch replies from cached per-target bytes; they must parse back."""
+    from meridio.api.nsp.v1 import TargetResponse
+    from meridio.core.nspconfig import NspConfig
+    from meridio.roles.nsp import NspState
+
+    class FakeRegistry:
+        generation = 1
+
+        def __init__(self, targets: list[Target]) -> None:
+            self.targets = targets
+
+        def snapshot(self, _filter: Target) -> list[Target]:
+            return self.targets
+
+        def all(self) -> list[Target]:
+            return self.targets
+
+        def __len__(self) -> int:
+            return len(self.targets)
+
+    targets = [
+        Target(ips=[f"198.18.{i}.1/24" for i in range(n)], context={"identifier": str(n)})
+        for n in (1, 5, 40)
+    ]
+    state = NspState(FakeRegistry(targets), NspConfig())  # type: ignore[arg-type]
+    data = state.targets_bytes(Target())
+    assert data == bytes(TargetResponse(targets=targets))
+    assert TargetResponse().parse(data).targets == targets

@@ -84,6 +84,17 @@ def _file_state(path: str) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _field_one(payload: bytes) -> bytes:
+    """``payload`` as protobuf field 1 (length-delimited): tag, varint length, bytes."""
+    n = len(payload)
+    head = bytearray(b"\x0a")
+    while n >= 0x80:
+        head.append((n & 0x7F) | 0x80)
+        n >>= 7
+    head.append(n)
+    return bytes(head) + payload
+
+
 class NspState:
     """Registry, configuration and their change counters, shared by the two services."""
 
@@ -94,6 +105,7 @@ class NspState:
         self.targets_changed = Changes()
         self.config_changed = Changes()
         self._cache: dict[bytes, bytes] = {}
+        self._wire: dict[int, tuple[Target, bytes]] = {}
         self._cache_generation = -1
 
     def lookup_stream(self, trench: str, conduit: str, stream: str) -> int | None:
@@ -109,16 +121,33 @@ class NspState:
         return True
 
     def targets_bytes(self, target_filter: Target) -> bytes:
-        """The serialized Watch reply for a filter, shared by every watcher with that filter."""
+        """The serialized Watch reply for a filter, shared by every watcher with that filter.
+
+        Stored targets never change in place, so each one is serialized once and a reply is the
+        concatenation of its targets as field 1 of ``TargetResponse``.
+        """
         generation = self.registry.generation
         if generation != self._cache_generation:
             self._cache.clear()
             self._cache_generation = generation
+            if len(self._wire) > 2 * len(self.registry) + 64:
+                live = {id(t) for t in self.registry.all()}
+                self._wire = {k: v for k, v in self._wire.items() if k in live}
         key = bytes(target_filter)
         data = self._cache.get(key)
         if data is None:
-            data = bytes(TargetResponse(targets=self.registry.snapshot(target_filter)))
+            data = b"".join(
+                _field_one(self._target_wire(t)) for t in self.registry.snapshot(target_filter)
+            )
             self._cache[key] = data
+        return data
+
+    def _target_wire(self, target: Target) -> bytes:
+        hit = self._wire.get(id(target))
+        if hit is not None and hit[0] is target:
+            return hit[1]
+        data = bytes(target)
+        self._wire[id(target)] = (target, data)
         return data
 
     def targets_updated(self) -> None:
