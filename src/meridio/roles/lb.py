@@ -402,6 +402,26 @@ class LbRole(Role):
             )
         self._installed_rules = set(desired.rules)
         self._installed_routes = set(desired.routes)
+        gone = {r.fwmark for r in del_rules} - {r.fwmark for r in desired.rules}
+        if self.mode == "first-packet" and gone:
+            await self._forget_connections(gone)
+
+    async def _forget_connections(self, marks: set[int]) -> None:
+        """Drop conntrack entries that still carry a removed target's mark.
+
+        In first-packet mode a connection's mark lives in conntrack; without this, flows of a
+        removed target keep its stale mark (and are lost) for as long as they keep sending,
+        instead of being balanced again on their next packet.
+        """
+        for mark in sorted(marks):
+            for family in ("ipv4", "ipv6"):
+                await trio.run_process(
+                    ["conntrack", "-D", "-f", family, "--mark", str(mark)],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,  # exit status 1 when there was nothing to delete
+                )
+        self.log.info("connections of removed targets forgotten", marks=sorted(marks))
 
     def _ours(self, mark: int | None, priority: int | None) -> bool:
         low = self.lb.identifier_offset
