@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := iptables nftables conntrack iproute2 libnetfilter-queue-dev libnetfilter-queue1 \
 	gcc python3-dev python3-venv pkgconf tcpdump iputils-ping procps
-BENCH_PACKAGES := netsniff-ng iperf3 wrk
+BENCH_PACKAGES := netsniff-ng wrk nginx-light
 .PHONY: all deps bench-deps venv proto lint typecheck unit netns test demo bench clean
 
 all: test
@@ -47,12 +47,17 @@ netns: venv
 test: venv lint typecheck
 	$(VENV)/bin/pytest -q
 
-# Load generators for the data-path benchmark (trafgen comes with netsniff-ng).
+# Load generators and servers for the data-path benchmark (trafgen comes with netsniff-ng).
+# policy-rc.d keeps the packages' own services (nginx) from starting on the host: the benchmark
+# runs its servers in its own namespaces only.
 bench-deps:
 	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
+		made=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made=1; fi; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; rc=$$?; \
+		[ -n "$$made" ] && rm -f /usr/sbin/policy-rc.d; exit $$rc; \
 	fi
 
 bench: venv bench-deps

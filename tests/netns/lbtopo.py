@@ -323,14 +323,17 @@ def target_message(index: int, status: TargetStatus = TargetStatus.ENABLED) -> T
     )
 
 
-def register(nsp_socket: Path | str, indexes: Iterable[int]) -> None:
-    """Register each target (disabled first, then enabled, as a target does), in order."""
+def register(nsp_socket: Path | str, indexes: Iterable[int], *, announce: bool = True) -> None:
+    """Register each target enabled, in order; with ``announce`` disabled first, as a new
+    target does (only for targets not yet registered: disabling an enabled target takes it
+    out of the LB's table until it is enabled again)."""
 
     async def go() -> None:
         async with channel(nsp_socket) as ch:
             stub = TargetRegistryStub(ch, timeout=5)
             for i in indexes:
-                await stub.register(target_message(i, TargetStatus.DISABLED))
+                if announce:
+                    await stub.register(target_message(i, TargetStatus.DISABLED))
                 await stub.register(target_message(i, TargetStatus.ENABLED))
 
     run_async(go())
@@ -706,8 +709,13 @@ class LbTopology:
         assert self.nsp is not None
         return self.nsp.socket
 
-    def register(self, indexes: Iterable[int]) -> None:
-        register(self.nsp_socket, indexes)
+    def register(self, indexes: Iterable[int], *, announce: bool = True) -> None:
+        register(self.nsp_socket, indexes, announce=announce)
+
+    def ensure_registered(self, indexes: Iterable[int]) -> None:
+        """Make sure these targets are registered and enabled, without disturbing those that
+        already are (their registration is only refreshed)."""
+        register(self.nsp_socket, indexes, announce=False)
 
     def unregister(self, indexes: Iterable[int]) -> None:
         unregister(self.nsp_socket, indexes)

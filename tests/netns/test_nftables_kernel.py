@@ -133,7 +133,7 @@ async def test_load_read_back_update_delete(netns: Netns) -> None:
         "flow-dead": 0,
     }
     # the installed bytecode hashes the 16/40-byte keys with our seed (nft-jhash.md pitfall 4)
-    debug = netns.run("nft", "--debug=netlink", "list", "chain", "inet", TABLE, "vips").stdout
+    debug = netns.run("nft", "--debug=netlink", "list", "chain", "inet", TABLE, "prerouting").stdout
     assert f"jhash(reg 2, 16, 0x{SEED:08x}) % mod 101" in debug
     assert f"jhash(reg 2, 40, 0x{SEED:08x}) % mod 101" in debug
 

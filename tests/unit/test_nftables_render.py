@@ -32,16 +32,18 @@ def spec(**kwargs: object) -> TableSpec:
             FlowSpec(
                 "web",
                 A,
-                (ip("10.0.0.1"), ip("2001:db8::1")),
+                (ip("203.0.113.1"), ip("2001:db8::1")),
                 priority=5,
                 protocols=(6,),
                 dports=((80, 80), (8000, 8080)),
                 sources=(net("192.168.0.0/16"), net("2001:db8:f::/48")),
             ),
-            FlowSpec("rest", B, (ip("10.0.0.1"),), priority=1, protocols=(6, 17, 132)),
-            FlowSpec("dns", B, (ip("10.0.0.2"),), priority=1, protocols=(17,), sports=((53, 53),)),
+            FlowSpec("rest", B, (ip("203.0.113.1"),), priority=1, protocols=(6, 17, 132)),
+            FlowSpec(
+                "dns", B, (ip("203.0.113.2"),), priority=1, protocols=(17,), sports=((53, 53),)
+            ),
         ),
-        "vips": ("10.0.0.3/32", "2001:db8::3/128"),
+        "vips": ("203.0.113.3/32", "2001:db8::3/128"),
     }
     defaults.update(kwargs)
     return TableSpec(**defaults)  # type: ignore[arg-type]
@@ -64,8 +66,8 @@ def test_sets_counters_and_maps() -> None:
     got = lines(render_table(spec()))
     for name in ("no-flow", "no-target", "icmp-error", "flow-web", "flow-rest", "flow-dns"):
         assert f"counter {name} {{ }}" in got
-    # the flows' VIPs and the extra ones, collapsed (10.0.0.2 and .3 make a /31)
-    assert "elements = { 10.0.0.1/32, 10.0.0.2/31 }" in got
+    # the flows' VIPs and the extra ones, collapsed (203.0.113.2 and .3 make a /31)
+    assert "elements = { 203.0.113.1/32, 203.0.113.2/31 }" in got
     assert "elements = { 2001:db8::1/128, 2001:db8::3/128 }" in got
     assert "map stream-stream-a {" in got
     assert "typeof numgen random mod 5 : meta mark" in got
@@ -84,52 +86,58 @@ def test_chains() -> None:
     ]
     assert "ct state untracked accept" in got
     start = got.index("chain prerouting {")
-    assert got[start + 1 : start + 4] == [
+    assert got[start + 1 : start + 3] == [
         "type filter hook prerouting priority mangle; policy accept;",
-        "ip daddr @vips4 jump vips",
-        "ip6 daddr @vips6 jump vips",
+        "meta l4proto { icmp, ipv6-icmp } jump icmp-errors",
+    ]
+    start = got.index("chain icmp-errors {")
+    assert got[start + 1 : start + 3] == [
+        "ip daddr @vips4 icmp type { destination-unreachable, time-exceeded, parameter-problem }"
+        ' counter name "icmp-error" accept',
+        "ip6 daddr @vips6 icmpv6 type"
+        " { destination-unreachable, packet-too-big, time-exceeded, parameter-problem }"
+        ' counter name "icmp-error" accept',
     ]
 
 
 def test_flow_rules_in_match_order() -> None:
     got = lines(render_table(spec()))
-    start = got.index("chain vips {")
+    start = got.index("chain prerouting {")
     end = got.index("}", start)
-    body = got[start + 1 : end]
+    body = got[start + 3 : end]
     jhash4 = "jhash ip saddr . ip daddr . th sport . th dport"
     jhash6 = "jhash ip6 saddr . ip6 daddr . th sport . th dport"
     assert body == [
-        "icmp type { destination-unreachable, time-exceeded, parameter-problem }"
-        ' counter name "icmp-error" accept',
-        "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem }"
-        ' counter name "icmp-error" accept',
-        "ip daddr { 10.0.0.1 } meta l4proto { tcp } th dport { 80, 8000-8080 }"
+        "ip daddr { 203.0.113.1 } meta l4proto { tcp } th dport { 80, 8000-8080 }"
         ' ip saddr { 192.168.0.0/16 } counter name "flow-web"'
         f" meta mark set {jhash4} mod 5 seed 0x00001234 map @stream-stream-a goto verdict",
         "ip6 daddr { 2001:db8::1 } meta l4proto { tcp } th dport { 80, 8000-8080 }"
         ' ip6 saddr { 2001:db8:f::/48 } counter name "flow-web"'
         f" meta mark set {jhash6} mod 5 seed 0x00001234 map @stream-stream-a goto verdict",
         # priority 1: "dns" before "rest" by name; "any" ports and sources are left out
-        'ip daddr { 10.0.0.2 } meta l4proto { udp } th sport { 53 } counter name "flow-dns"'
+        'ip daddr { 203.0.113.2 } meta l4proto { udp } th sport { 53 } counter name "flow-dns"'
         f" meta mark set {jhash4} mod 3 seed 0x00001234 map @stream-b goto verdict",
-        'ip daddr { 10.0.0.1 } meta l4proto { tcp, udp, sctp } counter name "flow-rest"'
+        'ip daddr { 203.0.113.1 } meta l4proto { tcp, udp, sctp } counter name "flow-rest"'
         f" meta mark set {jhash4} mod 3 seed 0x00001234 map @stream-b goto verdict",
-        'counter name "no-flow" drop',
+        'ip daddr @vips4 counter name "no-flow" drop',
+        'ip6 daddr @vips6 counter name "no-flow" drop',
     ]
 
 
 def test_source_families() -> None:
     flows = (
         # IPv4 sources only: no IPv6 rule, since no IPv6 source can match
-        FlowSpec("v4src", A, (ip("10.0.0.1"), ip("2001:db8::1")), sources=(net("10.0.0.0/8"),)),
+        FlowSpec(
+            "v4src", A, (ip("203.0.113.1"), ip("2001:db8::1")), sources=(net("198.18.0.0/15"),)
+        ),
         # a /0 means any source of that family: no saddr match at all
-        FlowSpec("any", B, (ip("10.0.0.1"),), sources=(net("0.0.0.0/0"),)),
+        FlowSpec("any", B, (ip("203.0.113.1"),), sources=(net("0.0.0.0/0"),)),
     )
     got = lines(render_table(spec(flows=flows)))
     rules = [line for line in got if "goto verdict" in line]
     assert len(rules) == 2
-    assert rules[0].startswith('ip daddr { 10.0.0.1 } counter name "flow-any" meta mark set')
-    assert rules[1].startswith("ip daddr { 10.0.0.1 } ip saddr { 10.0.0.0/8 } counter")
+    assert rules[0].startswith('ip daddr { 203.0.113.1 } counter name "flow-any" meta mark set')
+    assert rules[1].startswith("ip daddr { 203.0.113.1 } ip saddr { 198.18.0.0/15 } counter")
 
 
 def test_no_target_drop_or_reject() -> None:
@@ -190,7 +198,7 @@ def test_spec_is_checked(change: dict[str, object], message: str) -> None:
 
 
 def test_duplicate_flow_names_are_refused() -> None:
-    twice = FlowSpec("f", A, (ip("10.0.0.1"),))
+    twice = FlowSpec("f", A, (ip("203.0.113.1"),))
     with pytest.raises(ValueError, match="same name"):
         spec(flows=(twice, twice))
 
@@ -233,3 +241,11 @@ def test_map_update_is_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_delete() -> None:
     assert render_delete("lb-test") == "table inet lb-test {}\ndelete table inet lb-test\n"
+
+
+def test_a_range_of_every_port_is_no_condition() -> None:
+    flows = (FlowSpec("all", A, (ip("203.0.113.1"),), protocols=(17,), dports=((1, 65535),)),)
+    got = render_table(TableSpec(streams=(StreamMap(A, (1, 2, 3)),), flows=flows))
+    rule = next(line for line in lines(got) if 'counter name "flow-all"' in line)
+    assert "th dport {" not in rule and "th dport 1" not in rule
+    assert rule.startswith("ip daddr { 203.0.113.1 } meta l4proto { udp } counter")

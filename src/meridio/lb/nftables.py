@@ -183,6 +183,8 @@ class TableSpec:
     name: str = DEFAULT_TABLE
     vips: tuple[str, ...] = ()
     reject_no_target: bool = False
+    defrag: bool = True
+    """Reassemble fragments of VIP traffic before the flows (costs a conntrack hook per packet)."""
     _map_names: dict[StreamKey, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -224,7 +226,15 @@ class TableSpec:
         """Everything but the map entries. While it stays equal, :func:`render_map_update`
         scripts are enough; when it changes, load :func:`render_table` again."""
         maps = tuple((s.key, s.modulus) for s in self.streams)
-        return (self.name, self.seed, maps, self.flows, self.vips, self.reject_no_target)
+        return (
+            self.name,
+            self.seed,
+            maps,
+            self.flows,
+            self.vips,
+            self.reject_no_target,
+            self.defrag,
+        )
 
     def ordered_flows(self) -> tuple[FlowSpec, ...]:
         return tuple(sorted(self.flows, key=lambda f: f.order))
@@ -252,6 +262,10 @@ def _ports(ranges: tuple[PortRange, ...]) -> str:
     return _set([str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges])
 
 
+def _every_port(ranges: tuple[PortRange, ...]) -> bool:
+    return any(lo <= 1 and hi >= 65535 for lo, hi in ranges)
+
+
 def _addresses(items: Iterable[IPAddress | IPNetwork]) -> str:
     return _set([str(a) for a in items])
 
@@ -276,9 +290,10 @@ def _flow_rules(flow: FlowSpec, map_name: str, modulus: int, seed: int) -> list[
         if flow.protocols:
             protos = [_PROTO_NAMES.get(p, str(p)) for p in flow.protocols]
             parts.append(f"meta l4proto {_set(protos)}")
-        if flow.dports:
+        # a range covering every port is no condition: leave it out of the packet path
+        if flow.dports and not _every_port(flow.dports):
             parts.append(f"th dport {_ports(flow.dports)}")
-        if flow.sports:
+        if flow.sports and not _every_port(flow.sports):
             parts.append(f"th sport {_ports(flow.sports)}")
         if sources is not None:
             parts.append(f"{l3} saddr {_addresses(sources)}")
@@ -313,30 +328,41 @@ def render_table(spec: TableSpec) -> str:
             f"\t\ttypeof numgen random mod {stream.modulus} : meta mark",
             "\t}",
         ]
+    if spec.defrag:
+        # Any ct expression registers nf_defrag, so chains after priority -400 see whole
+        # datagrams; notrack keeps VIP flows out of the conntrack table all the same.
+        out += [
+            "\tchain defrag {",
+            "\t\ttype filter hook prerouting priority raw; policy accept;",
+            "\t\tip daddr @vips4 notrack",
+            "\t\tip6 daddr @vips6 notrack",
+            "\t}",
+            "\tchain conntrack {",
+            "\t\tct state untracked accept",
+            "\t}",
+        ]
     out += [
-        "\tchain defrag {",
-        "\t\ttype filter hook prerouting priority raw; policy accept;",
-        "\t\tip daddr @vips4 notrack",
-        "\t\tip6 daddr @vips6 notrack",
+        # ICMP errors about VIP flows are left unmarked for the user-space reader (the nft rule
+        # would hash their type and checksum); only ICMP packets take this detour.
+        "\tchain icmp-errors {",
+        f'\t\tip daddr @vips4 icmp type {{ {_ICMP_ERRORS} }} counter name "{ICMP_ERROR_COUNTER}"'
+        " accept",
+        f"\t\tip6 daddr @vips6 icmpv6 type {{ {_ICMPV6_ERRORS} }}"
+        f' counter name "{ICMP_ERROR_COUNTER}" accept',
         "\t}",
-        "\tchain conntrack {",
-        "\t\tct state untracked accept",
-        "\t}",
+        # Flow rules sit directly in the hooked chain (each matches its VIPs itself): the
+        # common packet takes no extra jump before its hash.
         "\tchain prerouting {",
         "\t\ttype filter hook prerouting priority mangle; policy accept;",
-        "\t\tip daddr @vips4 jump vips",
-        "\t\tip6 daddr @vips6 jump vips",
-        "\t}",
-        "\tchain vips {",
-        f'\t\ticmp type {{ {_ICMP_ERRORS} }} counter name "{ICMP_ERROR_COUNTER}" accept',
-        f'\t\ticmpv6 type {{ {_ICMPV6_ERRORS} }} counter name "{ICMP_ERROR_COUNTER}" accept',
+        "\t\tmeta l4proto { icmp, ipv6-icmp } jump icmp-errors",
     ]
     for flow in spec.ordered_flows():
         stream = streams[flow.stream]
         rules = _flow_rules(flow, spec.map_name(flow.stream), stream.modulus, spec.seed)
         out += [f"\t\t{rule}" for rule in rules]
     out += [
-        f'\t\tcounter name "{NO_FLOW_COUNTER}" drop',
+        f'\t\tip daddr @vips4 counter name "{NO_FLOW_COUNTER}" drop',
+        f'\t\tip6 daddr @vips6 counter name "{NO_FLOW_COUNTER}" drop',
         "\t}",
         "\tchain verdict {",
         "\t\tmeta mark != 0 accept",

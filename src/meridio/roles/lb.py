@@ -24,15 +24,15 @@ import hashlib
 import ipaddress
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpclib
 import trio
 from grpclib.const import Status
-from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
+from prometheus_client.core import CounterMetricFamily
 
 from meridio.api.meridio.admin.v1 import (
     LbInspectBase,
@@ -55,6 +55,7 @@ from meridio.api.nsp.v1 import (
     Trench,
     Vip,
 )
+from meridio.connect.lbside import LbConnect, LbConnectSettings, check_connect_settings
 from meridio.core import maglev
 from meridio.core.classifier import Classifier
 from meridio.core.jhash import flow_key, nft_bucket
@@ -79,24 +80,6 @@ from meridio.settings import CommonSettings
 MODES = ("kernel", "nfqueue", "first-packet")
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 
-HITS = PromCounter(
-    "meridio_conduit_stream_target_hit_packets",
-    "Packets steered to a target by the user-space reader",
-    ["trench", "conduit", "stream", "identifier"],
-    registry=REGISTRY,
-)
-HIT_BYTES = PromCounter(
-    "meridio_conduit_stream_target_hit_bytes",
-    "Bytes steered to a target by the user-space reader",
-    ["trench", "conduit", "stream", "identifier"],
-    registry=REGISTRY,
-)
-DROPS = PromCounter(
-    "meridio_lb_dropped_packets",
-    "Packets the LB dropped, by reason",
-    ["reason"],
-    registry=REGISTRY,
-)
 TARGETS = Gauge(
     "meridio_lb_targets",
     "Targets in the Maglev table of a stream",
@@ -105,7 +88,7 @@ TARGETS = Gauge(
 )
 
 
-class LbSettings(CommonSettings, kw_only=True):
+class LbSettings(LbConnectSettings, kw_only=True):
     nsp: str = "localhost:7778"
     """Address of the NSP, host:port or unix:///path."""
     trench: str = ""
@@ -128,6 +111,9 @@ class LbSettings(CommonSettings, kw_only=True):
     hash_seed: int = 0
     """Seed of the flow hash, equal on every LB of a trench; 0 derives it from the trench name."""
     reject_no_target: bool = False
+    defrag: bool = True
+    """kernel mode: reassemble fragments before classifying, so they follow their flow (about
+    6% of forwarding throughput here); off only where VIP traffic is never fragmented."""
     inspect_listen: str = ""
     """Also serve the LbInspect API on this TCP host:port (always on <run-dir>/lb.sock)."""
 
@@ -145,6 +131,27 @@ class StreamTable:
     offset: int
     table: maglev.MaglevTable
     targets: Mapping[int, TargetSpec]
+    hits: HitCounters
+
+
+class HitCounters:
+    """Packets and bytes per identifier of one stream, kept across table swaps.
+
+    Plain lists indexed by identifier: the packet path only adds to them; Prometheus reads them
+    when scraped (see :class:`LbCollector`), which costs nothing per packet.
+    """
+
+    def __init__(self, max_targets: int) -> None:
+        self.packets = [0] * (max_targets + 1)
+        self.octets = [0] * (max_targets + 1)
+
+    def resized(self, max_targets: int) -> HitCounters:
+        if len(self.packets) == max_targets + 1:
+            return self
+        fresh = HitCounters(max_targets)
+        keep = min(len(self.packets), max_targets + 1)
+        fresh.packets[:keep], fresh.octets[:keep] = self.packets[:keep], self.octets[:keep]
+        return fresh
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,8 @@ class DataPath:
     vips: tuple[str, ...]
     seed: int
     hash_flow: maglev.FlowHasher
+    kernel_hash: bool
+    """Hash with the kernel's jhash (kernel mode: only ICMP errors reach user space)."""
 
 
 @dataclass
@@ -197,11 +206,15 @@ def target_specs(targets: list[Target]) -> list[TargetSpec]:
 
 
 class Verdicts:
-    """The per-packet decision of the user-space readers, with its counters."""
+    """The per-packet decision of the user-space readers, with its counters.
+
+    Kept lean on purpose (it runs for every queued packet): parse, classify, hash, look up,
+    mark; counters are list and dict increments, exported only when scraped.
+    """
 
     def __init__(self, role: LbRole) -> None:
         self.role = role
-        self.counts: Counter[str] = Counter()
+        self.drops: Counter[str] = Counter()
 
     def __call__(self, pkt: Any) -> None:
         path = self.role.datapath
@@ -224,7 +237,7 @@ class Verdicts:
         if stream is None:
             self._drop(pkt, "no-stream")
             return
-        if self.role.mode == "kernel":
+        if path.kernel_hash:
             # ICMP errors in kernel mode: the kernel's own jhash, so the error follows its flow
             key = flow_key(flow.src, flow.dst, flow.sport, flow.dport)
             identifier = stream.table.lookup(nft_bucket(key, stream.table.size, path.seed))
@@ -236,15 +249,45 @@ class Verdicts:
             return
         pkt.set_mark(stream.offset + identifier)
         pkt.accept()
-        self.counts[f"hit {match.stream[2]} {identifier}"] += 1
-        trench, conduit, name = match.stream
-        HITS.labels(trench, conduit, name, str(identifier)).inc()
-        HIT_BYTES.labels(trench, conduit, name, str(identifier)).inc(len(payload))
+        hits = stream.hits
+        hits.packets[identifier] += 1
+        hits.octets[identifier] += len(payload)
 
     def _drop(self, pkt: Any, reason: str) -> None:
         pkt.drop()
-        self.counts[reason] += 1
-        DROPS.labels(reason).inc()
+        self.drops[reason] += 1
+
+
+class LbCollector:
+    """Prometheus view of the LB's counters, with Meridio's metric names where it has them."""
+
+    def __init__(self, role: LbRole) -> None:
+        self.role = role
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["trench", "conduit", "stream", "identifier"]
+        packets = CounterMetricFamily(
+            "meridio_conduit_stream_target_hit_packets",
+            "Packets steered to a target by the user-space reader",
+            labels=labels,
+        )
+        octets = CounterMetricFamily(
+            "meridio_conduit_stream_target_hit_bytes",
+            "Bytes steered to a target by the user-space reader",
+            labels=labels,
+        )
+        for key, hits in sorted(self.role.hit_counters.items()):
+            for identifier, count in enumerate(hits.packets):
+                if count:
+                    values = [*key, str(identifier)]
+                    packets.add_metric(values, count)
+                    octets.add_metric(values, hits.octets[identifier])
+        drops = CounterMetricFamily(
+            "meridio_lb_dropped_packets", "Packets the LB dropped, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(self.role.verdicts.drops.items()):
+            drops.add_metric([reason], count)
+        yield from (packets, octets, drops)
 
 
 class LbRole(Role):
@@ -262,6 +305,7 @@ class LbRole(Role):
             raise ValueError("settings 'queue'/'queues' must give queue numbers within 0..65535")
         if settings.table_size and not maglev.is_prime(settings.table_size):
             raise ValueError(f"setting 'table-size': {settings.table_size} is not a prime")
+        check_connect_settings(settings, settings.conduit)
 
     def __init__(self, settings: CommonSettings, runtime: Any) -> None:
         super().__init__(settings, runtime)
@@ -279,6 +323,7 @@ class LbRole(Role):
         self.desired: DesiredState | None = None
         self.offsets: dict[StreamKey, int] = {}
         self.verdicts = Verdicts(self)
+        self.hit_counters: dict[StreamKey, HitCounters] = {}
         self._tables: dict[tuple[StreamKey, int, tuple[int, ...]], maglev.MaglevTable] = {}
         self._installed_rules: set[RuleSpec] = set()
         self._installed_routes: set[RouteSpec] = set()
@@ -287,6 +332,7 @@ class LbRole(Role):
         self._iptables: dict[int, str] = {}
         self.nft_table = "meridio-lb"
         self.log = runtime.log
+        self.connect: LbConnect | None = None
 
     # --- NSP watches -------------------------------------------------------------------------
 
@@ -342,12 +388,24 @@ class LbRole(Role):
         for key, state in desired.streams.items():
             size = table_size_for(self.lb, state.spec.max_targets)
             table = self._table(key, size, tuple(sorted(state.targets)))
-            streams[key] = StreamTable(key, state.offset, table, state.targets)
+            hits = self.hit_counters.get(key)
+            hits = (
+                HitCounters(state.spec.max_targets)
+                if hits is None
+                else hits.resized(state.spec.max_targets)
+            )
+            self.hit_counters[key] = hits
+            streams[key] = StreamTable(key, state.offset, table, state.targets, hits)
         served = {s.name for s in inputs.streams}
         flows = [f for f in inputs.flows if f.stream and f.stream.name in served]
         vip_addresses = tuple(sorted({v.address for f in flows for v in f.vips}))
         path = DataPath(
-            Classifier.compile(flows), streams, vip_addresses, self.seed, self.hash_flow
+            Classifier.compile(flows),
+            streams,
+            vip_addresses,
+            self.seed,
+            self.hash_flow,
+            kernel_hash=self.mode == "kernel",
         )
         return desired, path
 
@@ -485,6 +543,7 @@ class LbRole(Role):
             seed=path.seed,
             name=self.nft_table,
             reject_no_target=self.lb.reject_no_target,
+            defrag=self.lb.defrag,
         )
 
     async def _reconcile_nft(self, path: DataPath, check_drift: bool) -> None:
@@ -540,6 +599,8 @@ class LbRole(Role):
         self.nsp_check = health.register("NSPCli", ["Readiness"])
         self.datapath_check = health.register("Stream", ["Readiness"])
         health.register("LB", ["Startup", "Liveness"]).set(True)
+        collector = LbCollector(self)
+        REGISTRY.register(collector)
         nsp = await self.runtime.grpc.channel(self.lb.nsp)
         registry, config = TargetRegistryStub(nsp), ConfigurationManagerStub(nsp)
         trench, conduit = self._filters()
@@ -553,6 +614,7 @@ class LbRole(Role):
         await self.runtime.grpc.serve([LbInspect(self)], listen)
         try:
             async with trio.open_nursery() as nursery:
+                await self._start_connect(nursery, nsp)
 
                 def setter(attr: str, field_name: str) -> Callable[[Any], None]:
                     return lambda msg: setattr(inputs, attr, list(getattr(msg, field_name)))
@@ -585,6 +647,7 @@ class LbRole(Role):
                 task_status.started()
                 await self._reconcile_loop()
         finally:
+            REGISTRY.unregister(collector)
             with trio.CancelScope(shield=True):
                 self.datapath_check.set(False)
                 try:
@@ -618,8 +681,36 @@ class LbRole(Role):
                 self.dirty.set()
 
     async def drain(self) -> None:
+        await self._withdraw_connect()
         # Readiness is already off; give the gateway's health checks a moment to move traffic.
         await trio.sleep(0)
+
+    # --- the conduit endpoint (proxies connect here; see meridio.connect.lbside) ----------------
+
+    async def _start_connect(self, nursery: trio.Nursery, nsp: Any) -> None:
+        """Serve the connect endpoint and announce it in NSP, when ``connect-listen`` is set.
+
+        Started before anything else touches netlink: the endpoint needs the runtime's
+        netlink manager with kernel events on.
+        """
+        if not self.lb.connect_listen:
+            return
+        self.connect = LbConnect(self.runtime, self.lb, self.lb.trench, self.lb.conduit)
+        await nursery.start(self.connect.run, nsp)
+
+    async def _withdraw_connect(self) -> None:
+        """Withdraw the announcement so proxies disconnect from this LB while it drains."""
+        if self.connect is not None:
+            await self.connect.withdraw()
+
+
+def _show_counters(role: LbRole) -> dict[str, int]:
+    counters = {f"drop {reason}": count for reason, count in role.verdicts.drops.items()}
+    for (_, _, stream), hits in role.hit_counters.items():
+        for identifier, count in enumerate(hits.packets):
+            if count:
+                counters[f"hit {stream} {identifier}"] = count
+    return counters
 
 
 class LbInspect(LbInspectBase):
@@ -660,7 +751,7 @@ class LbInspect(LbInspectBase):
             streams=streams,
             vips=list(path.vips) if path else [],
             problems=list(role.desired.problems) if role.desired else [],
-            counters={k: v for k, v in role.verdicts.counts.items()},
+            counters=_show_counters(role),
         )
 
     async def which(self, which_request: WhichRequest) -> WhichResponse:
