@@ -417,30 +417,14 @@ class LbRole(Role):
             self.log.warning("target left out", problem=problem)
         self.offsets = {k: s.offset for k, s in desired.streams.items()}
         netlink = await self.runtime.netlink()
-        await self._reconcile_routing(netlink, desired, check_drift)
-        self.datapath = path  # the readers see the new tables from here on
-        await self._reconcile_datapath(path, check_drift)
-        self.desired = desired
-        for key, stream in path.streams.items():
-            TARGETS.labels(*key).set(len(stream.targets))
-        self.datapath_check.set(True)
-
-    async def _reconcile_routing(
-        self, netlink: Any, desired: DesiredState, check_drift: bool
-    ) -> None:
+        # Make before break: new targets become routable before the tables point at them,
+        # and removed ones stay routable until the tables no longer do.
         if check_drift:
             current_rules, current_routes = await self._read_routing(netlink)
         else:
             current_rules, current_routes = self._installed_rules, self._installed_routes
         add_routes, del_routes = plan(current_routes, desired.routes)
         add_rules, del_rules = plan(current_rules, desired.rules)
-        for rule in del_rules:
-            await netlink.ensure_rule_absent(
-                family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
-            )
-        for route in del_routes:
-            if route.table not in {r.table for r in desired.routes if r.family == route.family}:
-                await netlink.ensure_route_absent("default", table=route.table, family=route.family)
         for route in add_routes:
             await netlink.ensure_route(
                 "default", table=route.table, gateway=route.gateway, family=route.family
@@ -449,6 +433,18 @@ class LbRole(Role):
             await netlink.ensure_rule(
                 family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
             )
+        self._installed_rules |= set(add_rules)
+        self._installed_routes |= set(add_routes)
+        await self._reconcile_datapath(path, check_drift)
+        self.datapath = path  # Show/Which and the readers see the new tables from here on
+        for rule in del_rules:
+            await netlink.ensure_rule_absent(
+                family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
+            )
+        kept_tables = {(r.family, r.table) for r in desired.routes}
+        for route in del_routes:
+            if (route.family, route.table) not in kept_tables:  # else replaced by an add
+                await netlink.ensure_route_absent("default", table=route.table, family=route.family)
         if add_rules or del_rules or add_routes or del_routes:
             self.log.info(
                 "routing reconciled",
@@ -463,6 +459,10 @@ class LbRole(Role):
         gone = {r.fwmark for r in del_rules} - {r.fwmark for r in desired.rules}
         if self.mode == "first-packet" and gone:
             await self._forget_connections(gone)
+        self.desired = desired
+        for key, stream in path.streams.items():
+            TARGETS.labels(*key).set(len(stream.targets))
+        self.datapath_check.set(True)
 
     async def _forget_connections(self, marks: set[int]) -> None:
         """Drop conntrack entries that still carry a removed target's mark.
