@@ -20,6 +20,11 @@ from meridio.runtime.logs import get_logger
 
 log = get_logger("meridio.nfq")
 
+# Bytes of each packet copied to user space: enough for the IP and L4 headers and the quoted
+# headers of an ICMP error (IPv6 with extension headers included); the verdict never rewrites
+# the payload, so the rest of a large packet need not cross into user space at all.
+COPY_RANGE = 512
+
 
 class _BoundedSocket:
     """What ``run_socket`` reads from: the queue's socket, cut off after ``limit`` datagrams."""
@@ -64,7 +69,9 @@ class QueueReader:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nfq = NetfilterQueue()
-        nfq.bind(self.queue_num, self.verdict, max_len=self.max_len, mode=COPY_PACKET, range=0xFFFF)
+        nfq.bind(
+            self.queue_num, self.verdict, max_len=self.max_len, mode=COPY_PACKET, range=COPY_RANGE
+        )
         sock = socket.socket(fileno=nfq.get_fd())
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)

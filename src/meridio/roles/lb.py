@@ -251,7 +251,11 @@ class Verdicts:
         pkt.accept()
         hits = stream.hits
         hits.packets[identifier] += 1
-        hits.octets[identifier] += len(payload)
+        # the packet's own length: the queue copies only its first bytes to user space
+        if flow.family == 4:
+            hits.octets[identifier] += payload[2] << 8 | payload[3]
+        else:
+            hits.octets[identifier] += 40 + (payload[4] << 8 | payload[5])
 
     def _drop(self, pkt: Any, reason: str) -> None:
         pkt.drop()
