@@ -309,7 +309,7 @@ class LbRole(Role):
             raise ValueError("settings 'queue'/'queues' must give queue numbers within 0..65535")
         if settings.table_size and not maglev.is_prime(settings.table_size):
             raise ValueError(f"setting 'table-size': {settings.table_size} is not a prime")
-        check_connect_settings(settings, settings.conduit)
+        check_connect_settings(settings, settings.conduit, settings.rule_priority)
 
     def __init__(self, settings: CommonSettings, runtime: Any) -> None:
         super().__init__(settings, runtime)
@@ -685,7 +685,7 @@ class LbRole(Role):
                 self.dirty.set()
 
     async def drain(self) -> None:
-        await self._withdraw_connect()
+        await self._drain_connect()
         # Readiness is already off; give the gateway's health checks a moment to move traffic.
         await trio.sleep(0)
 
@@ -702,10 +702,11 @@ class LbRole(Role):
         self.connect = LbConnect(self.runtime, self.lb, self.lb.trench, self.lb.conduit)
         await nursery.start(self.connect.run, nsp)
 
-    async def _withdraw_connect(self) -> None:
-        """Withdraw the announcement so proxies disconnect from this LB while it drains."""
+    async def _drain_connect(self) -> None:
+        """Announce the drain: proxies stop sending replies through this LB but stay connected
+        (so what still arrives reaches the targets) until it exits and withdraws."""
         if self.connect is not None:
-            await self.connect.withdraw()
+            await self.connect.drain()
 
 
 def _show_counters(role: LbRole) -> dict[str, int]:

@@ -1,0 +1,167 @@
+"""The proxy's desired state, pure: what it connects to, routes and registers.
+
+Inputs are what NSP says (the LBs announced as FRONTEND targets of the conduit, the trench's
+VIPs), what IPAM gave (the node prefix addresses) and the proxy's connections (to targets as an
+endpoint, to LBs as a client). Outputs are the LB connections to hold, the ``from <VIP>`` rules
+and the multipath default route of the egress table, and the NSP registrations of the targets.
+The proxy role turns these into kernel state and NSP calls; nothing here does I/O.
+
+Addresses come from IPAM, named so that a restarted proxy asks for (and gets) the same ones:
+``bridge`` is the proxy's own address on the conduit bridge (also the proxy side of every
+connection, as Meridio's targets route via the bridge address), ``<connection id>-src`` the
+target's end of a target connection (Meridio's "source" side), ``<connection id>-dst`` the LB's
+end of an LB connection (Meridio's "destination" side).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from meridio.api.nsp.v1 import Target, TargetStatus
+from meridio.core.registry import canonical_ips
+
+BRIDGE_CHILD: Final = "bridge"
+CONNECT_CONTEXT: Final = "connect"
+INSTANCE_CONTEXT: Final = "instance"
+NODE_CONTEXT: Final = "node"
+"""Extra context of a connect request: the client's node (a proxy refuses another node's)."""
+
+RegistrationKey = tuple[str, tuple[str, ...]]  # (stream, canonical ips)
+
+
+def target_child(connection_id: str) -> str:
+    """IPAM child name of the target's end of a target connection."""
+    return f"{connection_id}-src"
+
+
+def lb_child(connection_id: str) -> str:
+    """IPAM child name of the LB's end of an LB connection."""
+    return f"{connection_id}-dst"
+
+
+def cidr(address: str, prefix_length: int) -> str:
+    """``address/prefix_length`` as IPAM answers it, checked and in canonical form."""
+    return str(ipaddress.ip_interface(f"{address}/{prefix_length}"))
+
+
+# --- LBs ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class LbPeer:
+    """An LB instance announced in NSP: where its connect endpoint is, its name, and whether it
+    takes traffic (a FRONTEND registered DISABLED is starting or draining: the proxy connects
+    to it but sends no replies through it)."""
+
+    connect: str
+    name: str
+    enabled: bool = True
+
+
+def lb_peers(frontends: Iterable[Target]) -> dict[str, LbPeer]:
+    """The LBs to connect to, by connect endpoint, from the FRONTEND targets of the conduit."""
+    peers: dict[str, LbPeer] = {}
+    for target in frontends:
+        connect = target.context.get(CONNECT_CONTEXT, "")
+        if not connect:
+            continue
+        name = target.context.get(INSTANCE_CONTEXT, "") or connect
+        enabled = int(target.status) == int(TargetStatus.ENABLED)
+        peers[connect] = LbPeer(connect, name, enabled)
+    return peers
+
+
+def lb_connection_id(node: str, connect: str) -> str:
+    """The id of this node's connection to the LB at ``connect``: stable across restarts of
+    either side, and unique among all connections the LB holds."""
+    return f"{node}>{connect}"
+
+
+# --- egress -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class SourceRule:
+    """``ip rule add from <src> lookup <egress table>`` in one family."""
+
+    family: int
+    src: str
+
+
+def egress_rules(vips: Iterable[str], families: Iterable[int]) -> frozenset[SourceRule]:
+    """One source rule per VIP (CIDR) of a family the conduit carries."""
+    served = set(families)
+    rules = set()
+    for vip in vips:
+        try:
+            net = ipaddress.ip_network(vip, strict=False)
+        except ValueError:
+            continue
+        if net.version in served:
+            rules.add(SourceRule(net.version, str(net)))
+    return frozenset(rules)
+
+
+def egress_next_hops(lb_addresses: Iterable[str]) -> dict[int, tuple[str, ...]]:
+    """Per family, the LB-side addresses (CIDRs) of the LB connections as sorted next hops."""
+    hops: dict[int, set[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
+    for address in lb_addresses:
+        ip = ipaddress.ip_interface(address).ip
+        hops.setdefault(ip.version, set()).add(ip)
+    return {fam: tuple(str(ip) for ip in sorted(ips)) for fam, ips in sorted(hops.items())}
+
+
+# --- target registrations -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetConnection:
+    """What the proxy knows of a connected target."""
+
+    connection_id: str
+    addresses: tuple[str, ...]  # the target's end, CIDRs
+    identifiers: Mapping[str, int]  # stream -> identifier
+    up: bool  # the link is up
+
+
+@dataclass(frozen=True, order=True)
+class Registration:
+    stream: str
+    ips: tuple[str, ...]
+    identifier: int
+    enabled: bool
+
+    @property
+    def key(self) -> RegistrationKey:
+        return self.stream, self.ips
+
+
+def registrations(connections: Iterable[TargetConnection]) -> dict[RegistrationKey, Registration]:
+    """One registration per (target, stream); disabled while the target's link is not up."""
+    out: dict[RegistrationKey, Registration] = {}
+    for conn in sorted(connections, key=lambda c: c.connection_id):
+        if not conn.addresses:
+            continue
+        ips = tuple(canonical_ips(conn.addresses))
+        for stream, identifier in sorted(conn.identifiers.items()):
+            reg = Registration(stream, ips, identifier, conn.up)
+            out.setdefault(reg.key, reg)
+    return out
+
+
+@dataclass(frozen=True)
+class RegistrationPlan:
+    register: tuple[Registration, ...]  # new or changed: register now
+    unregister: tuple[Registration, ...]  # gone: unregister now
+
+
+def plan_registrations(
+    current: Mapping[RegistrationKey, Registration],
+    desired: Mapping[RegistrationKey, Registration],
+) -> RegistrationPlan:
+    register = tuple(r for k, r in sorted(desired.items()) if current.get(k) != r)
+    unregister = tuple(r for k, r in sorted(current.items()) if k not in desired)
+    return RegistrationPlan(register, unregister)

@@ -1,0 +1,550 @@
+"""The proxy role: one per node and conduit, the bridge between the LBs and the node's targets.
+
+* **Addresses** come from IPAM, from this node's prefix of the conduit, named per connection
+  (see :mod:`meridio.core.proxystate`), so a proxy restarted even with ``kill -9`` asks for and
+  gets the same ones, and never holds one twice.
+* **Bridge**: the conduit's bridge carries the proxy's own address (IPAM child ``bridge``).
+  Every connection, to targets (this proxy is their endpoint) and to LBs (this proxy is their
+  client), is a port of it, so the LBs reach this node's targets directly on one L2 segment.
+* **Full mesh**: a connection to every LB announced in NSP as a FRONTEND target of the conduit,
+  made when it appears and closed when it goes. An LB registered DISABLED (starting, or
+  draining after SIGTERM) stays connected but gets no replies. The proxy proposes both
+  addresses from its node prefix: its bridge address for its side and ``<connection>-dst``
+  for the LB's end.
+* **Targets**: each connected target is registered in NSP, once per stream it asked for in its
+  extra context (``identifier/<stream>``), with its address and ``context["identifier"]``;
+  disabled while its link is down, enabled when it is up, refreshed as a keepalive, and
+  unregistered at once when its connection closes or its link goes away. The proxy registers
+  (Meridio's early design), because it is the one that sees a target's link disappear, even when
+  the target's namespace vanishes without a word.
+* **Egress**: ``from <VIP>`` rules (the trench's VIPs) to a table whose default route is
+  multipath over the LB-side addresses of the established LB connections; forwarding, layer-4
+  multipath hashing and no reverse-path filter in this namespace (replies from VIPs arrive from
+  targets and have no route back here).
+
+On SIGTERM the proxy unregisters its targets first; on exit it closes its LB connections,
+removes the links of its targets, its rules, routes and bridge. IPAM allocations stay, so a
+restarted proxy gets the same addresses (a connection a client closes releases its own).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import partial
+from typing import Any
+
+import grpclib
+import trio
+from grpclib.exceptions import StreamTerminatedError
+
+from meridio.api.ipam.v1 import Child, IpamStub, IpFamily, Subnet
+from meridio.api.nsp.v1 import (
+    Conduit,
+    ConfigurationManagerStub,
+    Stream,
+    Target,
+    TargetRegistryStub,
+    TargetStatus,
+    TargetType,
+    Trench,
+    Vip,
+)
+from meridio.connect import kernel
+from meridio.connect.client import ClientEnd, ClientSpec, ConnectClient
+from meridio.connect.endpoint import (
+    Assigned,
+    ConnectEndpoint,
+    EndpointConfig,
+    EndpointConnection,
+    pid_netns_path,
+)
+from meridio.core import conduit, identifiers
+from meridio.core.conduit import VXLAN_PORT, InvalidRequest, RequestSpec
+from meridio.core.proxystate import (
+    BRIDGE_CHILD,
+    NODE_CONTEXT,
+    Registration,
+    RegistrationKey,
+    TargetConnection,
+    cidr,
+    egress_next_hops,
+    egress_rules,
+    lb_child,
+    lb_connection_id,
+    lb_peers,
+    plan_registrations,
+    registrations,
+    target_child,
+)
+from meridio.roles.base import Role
+from meridio.roles.common import IP_FAMILIES, Egress, wait_any, watch
+from meridio.settings import CommonSettings
+
+IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
+NSP_ERRORS = (grpclib.GRPCError, StreamTerminatedError, OSError, TimeoutError)
+
+
+class ProxySettings(CommonSettings, kw_only=True):
+    nsp: str = "localhost:7778"
+    """Address of the NSP, host:port or unix:///path."""
+    ipam: str = "localhost:7777"
+    """Address of the IPAM, host:port or unix:///path."""
+    trench: str = ""
+    conduit: str = ""
+    node: str = ""
+    """The node name in IPAM (one node prefix per node and conduit); default: instance."""
+    connect_listen: str = "[::]:7781"
+    """Where targets reach this proxy's connect endpoint (host:port or unix:///path)."""
+    mechanism: str = "veth"
+    """The mechanism this proxy asks the LBs for: veth or vxlan."""
+    mechanisms: str = "veth,vxlan"
+    """Mechanisms accepted from targets."""
+    primary_address: str = ""
+    """This node's underlay address for vxlan; default: the address it sends from toward each
+    peer (LB or target)."""
+    vxlan_port: int = VXLAN_PORT
+    ip_family: str = "dualstack"
+    """dualstack, ipv4 or ipv6: the families of the conduit's addresses."""
+    bridge: str = "bridge0"
+    mtu: int = 1500
+    """MTU of veth links to targets and LBs (vxlan links get their underlay's less overhead)."""
+    table: int = 1
+    """Routing table of the egress (multipath default route toward the LBs)."""
+    rule_priority: int = 100
+    connect_expiry: float = 30.0
+    """Seconds a target's connection lives without a refresh."""
+    register_interval: float = 10.0
+    """Seconds between NSP registrations of each target (keep well under its entry-timeout)."""
+    resync_period: float = 5.0
+    netns_path: str = ""
+    """This proxy's network namespace as LBs open it (veth); default /proc/<pid>/ns/net."""
+
+
+def _mechanism_list(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+class ProxyPolicy:
+    """The proxy as an endpoint for targets: addresses from IPAM, links join the bridge."""
+
+    def __init__(self, role: ProxyRole) -> None:
+        self.role = role
+        self.network_service = f"proxy.{role.proxy.conduit}.{role.proxy.trench}"
+
+    def check(self, spec: RequestSpec) -> None:
+        try:
+            identifiers.decode(spec.context)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        node = spec.context.get(NODE_CONTEXT)
+        if node and node != self.role.node:
+            raise InvalidRequest(
+                f"the target is on node {node} but this proxy serves node {self.role.node}"
+            )
+
+    async def assign(self, spec: RequestSpec, previous: Assigned | None) -> Assigned:
+        role = self.role
+        if previous is not None:
+            return previous
+        client = []
+        for family in role.families:
+            client.append(await role.allocate(target_child(spec.connection_id), family))
+        endpoint = tuple(role.bridge_addresses[f] for f in role.families)
+        return Assigned(tuple(client), endpoint)
+
+    def bridge(self) -> str | None:
+        return self.role.proxy.bridge
+
+    async def release(self, connection: EndpointConnection, reason: str) -> None:
+        for family in self.role.families:
+            await self.role.release(target_child(connection.connection_id), family)
+
+
+class ProxyRole(Role):
+    name = "proxy"
+    Settings = ProxySettings
+
+    @classmethod
+    def check_settings(cls, settings: CommonSettings) -> None:
+        assert isinstance(settings, ProxySettings)
+        for name in ("trench", "conduit"):
+            if not getattr(settings, name):
+                raise ValueError(f"setting '{name}' is required")
+        if settings.mechanism not in conduit.MECHANISMS:
+            raise ValueError(f"setting 'mechanism': {settings.mechanism!r} is not veth or vxlan")
+        accepted = _mechanism_list(settings.mechanisms)
+        if not accepted or set(accepted) - set(conduit.MECHANISMS):
+            raise ValueError(f"setting 'mechanisms': {settings.mechanisms!r}, use veth,vxlan")
+        if settings.ip_family not in IP_FAMILIES:
+            raise ValueError(
+                f"setting 'ip-family': {settings.ip_family!r}, use one of {', '.join(IP_FAMILIES)}"
+            )
+        if settings.primary_address:
+            try:
+                ipaddress.ip_address(settings.primary_address)
+            except ValueError as exc:
+                raise ValueError(f"setting 'primary-address': {exc}") from None
+        if not conduit.valid_ifname(settings.bridge):
+            raise ValueError(f"setting 'bridge': {settings.bridge!r} is not an interface name")
+        if not 0 < settings.table < 253 and not 255 < settings.table < 2**32:
+            raise ValueError(f"setting 'table': {settings.table} is not a free routing table id")
+        for name in ("connect_expiry", "register_interval", "resync_period"):
+            if getattr(settings, name) <= 0:
+                raise ValueError(f"setting '{name.replace('_', '-')}' must be positive")
+
+    def __init__(self, settings: CommonSettings, runtime: Any) -> None:
+        super().__init__(settings, runtime)
+        assert isinstance(settings, ProxySettings)
+        self.proxy = settings
+        self.log = runtime.log
+        self.families = IP_FAMILIES[settings.ip_family]
+        self.node = settings.node or runtime.instance
+        self.bridge_addresses: dict[int, str] = {}
+        self.lb_addresses: dict[str, tuple[str, ...]] = {}  # LB connection id -> LB-side CIDRs
+        self.lb_enabled: dict[str, bool] = {}  # LB connection id -> takes replies
+        self.frontends: list[Target] | None = None
+        self.vips: list[str] | None = None
+        self.connected: dict[str, bool] = {}
+        self.registered: dict[RegistrationKey, Registration] = {}
+        self.draining = False
+        self._inputs_changed = trio.Event()
+        trench = Trench(name=settings.trench)
+        self.conduit_msg = Conduit(name=settings.conduit, trench=trench)
+
+    # --- IPAM ---------------------------------------------------------------------------------
+
+    def _child(self, name: str, family: int) -> Child:
+        return Child(
+            name=name,
+            subnet=Subnet(conduit=self.conduit_msg, node=self.node, ip_family=IPAM_FAMILY[family]),
+        )
+
+    async def allocate(self, name: str, family: int) -> str:
+        prefix = await self.runtime.grpc.call(self.ipam.allocate, self._child(name, family))
+        return cidr(prefix.address, prefix.prefix_length)
+
+    async def release(self, name: str, family: int) -> None:
+        await self.runtime.grpc.call(self.ipam.release, self._child(name, family))
+
+    async def _allocate_bridge(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                for family in self.families:
+                    self.bridge_addresses[family] = await self.allocate(BRIDGE_CHILD, family)
+                return
+            except NSP_ERRORS as exc:
+                self.log.warning("IPAM not answering, retrying", error=str(exc), delay=delay)
+                await trio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    # --- kernel -------------------------------------------------------------------------------
+
+    def _sysctls(self) -> None:
+        for path, value in (
+            ("net/ipv4/conf/all/forwarding", "1"),
+            ("net/ipv6/conf/all/forwarding", "1"),
+            ("net/ipv4/fib_multipath_hash_policy", "1"),
+            ("net/ipv6/fib_multipath_hash_policy", "1"),
+            ("net/ipv4/conf/all/rp_filter", "0"),
+            ("net/ipv4/conf/default/rp_filter", "0"),
+        ):
+            kernel.write_sysctl(path, value)
+
+    async def _ensure_bridge(self) -> None:
+        netlink = self.netlink
+        name = self.proxy.bridge
+        await netlink.ensure_link(name, "bridge")
+        kernel.write_sysctl(f"net/ipv4/conf/{name}/rp_filter", "0")
+        info = (await kernel.read_links(netlink))[name]
+        await kernel.configure_link(
+            netlink, info, addresses=[self.bridge_addresses[f] for f in self.families]
+        )
+
+    # --- life ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        settings = self.proxy
+        health = self.runtime.health
+        self.nsp_check = health.register("NSPCli", ["Readiness"])
+        ipam_check = health.register("IPAM", ["Startup", "Readiness"])
+        health.register("Proxy", ["Liveness"]).set(True)
+        self._sysctls()
+        self.netlink = kernel.serial(await self.runtime.netlink(events=True))
+        self.ipam = IpamStub(await self.runtime.grpc.channel(settings.ipam), timeout=5)
+        nsp = await self.runtime.grpc.channel(settings.nsp)
+        self.registry = TargetRegistryStub(nsp, timeout=5)
+        config = ConfigurationManagerStub(nsp)
+        accepted = _mechanism_list(settings.mechanisms)
+        self.endpoint = ConnectEndpoint(
+            self.runtime,
+            EndpointConfig(
+                name=self.runtime.instance,
+                mechanisms=accepted,
+                link_prefix="tgt",
+                mtu=settings.mtu,
+                primary_address=settings.primary_address,
+                vxlan_port=settings.vxlan_port,
+                expiry=settings.connect_expiry,
+            ),
+            ProxyPolicy(self),
+        )
+        self.client = ConnectClient(
+            self.runtime, f"proxy/{self.node}", ClientEnd(bridge=settings.bridge)
+        )
+        self.egress = Egress(self.netlink, settings.table, settings.rule_priority)
+        try:
+            await self._allocate_bridge()
+            ipam_check.set(True)
+            await self._ensure_bridge()
+            self.log.info(
+                "conduit bridge ready",
+                bridge=settings.bridge,
+                addresses=list(self.bridge_addresses.values()),
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.endpoint.run, [settings.connect_listen])
+                await nursery.start(self.client.run)
+                frontend_filter = Target(
+                    status=TargetStatus.ANY,
+                    type=TargetType.FRONTEND,
+                    stream=Stream(conduit=self.conduit_msg),
+                )
+                nursery.start_soon(
+                    watch,
+                    self.runtime,
+                    "frontends",
+                    lambda: self.registry.watch(frontend_filter),
+                    self._store_frontends,
+                    self._on_watch_state,
+                )
+                nursery.start_soon(
+                    watch,
+                    self.runtime,
+                    "vips",
+                    lambda: config.watch_vip(Vip(trench=Trench(name=settings.trench))),
+                    self._store_vips,
+                    self._on_watch_state,
+                )
+                nursery.start_soon(self._lb_loop)
+                nursery.start_soon(self._registrar)
+                nursery.start_soon(self._egress_loop)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+
+    def _on_watch_state(self, name: str, up: bool) -> None:
+        self.connected[name] = up
+        self.nsp_check.set(len(self.connected) == 2 and all(self.connected.values()))
+
+    def _store_frontends(self, message: Any) -> None:
+        self.frontends = list(message.targets)
+        self.lb_enabled = {
+            lb_connection_id(self.node, connect): peer.enabled
+            for connect, peer in lb_peers(self.frontends).items()
+        }
+        self._kick()
+
+    def _store_vips(self, message: Any) -> None:
+        self.vips = [v.address for v in message.vips]
+        self._kick()
+
+    def _kick(self) -> None:
+        self._inputs_changed.set()
+        self._inputs_changed = trio.Event()
+
+    async def drain(self) -> None:
+        self.draining = True
+        await self._unregister_all()
+
+    async def _cleanup(self) -> None:
+        try:
+            await self._unregister_all()
+            await self.egress.clear()
+            await kernel.remove_link(self.netlink, self.proxy.bridge)
+            self.log.info("proxy state removed")
+        except Exception as exc:  # never mask the original exit reason
+            self.log.error("cleanup failed", error=str(exc))
+
+    # --- LB connections (full mesh) ----------------------------------------------------------
+
+    async def _lb_loop(self) -> None:
+        """Hold a connection to every LB announced in NSP."""
+        releasing: set[str] = set()
+        while True:
+            wake = self._inputs_changed
+            seen = self.client.changes.version
+            if self.frontends is not None:
+                peers = lb_peers(self.frontends)
+                wanted = {lb_connection_id(self.node, c): p for c, p in peers.items()}
+                try:
+                    for cid in wanted:
+                        if cid not in self.lb_addresses:
+                            self.lb_addresses[cid] = tuple(
+                                [await self.allocate(lb_child(cid), f) for f in self.families]
+                            )
+                except NSP_ERRORS as exc:
+                    self.log.warning("IPAM allocation for an LB failed", error=str(exc))
+                    await trio.sleep(1)
+                    continue
+                self.client.set_desired(
+                    {cid: self._lb_spec(cid, p.connect) for cid, p in wanted.items()}
+                )
+                releasing |= set(self.lb_addresses) - set(wanted)
+                for cid in sorted(releasing):
+                    if cid in self.client.connections or cid in wanted:
+                        continue
+                    try:
+                        for family in self.families:
+                            await self.release(lb_child(cid), family)
+                    except NSP_ERRORS as exc:
+                        self.log.warning("IPAM release failed", error=str(exc))
+                        continue
+                    releasing.discard(cid)
+                    self.lb_addresses.pop(cid, None)
+            await wait_any(
+                trio.current_time() + self.proxy.resync_period,
+                partial(self.client.changes.wait_past, seen),
+                wake.wait,
+            )
+
+    def _lb_spec(self, cid: str, connect: str) -> ClientSpec:
+        settings = self.proxy
+        return ClientSpec(
+            connection_id=cid,
+            endpoint=connect,
+            network_service=f"{settings.conduit}.{settings.trench}",
+            mechanism=settings.mechanism,
+            interface=conduit.link_name("lb", cid),
+            netns_path=settings.netns_path or pid_netns_path(),
+            primary_address=settings.primary_address,
+            vxlan_port=settings.vxlan_port,
+            context={NODE_CONTEXT: self.node},
+            client_addresses=tuple(self.bridge_addresses[f] for f in self.families),
+            endpoint_addresses=self.lb_addresses[cid],
+            mtu=settings.mtu,
+        )
+
+    # --- egress -------------------------------------------------------------------------------
+
+    async def _egress_loop(self) -> None:
+        next_resync = trio.current_time() + self.proxy.resync_period
+        while True:
+            wake = self._inputs_changed
+            seen = self.client.changes.version
+            drift = trio.current_time() >= next_resync
+            if drift:
+                next_resync = trio.current_time() + self.proxy.resync_period
+            if self.vips is not None:
+                rules = egress_rules(self.vips, self.families)
+                hops = egress_next_hops(
+                    a
+                    for c in self.client.established()
+                    if self.lb_enabled.get(c.spec.connection_id, False)
+                    for a in c.endpoint_addresses
+                )
+                try:
+                    if await self.egress.update(rules, hops, check_drift=drift):
+                        self.log.info(
+                            "egress updated",
+                            vips=sorted(r.src for r in rules),
+                            next_hops={f"ipv{f}": list(h) for f, h in hops.items()},
+                        )
+                except Exception as exc:
+                    self.log.error("egress update failed, retrying", error=str(exc))
+                    await trio.sleep(1)
+                    continue
+            await wait_any(next_resync, partial(self.client.changes.wait_past, seen), wake.wait)
+
+    # --- target registrations ----------------------------------------------------------------
+
+    def _targets(self) -> list[TargetConnection]:
+        out = []
+        for conn in self.endpoint.connections.values():
+            try:
+                ids = identifiers.decode(conn.context)
+            except ValueError:
+                continue
+            out.append(TargetConnection(conn.connection_id, conn.assigned.client, ids, conn.up))
+        return out
+
+    def _target_message(self, reg: Registration, status: TargetStatus) -> Target:
+        return Target(
+            ips=list(reg.ips),
+            context={identifiers.IDENTIFIER_KEY: str(reg.identifier)},
+            status=status,
+            type=TargetType.DEFAULT,
+            stream=Stream(name=reg.stream, conduit=self.conduit_msg),
+        )
+
+    async def _registrar(self) -> None:
+        """Keep NSP's registrations equal to the connected targets, refreshed."""
+        interval = self.proxy.register_interval
+        next_refresh = trio.current_time() + interval
+        failed: dict[RegistrationKey, Registration] = {}
+        while True:
+            seen = self.endpoint.changes.version
+            refresh = trio.current_time() >= next_refresh
+            if refresh:
+                next_refresh = trio.current_time() + interval
+                failed.clear()
+            desired = {} if self.draining else registrations(self._targets())
+            plan = plan_registrations(self.registered, desired)
+            for reg in plan.unregister:
+                await self._unregister(reg)
+            for reg in plan.register:
+                if failed.get(reg.key) == reg:
+                    continue  # refused before: try again at the next refresh
+                if await self._register(reg, new=reg.key not in self.registered):
+                    self.registered[reg.key] = reg
+                    failed.pop(reg.key, None)
+                else:
+                    failed[reg.key] = reg
+            if refresh:
+                for reg in list(self.registered.values()):
+                    if reg.key in desired and not await self._register(reg, new=False):
+                        next_refresh = trio.current_time() + 1
+            with trio.move_on_at(next_refresh):
+                await self.endpoint.changes.wait_past(seen)
+
+    async def _register(self, reg: Registration, *, new: bool) -> bool:
+        status = TargetStatus.ENABLED if reg.enabled else TargetStatus.DISABLED
+        try:
+            message = self._target_message(reg, status)
+            await self.runtime.grpc.call(self.registry.register, message)
+            if new and reg.enabled:
+                # NSP stores a target it did not know as disabled whatever it asks for; the
+                # second registration enables it (one that NSP knew stays enabled throughout,
+                # e.g. after a restart of this proxy)
+                await self.runtime.grpc.call(self.registry.register, message)
+        except NSP_ERRORS as exc:
+            self.log.warning(
+                "registering a target failed", ips=list(reg.ips), stream=reg.stream, error=str(exc)
+            )
+            return False
+        if new or reg != self.registered.get(reg.key):
+            self.log.info(
+                "target registered",
+                ips=list(reg.ips),
+                stream=reg.stream,
+                identifier=reg.identifier,
+                status=status.name,
+            )
+        return True
+
+    async def _unregister(self, reg: Registration) -> None:
+        try:
+            await self.runtime.grpc.call(
+                self.registry.unregister, self._target_message(reg, TargetStatus.ENABLED)
+            )
+            self.log.info("target unregistered", ips=list(reg.ips), stream=reg.stream)
+        except NSP_ERRORS as exc:
+            self.log.warning("unregistering a target failed", ips=list(reg.ips), error=str(exc))
+        self.registered.pop(reg.key, None)
+
+    async def _unregister_all(self) -> None:
+        for reg in list(self.registered.values()):
+            with trio.move_on_after(2):
+                await self._unregister(reg)
+        self.registered.clear()
