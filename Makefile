@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 DEB_PACKAGES := iptables nftables conntrack iproute2 libnetfilter-queue-dev libnetfilter-queue1 \
 	gcc python3-dev python3-venv pkgconf tcpdump iputils-ping procps
 BENCH_PACKAGES := netsniff-ng wrk nginx-light
-.PHONY: all deps bench-deps venv proto lint typecheck unit netns test demo bench clean
+# The container image test and the systemd unit test (they skip, saying why, without these).
+TEST_PACKAGES := podman runc debootstrap systemd
+.PHONY: all deps test-deps bench-deps venv proto lint typecheck unit netns test demo bench \
+	manifests clean
 
 all: test
 
@@ -39,13 +42,25 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 unit: venv
-	$(VENV)/bin/pytest -q -m "not netns"
+	$(VENV)/bin/pytest -q -m "not netns and not slow"
 
 netns: venv
 	$(VENV)/bin/pytest -q -m netns
 
-test: venv lint typecheck
+test-deps:
+	@missing=""; for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+test: venv test-deps lint typecheck
 	$(VENV)/bin/pytest -q
+
+# Render the Kubernetes manifests from config/kubernetes/values.yaml.
+manifests: venv
+	$(VENV)/bin/meridioctl manifest config/kubernetes/values.yaml --output-dir config/kubernetes/trench-a
 
 # Load generators and servers for the data-path benchmark (trafgen comes with netsniff-ng).
 # policy-rc.d keeps the packages' own services (nginx) from starting on the host: the benchmark

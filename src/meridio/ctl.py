@@ -413,5 +413,13 @@ def demo() -> None:
     run_demo()
 
 
+def _add_commands() -> None:
+    from meridio.manifest import manifest
+
+    main.add_command(manifest)
+
+
+_add_commands()
+
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ import trio
 
 from meridio import __version__
 from meridio.roles.base import Role, load_role
-from meridio.runtime import Runtime, logs, open_runtime
+from meridio.runtime import Runtime, logs, open_runtime, systemd
 from meridio.settings import CommonSettings, SettingsError, load_settings, parse_flag_args
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -27,12 +27,16 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-async def supervise(role: Role, runtime: Runtime, settings: CommonSettings) -> None:
+async def supervise(
+    role: Role, runtime: Runtime, settings: CommonSettings, started: trio.Event | None = None
+) -> None:
     """Run the role, react to signals, and shut down gracefully on SIGTERM/SIGINT."""
     log = runtime.log
     with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
         async with trio.open_nursery() as role_nursery:
             await role_nursery.start(role.run)
+            if started is not None:
+                started.set()
             log.info("role started", version=__version__, health=str(runtime.health_socket))
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -55,9 +59,13 @@ async def supervise(role: Role, runtime: Runtime, settings: CommonSettings) -> N
 
 
 async def run_role(role_cls: type[Role], settings: CommonSettings) -> None:
+    notifier = systemd.Notifier.from_environ(os.environ)  # None unless run as Type=notify
     async with open_runtime(role_cls.name, settings) as runtime:
+        started = trio.Event()
+        if notifier is not None:
+            runtime.start_soon(systemd.report, runtime.health, notifier, started)
         role = role_cls(settings, runtime)
-        await supervise(role, runtime, settings)
+        await supervise(role, runtime, settings, started)
 
 
 @click.command(

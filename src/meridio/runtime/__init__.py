@@ -63,8 +63,9 @@ class Runtime:
             manager = NetlinkManager(self.bus, netns)
             await manager.open()
             self._netlink[netns] = manager
-            if events:
-                await self._nursery.start(manager.run_events)
+        if events and not manager.events_running:
+            manager.events_running = True  # claimed now: concurrent callers start it once
+            await self._nursery.start(manager.run_events)
         return manager
 
     async def _serve_health(self) -> None:

@@ -168,7 +168,10 @@ class GrpcServer:
                 await server.start(path=endpoint.path)
                 self.bound.append(endpoint)
             else:
-                await server.start(endpoint.host, endpoint.port, reuse_address=True)
+                # "::" means every address of both families: asyncio's None does that, while
+                # binding "::" itself gives an IPv6-only socket (asyncio sets IPV6_V6ONLY).
+                host = None if endpoint.host in ("::", "") else endpoint.host
+                await server.start(host, endpoint.port, reuse_address=True)
                 sockets = getattr(server._server, "sockets", None) or []
                 port = sockets[0].getsockname()[1] if sockets else endpoint.port
                 self.bound.append(Endpoint(host=endpoint.host, port=port))

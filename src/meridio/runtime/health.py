@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import grpclib
+import trio
 from grpclib.const import Status
 
 from meridio.api.grpc.health.v1 import (
@@ -53,6 +54,7 @@ class Health:
         self._checks: dict[str, SubCheck] = {}
         self.shutting_down = False
         self.changes = Changes()
+        self._trio_waiters: set[trio.Event] = set()
 
     def register(self, name: str, probes: Iterable[str] = PROBES) -> SubCheck:
         probes = frozenset(probes)
@@ -88,8 +90,20 @@ class Health:
     def version(self) -> int:
         return self.changes.version
 
+    async def wait_changed(self, seen: int) -> None:
+        """trio side: return once :attr:`version` has moved past ``seen``."""
+        while self.version == seen:
+            event = trio.Event()
+            self._trio_waiters.add(event)
+            try:
+                await event.wait()
+            finally:
+                self._trio_waiters.discard(event)
+
     def _changed(self) -> None:
         self.changes.bump()
+        for event in self._trio_waiters:
+            event.set()
 
 
 class HealthService(HealthBase):

@@ -181,6 +181,10 @@ class NetlinkManager:
         self.bus = bus
         self.netns = netns
         self._ipr: Any = None
+        # One request at a time on the socket: a second dump while one runs fails with EBUSY,
+        # and several tasks (reconcile, connect endpoint) share this manager.
+        self._lock = trio.Lock()
+        self.events_running = False
 
     async def open(self) -> None:
         async def aio_open() -> Any:
@@ -196,20 +200,21 @@ class NetlinkManager:
             self._ipr = None
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self._ipr is None:
-            await self.open()
-        fn: Callable[..., Any] = getattr(self._ipr, method)
-        return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+        async with self._lock:
+            if self._ipr is None:
+                await self.open()
+            fn: Callable[..., Any] = getattr(self._ipr, method)
+            return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
 
     async def _dump(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        if self._ipr is None:
-            await self.open()
-
         async def collect() -> list[Any]:
             return [m async for m in await getattr(self._ipr, method)(*args, **kwargs)]
 
-        result: list[Any] = await trio_asyncio.aio_as_trio(collect)()
-        return result
+        async with self._lock:
+            if self._ipr is None:
+                await self.open()
+            result: list[Any] = await trio_asyncio.aio_as_trio(collect)()
+            return result
 
     # links
 
@@ -424,6 +429,7 @@ class NetlinkManager:
         raw = await trio.to_thread.run_sync(open_event_socket, self.netns)
         marshal = MarshalRtnl()
         with trio.socket.from_stdlib_socket(raw) as sock:
+            self.events_running = True
             task_status.started()
             while True:
                 try:
