@@ -33,6 +33,7 @@ import trio
 from grpclib.const import Status
 from prometheus_client import Gauge
 from prometheus_client.core import CounterMetricFamily
+from pyroute2.netlink.exceptions import NetlinkError
 
 from meridio.api.meridio.admin.v1 import (
     LbInspectBase,
@@ -328,6 +329,7 @@ class LbRole(Role):
         self.offsets: dict[StreamKey, int] = {}
         self.verdicts = Verdicts(self)
         self.hit_counters: dict[StreamKey, HitCounters] = {}
+        self.retry_soon = False
         self._tables: dict[tuple[StreamKey, int, tuple[int, ...]], maglev.MaglevTable] = {}
         self._installed_rules: set[RuleSpec] = set()
         self._installed_routes: set[RouteSpec] = set()
@@ -429,16 +431,25 @@ class LbRole(Role):
             current_rules, current_routes = self._installed_rules, self._installed_routes
         add_routes, del_routes = plan(current_routes, desired.routes)
         add_rules, del_rules = plan(current_rules, desired.rules)
+        failed: list[RouteSpec] = []
         for route in add_routes:
-            await netlink.ensure_route(
-                "default", table=route.table, gateway=route.gateway, family=route.family
-            )
+            try:
+                await netlink.ensure_route(
+                    "default", table=route.table, gateway=route.gateway, family=route.family
+                )
+            except NetlinkError as exc:
+                # e.g. the target's subnet is not reachable yet (its proxy still connecting):
+                # the other targets go ahead, this one is retried at the next reconcile
+                failed.append(route)
+                self.log.warning("route not installed yet", route=str(route), error=str(exc))
+        unroutable = {(r.family, r.table) for r in failed}
+        add_rules = [r for r in add_rules if (r.family, r.table) not in unroutable]
         for rule in add_rules:
             await netlink.ensure_rule(
                 family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
             )
         self._installed_rules |= set(add_rules)
-        self._installed_routes |= set(add_routes)
+        self._installed_routes |= set(add_routes) - set(failed)
         await self._reconcile_datapath(path, check_drift)
         self.datapath = path  # Show/Which and the readers see the new tables from here on
         for rule in del_rules:
@@ -458,8 +469,10 @@ class LbRole(Role):
                 routes_removed=len(del_routes),
                 drift=check_drift,
             )
-        self._installed_rules = set(desired.rules)
-        self._installed_routes = set(desired.routes)
+        self._installed_rules = {r for r in desired.rules if (r.family, r.table) not in unroutable}
+        self._installed_routes = set(desired.routes) - set(failed)
+        # routes that could not be installed are tried again in a second, not at the next resync
+        self.retry_soon = bool(failed)
         gone = {r.fwmark for r in del_rules} - {r.fwmark for r in desired.rules}
         if self.mode == "first-packet" and gone:
             await self._forget_connections(gone)
@@ -670,7 +683,8 @@ class LbRole(Role):
     async def _reconcile_loop(self) -> None:
         next_resync = trio.current_time() + self.lb.resync_period
         while True:
-            with trio.move_on_at(next_resync):
+            wake = min(next_resync, trio.current_time() + 1) if self.retry_soon else next_resync
+            with trio.move_on_at(wake):
                 await self.dirty.wait()
             drift = trio.current_time() >= next_resync
             if drift:
