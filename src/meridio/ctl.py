@@ -415,8 +415,10 @@ def demo() -> None:
 
 def _add_commands() -> None:
     from meridio.manifest import manifest
+    from meridio.traffic.cli import traffic
 
     main.add_command(manifest)
+    main.add_command(traffic)
 
 
 _add_commands()
