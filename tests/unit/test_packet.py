@@ -7,7 +7,7 @@ import struct
 from ipaddress import ip_address
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meridio.core import packetbuild as pb
@@ -493,3 +493,41 @@ def test_builder_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
         pb.pack_address(b"abc")
     assert pb.pack_address(ip_address(VIP6)) == _p(VIP6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    family=st.sampled_from([4, 6]),
+    proto=st.sampled_from([6, 17, 132, 136, 33]),
+    sport=st.integers(0, 65535),
+    dport=st.integers(0, 65535),
+    payload=st.binary(max_size=40),
+)
+def test_five_tuple_agrees_with_parse(
+    family: int, proto: int, sport: int, dport: int, payload: bytes
+) -> None:
+    from meridio.core.packet import five_tuple
+
+    src, dst = ("198.18.0.2", "203.0.113.1") if family == 4 else ("fd00::2", "2001:db8::1")
+    if proto == 6:
+        packet = bytes(pb.tcp_packet(src, dst, sport, dport, payload=payload))
+    elif proto == 17:
+        packet = bytes(pb.udp_packet(src, dst, sport, dport, payload))
+    elif proto == 132:
+        packet = bytes(pb.sctp_packet(src, dst, sport, dport))
+    else:
+        l4 = sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + payload
+        packet = bytes(pb.ip_packet(src, dst, proto, l4))
+    t = parse(packet)
+    assert five_tuple(packet) == (t.family, t.proto, t.src, t.dst, t.sport, t.dport)
+
+
+def test_five_tuple_falls_back_for_icmp_errors_and_fragments() -> None:
+    from meridio.core.packet import five_tuple
+
+    reply = bytes(pb.udp_packet("203.0.113.1", "198.18.0.2", 5001, 40000, b"x" * 8))
+    error = bytes(pb.icmp_frag_needed("192.0.2.1", reply, mtu=1400))
+    t = parse(error)
+    assert five_tuple(error) == (4, 17, t.src, t.dst, 40000, 5001)
+    with pytest.raises(MalformedPacket):
+        five_tuple(b"\x45\x00")

@@ -404,3 +404,35 @@ def _quoted6(packet: bytes, off: int, end: int) -> FlowTuple:
         qsport, qdport = _unpack_ports(packet, off)
         return FlowTuple(6, nh, qdst, qsrc, qdport, qsport, True, fragment)
     return FlowTuple(6, nh, qdst, qsrc, 0, 0, True, fragment)
+
+
+# --- fast path for the packet loop -------------------------------------------------------------
+
+# IPv4 without options, unfragmented, with ports: flags+offset, protocol, src, dst, sport, dport
+_FAST4 = struct.Struct("!6xHxB2x4s4sHH")
+_unpack_fast4 = _FAST4.unpack_from
+# IPv6 with ports right after the fixed header: next header, src, dst, sport, dport
+_FAST6 = struct.Struct("!6xBx16s16sHH")
+_unpack_fast6 = _FAST6.unpack_from
+_FAST_PROTOCOLS: Final = frozenset({6, 17, 132})
+
+
+def five_tuple(packet: bytes) -> tuple[int, int, bytes, bytes, int, int]:
+    """``(family, proto, src, dst, sport, dport)`` of a packet, as :func:`parse` gives them.
+
+    The common packet (TCP, UDP or SCTP over IPv4 without options and unfragmented, or over
+    IPv6 without extension headers) is read with one struct call and no object built; any
+    other packet goes through :func:`parse` (ICMP errors come back in their flow's forward
+    orientation). Raises :class:`MalformedPacket` like :func:`parse`.
+    """
+    n = len(packet)
+    if n >= 24 and packet[0] == 0x45:
+        frag, proto, src, dst, sport, dport = _unpack_fast4(packet)
+        if not frag & 0x3FFF and proto in _FAST_PROTOCOLS:
+            return 4, proto, src, dst, sport, dport
+    elif n >= 44 and packet[0] >> 4 == 6:
+        nh, src, dst, sport, dport = _unpack_fast6(packet)
+        if nh in _FAST_PROTOCOLS:
+            return 6, nh, src, dst, sport, dport
+    t = parse(packet)
+    return t.family, t.proto, t.src, t.dst, t.sport, t.dport

@@ -70,9 +70,10 @@ from meridio.core.lbstate import (
     desired_state,
     plan,
 )
-from meridio.core.packet import MalformedPacket, parse
+from meridio.core.packet import MalformedPacket, five_tuple
 from meridio.lb import iptables
 from meridio.lb import nftables as nft
+from meridio.lb.external import External, ExternalError, external_spec
 from meridio.lb.nfq import QueueReader
 from meridio.roles.base import Role
 from meridio.runtime.metrics import REGISTRY
@@ -117,6 +118,26 @@ class LbSettings(LbConnectSettings, kw_only=True):
     6% of forwarding throughput here); off only where VIP traffic is never fragmented."""
     inspect_listen: str = ""
     """Also serve the LbInspect API on this TCP host:port (always on <run-dir>/lb.sock)."""
+    # --- the external side (see meridio.lb.external) ---
+    external_interface: str = ""
+    """The interface facing the gateways: an existing one, or (with external-parent) the name
+    of the one the LB creates (default ext0)."""
+    external_parent: str = ""
+    """Create the external interface on this parent interface."""
+    external_kind: str = "macvlan"
+    """What to create on the parent: vlan (802.1Q, needs external-vlan-id) or macvlan."""
+    external_vlan_id: int = 0
+    external_macvlan_mode: str = "bridge"
+    external_addresses: str | list[str] = ""
+    """Addresses with prefix length on the external interface (IPv4 and IPv6; a list, or
+    comma-separated)."""
+    gateways: str | list[str] = ""
+    """Gateway addresses: the default route of the gateway table (multipath over several of a
+    family; a list, or comma-separated)."""
+    gateway_table: int = 4096
+    """Routing table of the replies from the VIPs (``from <VIP> lookup <table>``)."""
+    gateway_rule_priority: int = 200
+    """Priority of the ``from <VIP>`` rules."""
 
 
 def derive_seed(settings: LbSettings) -> int:
@@ -221,16 +242,14 @@ class Verdicts:
         path = self.role.datapath
         payload = pkt.get_payload()
         try:
-            flow = parse(payload)
+            family, proto, src, dst, sport, dport = five_tuple(payload)
         except MalformedPacket as exc:
             self._drop(pkt, f"malformed-{exc.reason}")
             return
         if path is None:
             self._drop(pkt, "not-ready")
             return
-        match = path.classifier.lookup(
-            flow.family, flow.proto, flow.src, flow.dst, flow.sport, flow.dport
-        )
+        match = path.classifier.lookup(family, proto, src, dst, sport, dport)
         if match is None:
             self._drop(pkt, "no-flow")
             return
@@ -240,11 +259,10 @@ class Verdicts:
             return
         if path.kernel_hash:
             # ICMP errors in kernel mode: the kernel's own jhash, so the error follows its flow
-            key = flow_key(flow.src, flow.dst, flow.sport, flow.dport)
+            key = flow_key(src, dst, sport, dport)
             identifier = stream.table.lookup(nft_bucket(key, stream.table.size, path.seed))
         else:
-            hashed = path.hash_flow(flow.src, flow.dst, flow.proto, flow.sport, flow.dport)
-            identifier = stream.table.lookup(hashed)
+            identifier = stream.table.lookup(path.hash_flow(src, dst, proto, sport, dport))
         if identifier == 0:
             self._drop(pkt, "no-target")
             return
@@ -253,7 +271,7 @@ class Verdicts:
         hits = stream.hits
         hits.packets[identifier] += 1
         # the packet's own length: the queue copies only its first bytes to user space
-        if flow.family == 4:
+        if family == 4:
             hits.octets[identifier] += payload[2] << 8 | payload[3]
         else:
             hits.octets[identifier] += 40 + (payload[4] << 8 | payload[5])
@@ -311,6 +329,7 @@ class LbRole(Role):
         if settings.table_size and not maglev.is_prime(settings.table_size):
             raise ValueError(f"setting 'table-size': {settings.table_size} is not a prime")
         check_connect_settings(settings, settings.conduit, settings.rule_priority)
+        external_spec(settings)  # ValueError naming the setting
 
     def __init__(self, settings: CommonSettings, runtime: Any) -> None:
         super().__init__(settings, runtime)
@@ -339,6 +358,7 @@ class LbRole(Role):
         self.nft_table = "meridio-lb"
         self.log = runtime.log
         self.connect: LbConnect | None = None
+        self.external: External | None = None
 
     # --- NSP watches -------------------------------------------------------------------------
 
@@ -416,6 +436,7 @@ class LbRole(Role):
         return desired, path
 
     async def reconcile(self, *, check_drift: bool) -> None:
+        await self._reconcile_external(check_drift=check_drift)
         if not self.inputs.complete():
             return
         desired, path = self._compute()
@@ -630,6 +651,7 @@ class LbRole(Role):
             listen.append(self.lb.inspect_listen)
         await self.runtime.grpc.serve([LbInspect(self)], listen)
         try:
+            await self._attach_external()
             async with trio.open_nursery() as nursery:
                 await self._start_connect(nursery, nsp)
 
@@ -671,6 +693,7 @@ class LbRole(Role):
                     await self.cleanup()
                 except Exception as exc:  # never mask the original exit reason
                     self.log.error("cleanup failed", error=str(exc))
+                await self._detach_external()
 
     async def _start_readers(self, nursery: trio.Nursery) -> None:
         count = 1 if self.mode == "kernel" else self.lb.queues
@@ -702,6 +725,45 @@ class LbRole(Role):
         await self._drain_connect()
         # Readiness is already off; give the gateway's health checks a moment to move traffic.
         await trio.sleep(0)
+
+    # --- the external side (gateways; see meridio.lb.external) --------------------------------
+
+    async def _attach_external(self) -> None:
+        """Make or adopt the external interface; fail the role when it cannot be made (e.g. a
+        VLAN on a kernel without 802.1Q support), saying why."""
+        spec = external_spec(self.lb)
+        if spec is None:
+            return
+        self.egress_check = self.runtime.health.register("Egress", ["Readiness"])
+        self.external = External(await self.runtime.netlink(), spec, self.log)
+        try:
+            await self.external.attach()
+        except ExternalError as exc:
+            self.log.error("external interface failed", error=str(exc))
+            raise
+
+    async def _reconcile_external(self, *, check_drift: bool) -> None:
+        """``from <VIP>`` rules for the trench's VIPs and the gateway table (a failure here is
+        logged and repaired at the next resync; it does not hold up the data path)."""
+        external = self.external
+        if external is None:
+            return
+        vips = [v.address for v in self.inputs.vips or ()]
+        try:
+            await external.reconcile(vips, check_drift=check_drift)
+        except Exception as exc:
+            self.egress_check.set(False)
+            self.log.error("egress reconcile failed", error=str(exc), exc_info=True)
+            return
+        self.egress_check.set(True)
+
+    async def _detach_external(self) -> None:
+        if self.external is None:
+            return
+        try:
+            await self.external.detach()
+        except Exception as exc:  # never mask the original exit reason
+            self.log.error("removing the external interface failed", error=str(exc))
 
     # --- the conduit endpoint (proxies connect here; see meridio.connect.lbside) ----------------
 
