@@ -322,8 +322,11 @@ def main() -> None:
         print(f"skipped: needs root and {', '.join(missing) or 'nothing else'} (make bench-deps)")
         return
     results: dict[str, Result] = {}
+    # MERIDIO_BENCH_CASES=baseline,nfqueue runs a subset (the baseline always runs)
+    wanted = os.environ.get("MERIDIO_BENCH_CASES", "")
+    cases = [c for c in CASES if not wanted or c == "baseline" or c in wanted.split(",")]
     with tempfile.TemporaryDirectory(prefix="mbench-dp-") as tmp:
-        for case in CASES:
+        for case in cases:
             print(f"  running {case} ...", flush=True)
             results[case] = run_case(case, Path(tmp))
     base = results["baseline"]
@@ -338,7 +341,7 @@ def main() -> None:
             f" {r.udp_gen_cpu:>8.0%}   {r.tcp_cps:>10,.0f} {r.tcp_cps / base.tcp_cps:>6.2f}"
             f" {r.tcp_errors:>6} {r.tcp_gen_cpu:>8.0%}"
         )
-    nfq = results["nfqueue"]
+    nfq = results.get("nfqueue", Result())
     print(
         f"\n  nfqueue paced at {PACED_PPS:,} pps: offered {nfq.paced_offered:,.0f} pps, "
         f"delivered {nfq.paced_pps:,.0f} pps, "

@@ -108,16 +108,16 @@ def test_flow_rules_in_match_order() -> None:
     jhash4 = "jhash ip saddr . ip daddr . th sport . th dport"
     jhash6 = "jhash ip6 saddr . ip6 daddr . th sport . th dport"
     assert body == [
-        "ip daddr { 203.0.113.1 } meta l4proto { tcp } th dport { 80, 8000-8080 }"
-        ' ip saddr { 192.168.0.0/16 } counter name "flow-web"'
+        "ip daddr 203.0.113.1 meta l4proto tcp th dport { 80, 8000-8080 }"
+        ' ip saddr 192.168.0.0/16 counter name "flow-web"'
         f" meta mark set {jhash4} mod 5 seed 0x00001234 map @stream-stream-a goto verdict",
-        "ip6 daddr { 2001:db8::1 } meta l4proto { tcp } th dport { 80, 8000-8080 }"
-        ' ip6 saddr { 2001:db8:f::/48 } counter name "flow-web"'
+        "ip6 daddr 2001:db8::1 meta l4proto tcp th dport { 80, 8000-8080 }"
+        ' ip6 saddr 2001:db8:f::/48 counter name "flow-web"'
         f" meta mark set {jhash6} mod 5 seed 0x00001234 map @stream-stream-a goto verdict",
         # priority 1: "dns" before "rest" by name; "any" ports and sources are left out
-        'ip daddr { 203.0.113.2 } meta l4proto { udp } th sport { 53 } counter name "flow-dns"'
+        'ip daddr 203.0.113.2 meta l4proto udp th sport 53 counter name "flow-dns"'
         f" meta mark set {jhash4} mod 3 seed 0x00001234 map @stream-b goto verdict",
-        'ip daddr { 203.0.113.1 } meta l4proto { tcp, udp, sctp } counter name "flow-rest"'
+        'ip daddr 203.0.113.1 meta l4proto { tcp, udp, sctp } counter name "flow-rest"'
         f" meta mark set {jhash4} mod 3 seed 0x00001234 map @stream-b goto verdict",
         'ip daddr @vips4 counter name "no-flow" drop',
         'ip6 daddr @vips6 counter name "no-flow" drop',
@@ -136,8 +136,8 @@ def test_source_families() -> None:
     got = lines(render_table(spec(flows=flows)))
     rules = [line for line in got if "goto verdict" in line]
     assert len(rules) == 2
-    assert rules[0].startswith('ip daddr { 203.0.113.1 } counter name "flow-any" meta mark set')
-    assert rules[1].startswith("ip daddr { 203.0.113.1 } ip saddr { 198.18.0.0/15 } counter")
+    assert rules[0].startswith('ip daddr 203.0.113.1 counter name "flow-any" meta mark set')
+    assert rules[1].startswith("ip daddr 203.0.113.1 ip saddr 198.18.0.0/15 counter")
 
 
 def test_no_target_drop_or_reject() -> None:
@@ -248,4 +248,4 @@ def test_a_range_of_every_port_is_no_condition() -> None:
     got = render_table(TableSpec(streams=(StreamMap(A, (1, 2, 3)),), flows=flows))
     rule = next(line for line in lines(got) if 'counter name "flow-all"' in line)
     assert "th dport {" not in rule and "th dport 1" not in rule
-    assert rule.startswith("ip daddr { 203.0.113.1 } meta l4proto { udp } counter")
+    assert rule.startswith("ip daddr 203.0.113.1 meta l4proto udp counter")

@@ -258,8 +258,13 @@ def _set(items: Sequence[str]) -> str:
     return "{ " + ", ".join(items) + " }"
 
 
+def _match(items: Sequence[str]) -> str:
+    """The right-hand side of a match: one value is compared, several are a set lookup."""
+    return items[0] if len(items) == 1 else _set(items)
+
+
 def _ports(ranges: tuple[PortRange, ...]) -> str:
-    return _set([str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges])
+    return _match([str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges])
 
 
 def _every_port(ranges: tuple[PortRange, ...]) -> bool:
@@ -286,17 +291,17 @@ def _flow_rules(flow: FlowSpec, map_name: str, modulus: int, seed: int) -> list[
         sources = flow.sources_of(family)
         if not vips or sources == ():
             continue  # no packet of this family can match
-        parts = [f"{l3} daddr {_addresses(vips)}"]
+        parts = [f"{l3} daddr {_match([str(a) for a in vips])}"]
         if flow.protocols:
             protos = [_PROTO_NAMES.get(p, str(p)) for p in flow.protocols]
-            parts.append(f"meta l4proto {_set(protos)}")
+            parts.append(f"meta l4proto {_match(protos)}")
         # a range covering every port is no condition: leave it out of the packet path
         if flow.dports and not _every_port(flow.dports):
             parts.append(f"th dport {_ports(flow.dports)}")
         if flow.sports and not _every_port(flow.sports):
             parts.append(f"th sport {_ports(flow.sports)}")
         if sources is not None:
-            parts.append(f"{l3} saddr {_addresses(sources)}")
+            parts.append(f"{l3} saddr {_match([str(a) for a in sources])}")
         parts.append(f'counter name "{flow_counter_name(flow.name)}"')
         parts.append(
             f"meta mark set jhash {l3} saddr . {l3} daddr . th sport . th dport"
