@@ -423,5 +423,9 @@ def _add_commands() -> None:
 
 _add_commands()
 
+from meridio.lab.cli import lab  # noqa: E402 - the lab group, beside the commands above
+
+main.add_command(lab)
+
 if __name__ == "__main__":
     main()
