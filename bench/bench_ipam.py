@@ -21,6 +21,7 @@ from typing import Any
 
 from grpclib.client import Channel
 
+from bench.common import health_call, health_warmup, progress, row
 from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
 from meridio.api.ipam.v1 import Child, IpamStub, IpFamily, Subnet
 from meridio.api.meridio.admin.v1 import IpamInspectStub, ListAllocationsRequest
@@ -34,12 +35,6 @@ TASKS_PER_PROCESS = 4
 BASELINE_CALLS = 2000
 SEQUENTIAL_CALLS = 200
 
-_T0 = time.monotonic()
-
-
-def progress(what: str) -> None:
-    print(f"  [{time.monotonic() - _T0:5.1f} s] {what}", flush=True)
-
 
 def make_child(i: int, prefix: str = "conn") -> Child:
     """Child i: half IPv4, half IPv6, spread over NODES nodes of one conduit."""
@@ -52,16 +47,6 @@ def make_child(i: int, prefix: str = "conn") -> Child:
             ip_family=family,
         ),
     )
-
-
-def health_call(ch: Channel) -> Any:
-    stub = HealthStub(ch, timeout=30)
-    request = HealthCheckRequest(service="Readiness")
-
-    async def call(_: Any) -> None:
-        await stub.check(request)
-
-    return call
 
 
 def allocate_call(ch: Channel) -> Any:
@@ -80,10 +65,6 @@ def release_call(ch: Channel) -> Any:
         await stub.release(child)
 
     return call
-
-
-async def health_warmup(ch: Channel) -> None:
-    await HealthStub(ch, timeout=30).check(HealthCheckRequest(service="Readiness"))
 
 
 async def ipam_warmup(ch: Channel) -> None:
@@ -124,10 +105,6 @@ async def allocation_count(daemon: Daemon) -> tuple[int, int]:
         return len(rows), len({(a.family, a.address) for a in rows})
     finally:
         ch.close()
-
-
-def row(name: str, value: str, ratio: str = "") -> None:
-    print(f"  {name:<52} {value:>16} {ratio:>14}", flush=True)
 
 
 def measure(daemon: Daemon) -> None:

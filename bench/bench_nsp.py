@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from grpclib.client import Channel
 
+from bench.common import health_call, health_warmup, progress, row
 from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
 from meridio.api.nsp.v1 import (
     Conduit,
@@ -81,16 +82,6 @@ def make_target(i: int, stream_name: str = "stream-a") -> Target:
 # -- calls made by the load processes ------------------------------------------------------------
 
 
-def health_call(ch: Channel) -> Any:
-    stub = HealthStub(ch, timeout=10)
-    request = HealthCheckRequest(service="Readiness")
-
-    async def call(_: Any) -> None:
-        await stub.check(request)
-
-    return call
-
-
 def register_call(ch: Channel) -> Any:
     stub = TargetRegistryStub(ch, timeout=10)
 
@@ -98,10 +89,6 @@ def register_call(ch: Channel) -> Any:
         await stub.register(target)
 
     return call
-
-
-async def health_warmup(ch: Channel) -> None:
-    await HealthStub(ch, timeout=10).check(HealthCheckRequest(service="Readiness"))
 
 
 async def registry_warmup(ch: Channel) -> None:
@@ -204,17 +191,6 @@ async def register_all(daemon: Daemon, targets: list[Target]) -> None:
 
 
 # -- report ----------------------------------------------------------------------------------------
-
-
-def row(name: str, value: str, ratio: str = "") -> None:
-    print(f"  {name:<52} {value:>16} {ratio:>14}", flush=True)
-
-
-_T0 = time.monotonic()
-
-
-def progress(what: str) -> None:
-    print(f"  [{time.monotonic() - _T0:5.1f} s] {what}", flush=True)
 
 
 def ms(seconds: float) -> str:
