@@ -687,3 +687,19 @@ def test_flow_filter_property(request_names: tuple[str, str, str, str]) -> None:
         and ok(trench, f.stream.conduit.trench.name)
     ]
     assert got == expected
+
+
+def test_a_configmap_mounted_as_a_directory_loads_like_the_manifest(tmp_path: Path) -> None:
+    """Kubernetes mounts each ConfigMap key as a file; the NSP accepts that directory."""
+    import yaml
+
+    manifest = yaml.safe_load((DATA / "configmap.yaml").read_text())
+    mount = tmp_path / "config"
+    mount.mkdir()
+    for key, value in manifest["data"].items():
+        (mount / key).write_text(value)
+    (mount / "..data").mkdir()  # the mount's own bookkeeping is skipped
+    assert config_digest(load_file(mount)) == config_digest(load_file(DATA / "configmap.yaml"))
+    (mount / "streams").write_text("items:\n- name: s\n  conduit: nope\n")
+    with pytest.raises(ConfigError, match=r"config: streams"):
+        load_file(mount)

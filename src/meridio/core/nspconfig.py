@@ -364,6 +364,8 @@ def load_file(path: str | os.PathLike[str], *, default_trench: str | None = None
     :class:`ConfigError` with the message prefixed by ``"<path>: "``.
     """
     name = os.fspath(path)
+    if Path(name).is_dir():
+        return _load_directory(Path(name), default_trench)
     try:
         text = Path(name).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -374,6 +376,26 @@ def load_file(path: str | os.PathLike[str], *, default_trench: str | None = None
         return parse_text(text, default_trench=default_trench)
     except ConfigError as err:
         raise err.with_prefix(name) from None
+
+
+def _load_directory(directory: Path, default_trench: str | None) -> NspConfig:
+    """A ConfigMap mounted as a volume: one file per key (``trench``, ``conduits``, ...).
+
+    Kubernetes puts each key of Meridio's ConfigMap in a file of that name (its dot-files and
+    ``..data`` link are the mount's own and are skipped), so this is the ``data`` mapping.
+    """
+    data: dict[str, str] = {}
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        try:
+            data[entry.name] = entry.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{entry}: cannot read: {err}") from None
+    try:
+        return parse_config(data, default_trench=default_trench)
+    except ConfigError as err:
+        raise err.with_prefix(os.fspath(directory)) from None
 
 
 def parse_text(text: str, *, default_trench: str | None = None) -> NspConfig:
