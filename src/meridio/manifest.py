@@ -68,7 +68,6 @@ METRICS_PORT = 2223
 RUN_DIR = "/run/meridio"
 STATE_DIR = "/var/lib/meridio"
 CONFIG_DIR = "/etc/meridio/nsp"
-CONFIG_KEY = "configuration.yaml"
 NON_ROOT_UID = 10002
 """IPAM and NSP run as this user (Meridio's); the image has it as ``meridio``."""
 
@@ -521,7 +520,11 @@ def _configmap(t: _Trench, config: dict[str, Any]) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": t.metadata(f"meridio-configuration-{t.trench}", "nsp"),
-        "data": {CONFIG_KEY: yaml.dump(config, Dumper=_Dumper, sort_keys=False)},
+        # Meridio's own shape: one key per kind, each a YAML document; mounted, each key is a
+        # file and the NSP reads the directory.
+        "data": {
+            key: yaml.dump(value, Dumper=_Dumper, sort_keys=False) for key, value in config.items()
+        },
     }
 
 
@@ -530,7 +533,7 @@ def _nsp(t: _Trench) -> list[dict[str, Any]]:
         t,
         "nsp",
         NSP_PORT,
-        {"configuration-file": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"configuration-file": CONFIG_DIR},
         t.v.resources.nsp,
         # A mounted ConfigMap is updated in place (the NSP reloads it); no subPath, which
         # would freeze it.

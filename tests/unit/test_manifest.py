@@ -192,7 +192,7 @@ def test_the_values_file_changes_everything_it_should() -> None:
             else:
                 assert container["image"] == values.image
     config_map = by_name["ConfigMap", "meridio-configuration-trench-b"]
-    cfg = nspconfig.parse_text(config_map["data"][mf.CONFIG_KEY])
+    cfg = nspconfig.parse_config(config_map["data"])
     assert cfg.trench is not None and cfg.trench.name == "trench-b"
     assert sorted(v.address for v in cfg.vips) == ["198.51.100.7/32", "2001:db8:7::7/128"]
 
@@ -226,10 +226,13 @@ def test_settings_are_the_roles_own(
             key = name.removeprefix("MERIDIOD_").lower().replace("_", "-")
             assert key in known, f"{name} is not a setting of the {role} role"
     if role == "nsp":
-        # The configuration file is the ConfigMap's key, as the kubelet mounts it.
+        # The configuration is the ConfigMap mounted as a directory, a file per key, as the
+        # kubelet mounts it.
         (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
-        local = tmp_path / mf.CONFIG_KEY
-        local.write_text(config_map["data"][mf.CONFIG_KEY])
+        local = tmp_path / "configuration"
+        local.mkdir()
+        for key, value in config_map["data"].items():
+            (local / key).write_text(value)
         env["MERIDIOD_CONFIGURATION_FILE"] = str(local)
     settings = load_settings(role_cls.Settings, environ=env)
     role_cls.check_settings(settings)
@@ -322,7 +325,9 @@ def test_the_daemon_writes_only_to_volumes(
             (config_map,) = [
                 d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == source
             ]
-            assert str(path.relative_to(mount_path)) in config_map["data"]
+            # the whole ConfigMap is the directory the NSP reads, a file per key
+            assert path == Path(mount_path)
+            assert set(config_map["data"]) <= set(nspconfig.KEYS)
             assert "subPath" not in mount, "a subPath mount is never updated: no live reload"
 
 
