@@ -1,141 +1,124 @@
-"""``meridioctl demo``: the control plane on this host, until the full lab exists.
+"""``meridioctl demo`` (``make demo``): the whole system on this host, working, in half a minute.
 
-It makes a network namespace, runs ``meridiod --role=nsp`` and ``--role=ipam`` in it with the
-example configuration, waits until both are ready, lets a pretend proxy take addresses from the
-IPAM and register a target in the NSP, shows what the services report, and removes everything.
+It brings a dual-stack lab up (2 LBs, 2 proxies, 4 targets, an external host routing the VIPs
+over the LBs), sends traffic from the external host to the IPv4 VIP and to the IPv6 VIP and
+shows which target served each connection, scales the targets out by one while connections are
+running (none is lost, and new connections reach the new target), and takes the lab down.
+
+It runs a lab of its own (namespaces ``mlab-demo-...``, state in ``/run/meridio-demo``), so a
+lab made with ``meridioctl lab up`` is left alone.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import os
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
-import grpclib.client
+from rich.console import Console
 
-from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
-from meridio.api.ipam.v1 import Child, IpamStub, IpFamily, Subnet
-from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetRegistryStub, TargetStatus, Trench
+from meridio.lab import plan
+from meridio.lab.cli import RichReporter, err_console, out_console, print_summary
+from meridio.lab.lab import Lab, QuietReporter, resolve_external
+from meridio.lab.plan import LabSpec
+from meridio.lab.system import LabError
+from meridio.traffic.render import render_report
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config/examples/meridio-configuration.yaml"
-NETNS = "meridio-demo"
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
-@contextlib.contextmanager
-def demo_namespace() -> Iterator[str]:
-    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
-    _sh("ip", "netns", "add", NETNS)
-    try:
-        _sh("ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up")
-        yield NETNS
-    finally:
-        pids = subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True, text=True)
-        for pid in pids.stdout.split():
-            subprocess.run(["kill", "-9", pid], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+PREFIX = "mlab-demo-"
+STATE_DIR = Path("/run/meridio-demo")
+TOOLS = ("ip", "iptables", "ip6tables", "nft", "conntrack")
 
 
-async def _ready(socket_path: Path, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if socket_path.exists():
-            channel = grpclib.client.Channel(path=str(socket_path))
-            try:
-                reply = await HealthStub(channel).check(HealthCheckRequest(service="Readiness"))
-                if reply.status.name == "SERVING":
-                    return
-            except (OSError, grpclib.GRPCError):
-                pass
-            finally:
-                channel.close()
-        await asyncio.sleep(0.1)
-    raise click.ClickException(f"{socket_path} did not become ready within {timeout}s")
-
-
-async def _play(work: Path) -> None:
-    for role in ("nsp", "ipam"):
-        await _ready(work / role / "health.sock")
-        click.echo(f"  {role}: Readiness SERVING ({work / role / 'health.sock'})")
-    ipam = grpclib.client.Channel(path=str(work / "ipam.sock"))
-    nsp = grpclib.client.Channel(path=str(work / "nsp.sock"))
-    try:
-        conduit = Conduit(name="load-balancer", trench=Trench(name="trench-a"))
-        ips = []
-        for family in (IpFamily.IPV4, IpFamily.IPV6):
-            prefix = await IpamStub(ipam).allocate(
-                Child(
-                    name="demo-target-src",
-                    subnet=Subnet(conduit=conduit, node="node-1", ip_family=family),
-                )
-            )
-            ips.append(f"{prefix.address}/{prefix.prefix_length}")
-        click.echo(f"  ipam gave the demo target {', '.join(ips)}")
-        target = Target(
-            ips=ips,
-            context={"identifier": "1"},
-            stream=Stream(name="stream-a", conduit=conduit),
+def _check_host() -> None:
+    if os.geteuid() != 0:
+        raise click.ClickException("the demo makes network namespaces: run it as root")
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise click.ClickException(
+            f"missing {', '.join(missing)}: `make venv` installs them (Debian packages "
+            "iproute2, iptables, nftables, conntrack)"
         )
-        registry = TargetRegistryStub(nsp)
-        await registry.register(target)  # stored DISABLED first, as in Meridio
-        target.status = TargetStatus.ENABLED
-        await registry.register(target)
-        click.echo("  nsp registered it (identifier 1 in stream-a) and enabled it")
-    finally:
-        ipam.close()
-        nsp.close()
+
+
+def _traffic(lab: Lab, console: Console, title: str, *args: str) -> dict[str, Any]:
+    console.rule(f"[bold]{title}")
+    report = lab.traffic(args)
+    render_report(console, report)
+    return report
 
 
 def run_demo() -> None:
-    if shutil.which("ip") is None:
-        raise click.ClickException("iproute2 is needed (apt-get install iproute2)")
-    meridiod = str(Path(sys.executable).parent / "meridiod")
-    meridioctl = str(Path(sys.executable).parent / "meridioctl")
-    work = Path(tempfile.mkdtemp(prefix="meridio-demo-"))
-    with demo_namespace() as ns:
-        click.echo(f"network namespace {ns}; state and sockets in {work}")
-        procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        common = ["--log-format=json"]
-        for role, extra in (
-            ("nsp", [f"--configuration-file={EXAMPLE_CONFIG}"]),
-            (
-                "ipam",
-                ["--trench=trench-a", "--prefix-ipv4=198.18.0.0/16", "--prefix-ipv6=fd00:10::/48"],
-            ),
-        ):
-            log = open(work / f"{role}.log", "wb")  # noqa: SIM115 - lives as long as the process
-            command = [
-                *("ip", "netns", "exec", ns, meridiod, f"--role={role}", *common),
-                f"--run-dir={work / role}",
-                f"--database={work / role}.db",
-                f"--listen=unix://{work / role}.sock",
-                *extra,
-            ]
-            procs.append((role, subprocess.Popen(command, stdout=log, stderr=log)))
-        try:
-            asyncio.run(_play(work))
-            for cmd in (
-                ["nsp", "config", f"--nsp=unix://{work}/nsp.sock"],
-                ["nsp", "targets", f"--nsp=unix://{work}/nsp.sock"],
-                ["ipam", "list", f"--ipam=unix://{work}/ipam.sock"],
-            ):
-                click.echo(f"\n$ meridioctl {' '.join(cmd)}")
-                subprocess.run([meridioctl, *cmd], check=True)
-        finally:
-            for _, proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            for role, proc in procs:
-                click.echo(f"stopped {role} (exit {proc.wait(10)})")
-    shutil.rmtree(work, ignore_errors=True)
-    click.echo("demo done; namespace and files removed")
+    _check_host()
+    console = out_console()
+    started = time.monotonic()
+    lab = Lab(STATE_DIR, PREFIX)
+    console.rule("[bold]meridio demo: the lab")
+    console.print(
+        "An external host (gateway and traffic client) routes the VIPs over two load balancers "
+        "(equal-cost multipath); the LBs spread the connections over four targets with Maglev, "
+        "through the proxies of two nodes; the replies go back through the LBs and the gateway.",
+        highlight=False,
+    )
+    try:
+        spec = LabSpec(external=resolve_external("auto"), prefix=PREFIX)
+        with RichReporter(err_console()) as reporter:
+            lab.reporter = reporter
+            lab.up(spec)
+        lab.reporter = QuietReporter()
+        print_summary(lab.status(), time.monotonic() - started, hints=False)
+
+        vip4, vip6 = plan.vip_endpoints((4, 6))
+        _traffic(
+            lab,
+            console,
+            f"TCP to the IPv4 VIP {vip4}: 40 connections for 3 s",
+            "--address", vip4, "--connections", "40", "--rate", "400", "--duration", "3",
+        )  # fmt: skip
+        _traffic(
+            lab,
+            console,
+            f"TCP to the IPv6 VIP {vip6}: 40 connections for 3 s",
+            "--address", vip6, "--connections", "40", "--rate", "400", "--duration", "3",
+        )  # fmt: skip
+        _traffic(
+            lab,
+            console,
+            "UDP to both VIPs: 40 flows for 3 s",
+            "--udp", "--connections", "40", "--rate", "400", "--duration", "3",
+        )  # fmt: skip
+
+        console.rule("[bold]Scaling the targets out by one, with connections running")
+        running = lab.start_traffic(["--connections", "40", "--rate", "200", "--duration", "7"])
+        time.sleep(2)
+        with RichReporter(err_console()) as reporter:
+            lab.reporter = reporter
+            lab.scale(targets=5)
+        lab.reporter = QuietReporter()
+        console.print("target-5 is up and in both LBs' tables.", highlight=False)
+        new = _traffic(
+            lab,
+            console,
+            "New connections after the scale-out (TCP, both VIPs): target-5 gets its share",
+            "--connections", "50", "--rate", "500", "--duration", "3",
+        )  # fmt: skip
+        console.rule("[bold]The connections that ran through the scale-out")
+        kept = running.result()
+        render_report(console, kept)
+        console.print(
+            f"target-5 served {new['hosts'].get('target-5', 0)} of the new connections; "
+            f"{kept['lost_connections']} of the running connections were lost while it joined.",
+            highlight=False,
+        )
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        console.rule("[bold]Taking the lab down")
+        removed = lab.down()
+        console.print(
+            f"removed {len(removed)} namespaces and every process in them; "
+            f"the demo took {time.monotonic() - started:.0f} s",
+            highlight=False,
+        )

@@ -651,9 +651,9 @@ class LbRole(Role):
             listen.append(self.lb.inspect_listen)
         await self.runtime.grpc.serve([LbInspect(self)], listen)
         try:
-            await self._attach_external()
             async with trio.open_nursery() as nursery:
                 await self._start_connect(nursery, nsp)
+                await self._attach_external()
 
                 def setter(attr: str, field_name: str) -> Callable[[Any], None]:
                     return lambda msg: setattr(inputs, attr, list(getattr(msg, field_name)))

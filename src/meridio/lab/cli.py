@@ -1,0 +1,379 @@
+"""``meridioctl lab``: build, inspect, scale and remove the whole system in namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from meridio.lab import plan
+from meridio.lab.lab import DEFAULT_STATE_DIR, Lab, Step, resolve_external
+from meridio.lab.plan import LabSpec, PlanError
+from meridio.lab.system import LabError
+
+
+class _RichStep:
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self.progress = progress
+        self.task = task
+
+    def update(self, done: int, detail: str = "") -> None:
+        self.progress.update(self.task, completed=done, detail=detail)
+
+    def finish(self) -> None:
+        total = self.progress.tasks[self._index()].total
+        self.progress.update(self.task, completed=total, detail="done")
+
+    def _index(self) -> int:
+        return [t.id for t in self.progress.tasks].index(self.task)
+
+
+class RichReporter:
+    """Progress on stderr: one line per step, with a bar, a count and what it still waits for."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(finished_text="[green]✓"),
+            TextColumn("{task.description:<44}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("[dim]{task.fields[detail]}"),
+            console=console,
+        )
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def step(self, title: str, total: int) -> Step:
+        task = self.progress.add_task(title, total=max(total, 1), detail="")
+        return _RichStep(self.progress, task)
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]{text}")
+
+
+def err_console() -> Console:
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def out_console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _fail(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+@click.group(name="lab")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="MERIDIO_LAB_DIR",
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="Where the lab keeps its state, logs, sockets and databases.",
+)
+@click.option(
+    "--prefix",
+    envvar="MERIDIO_LAB_PREFIX",
+    default=plan.PREFIX,
+    show_default=True,
+    help="Prefix of the lab's network namespaces (mlab- or mlab-<name>-).",
+)
+@click.pass_context
+def lab(ctx: click.Context, state_dir: Path, prefix: str) -> None:
+    """The whole system on this host, in network namespaces (needs root)."""
+    try:
+        plan.check_prefix(prefix)
+    except PlanError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prefix") from None
+    ctx.obj = (state_dir, prefix)
+
+
+def _lab(ctx: click.Context, reporter: RichReporter | None = None) -> Lab:
+    state_dir, prefix = ctx.obj
+    if os.geteuid() != 0:
+        raise click.ClickException("the lab makes network namespaces: run it as root")
+    return Lab(state_dir, prefix, reporter)
+
+
+@lab.command()
+@click.option("--lbs", type=int, default=2, show_default=True, help="Load balancers.")
+@click.option("--proxies", type=int, default=2, show_default=True, help="Proxies (nodes).")
+@click.option("--targets", type=int, default=4, show_default=True, help="Targets.")
+@click.option(
+    "--ip-family", type=click.Choice(list(plan.FAMILIES)), default="dualstack", show_default=True
+)
+@click.option(
+    "--mechanism",
+    type=click.Choice(plan.MECHANISMS),
+    default="veth",
+    show_default=True,
+    help="How conduits are linked: veth pairs, or vxlan over the primary network.",
+)
+@click.option(
+    "--lb-mode",
+    type=click.Choice(plan.LB_MODES),
+    default="first-packet",
+    show_default=True,
+    help="The LBs' mode (first-packet keeps connections where they are while targets come and go).",
+)
+@click.option(
+    "--external",
+    type=click.Choice(["auto", *plan.EXTERNAL_KINDS]),
+    default="auto",
+    show_default=True,
+    help="The LBs' external interface: a macvlan or an 802.1Q VLAN the LB makes on its link "
+    "to the gateway, or that veth link itself; auto: macvlan if the kernel has it, else veth.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary.")
+@click.pass_context
+def up(
+    ctx: click.Context,
+    lbs: int,
+    proxies: int,
+    targets: int,
+    ip_family: str,
+    mechanism: str,
+    lb_mode: str,
+    external: str,
+    quiet: bool,
+) -> None:
+    """Build the lab and wait until every role is ready (a lab already here is removed first)."""
+    started = time.monotonic()
+    prefix = ctx.obj[1]
+    try:
+        spec = LabSpec(
+            lbs=lbs,
+            proxies=proxies,
+            targets=targets,
+            ip_family=ip_family,
+            mechanism=mechanism,
+            lb_mode=lb_mode,
+            external=resolve_external(external),
+            prefix=prefix,
+        )
+        spec.check()
+    except (PlanError, LabError) as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        if quiet:
+            _lab(ctx).up(spec)
+        else:
+            with RichReporter(err_console()) as reporter:
+                _lab(ctx, reporter).up(spec)
+    except LabError as exc:
+        hint = ""
+        if _lab(ctx).exists():
+            hint = (
+                "\n(the lab is left as it is for a look: `meridioctl lab status`, "
+                "`meridioctl lab logs NAME`; `meridioctl lab down` removes it, `up` starts afresh)"
+            )
+        raise click.ClickException(f"{exc}{hint}") from None
+    if not quiet:
+        print_summary(_lab(ctx).status(), time.monotonic() - started)
+
+
+def print_summary(status: dict[str, Any], seconds: float, *, hints: bool = True) -> None:
+    console = out_console()
+    console.print(
+        f"\n[bold]meridio lab up[/] in {seconds:.1f} s: {status['lbs']} LBs "
+        f"({status['lb_mode']}), {status['proxies']} proxies, {status['targets']} targets, "
+        f"{status['ip_family']}, {status['mechanism']} conduits, {status['external']} external "
+        "interfaces"
+    )
+    console.print(_instances_table(status))
+    gateway = status["gateway"]
+    console.print(
+        f"gateway and traffic client: namespace {gateway['namespace']} "
+        f"({', '.join(gateway['addresses'])}), VIPs routed over {', '.join(gateway['routes_over'])}"
+    )
+    console.print(f"VIPs: {', '.join(status['vips'])} (TCP, UDP and SCTP to port {plan.PORT})")
+    if not hints:
+        return
+    console.print("\nTry:", highlight=False)
+    for line in (
+        "meridioctl lab traffic                   # 10 s of TCP to every VIP, a report per target",
+        "meridioctl lab traffic --udp -c 50 -r 500",
+        "meridioctl lab scale --targets 5         # and --lbs N",
+        "meridioctl lab status | logs lb-1 | down",
+        f"ip netns exec {gateway['namespace']} bash  # a shell on the external host",
+    ):
+        console.print(f"  {line}", highlight=False)
+
+
+def _instances_table(status: dict[str, Any]) -> Table:
+    table = Table(title=None)
+    for column in ("name", "role", "namespace", "pid", "state", "addresses", "log"):
+        table.add_column(column)
+    for row in status["instances"]:
+        state = "ready" if row["ready"] else ("running" if row["running"] else "[red]gone")
+        if "targets" in row:
+            state += f", {row['targets']} targets"
+        if "node" in row and row["role"] == "target":
+            state += f", on {row['node']}"
+        table.add_row(
+            row["name"],
+            row["role"],
+            row["namespace"],
+            str(row["pid"] or "-"),
+            state,
+            ", ".join(row["addresses"]),
+            row["log"],
+        )
+    return table
+
+
+@lab.command()
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Stop every process and remove every namespace and link of the lab."""
+    try:
+        removed = _lab(ctx).down()
+    except LabError as exc:
+        raise _fail(exc) from None
+    click.echo(f"removed {len(removed)} namespaces" + (f": {' '.join(removed)}" if removed else ""))
+
+
+@lab.command()
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+)
+@click.pass_context
+def status(ctx: click.Context, output: str) -> None:
+    """What runs where, and whether it is ready; exit status 1 unless everything is."""
+    try:
+        report = _lab(ctx).status()
+    except LabError as exc:
+        raise _fail(exc) from None
+    if output == "json":
+        click.echo(json.dumps(report, indent=2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(report, sort_keys=False), nl=False)
+    else:
+        console = out_console()
+        console.print(
+            f"lab {report['phase']} ({report['state_dir']}): {report['lbs']} LBs, "
+            f"{report['proxies']} proxies, {report['targets']} targets, {report['ip_family']}, "
+            f"{report['mechanism']}, LB mode {report['lb_mode']}"
+        )
+        console.print(_instances_table(report))
+        gateway = report["gateway"]
+        console.print(
+            f"VIPs {', '.join(report['vips'])} routed by {gateway['namespace']} over "
+            f"{', '.join(gateway['routes_over']) or 'nothing'}"
+        )
+    if not all(row["ready"] for row in report["instances"]):
+        sys.exit(1)
+
+
+@lab.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what is appended.")
+@click.option("-n", "--lines", type=int, default=0, help="Only the last N lines.")
+@click.pass_context
+def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
+    """The log of one instance: nsp, ipam, lb-N, proxy-N, target-N or server-N."""
+    try:
+        path = _lab(ctx).log_file(name)
+    except LabError as exc:
+        raise _fail(exc) from None
+    argv = ["tail", *(["-F"] if follow else []), "-n", str(lines) if lines else "+1", str(path)]
+    try:
+        sys.exit(subprocess.call(argv))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+@lab.command()
+@click.option("--targets", type=int, help="Run this many targets.")
+@click.option("--lbs", type=int, help="Run this many load balancers.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.pass_context
+def scale(ctx: click.Context, targets: int | None, lbs: int | None, quiet: bool) -> None:
+    """Add or remove targets (gracefully) or LBs (out of the gateway's route first, then
+    stopped gracefully; a new one joins the route once it is ready); dead ones are replaced."""
+    if targets is None and lbs is None:
+        raise click.UsageError("give --targets N and/or --lbs N")
+    try:
+        if quiet:
+            _lab(ctx).scale(targets=targets, lbs=lbs)
+        else:
+            with RichReporter(err_console()) as reporter:
+                _lab(ctx, reporter).scale(targets=targets, lbs=lbs)
+    except LabError as exc:
+        raise _fail(exc) from None
+    if not quiet:
+        report = _lab(ctx).status()
+        click.echo(
+            f"{report['lbs']} LBs, {report['targets']} targets; gateway routes over "
+            f"{', '.join(report['gateway']['routes_over'])}"
+        )
+
+
+@lab.command()
+@click.argument("target")
+@click.pass_context
+def kill(ctx: click.Context, target: str) -> None:
+    """Kill a target at once (SIGKILL, and its namespace goes, as when a pod dies); `scale`
+    replaces it."""
+    try:
+        _lab(ctx).kill(target)
+    except LabError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{target} killed")
+
+
+@lab.command(
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    add_help_option=False,
+)
+@click.option("--ipv4", "families", flag_value=4, multiple=True, help="Only the IPv4 VIP.")
+@click.option("--ipv6", "families", flag_value=6, multiple=True, help="Only the IPv6 VIP.")
+@click.argument("client_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def traffic(ctx: click.Context, families: tuple[int, ...], client_args: tuple[str, ...]) -> None:
+    """Run the traffic client on the external host against the lab's VIPs.
+
+    Every other option goes to `meridioctl traffic client` (see `meridioctl traffic client
+    --help`): e.g. --udp, -c CONNECTIONS, -r RATE, -d SECONDS, -o json.
+    """
+    if "--help" in client_args or "-h" in client_args:
+        click.echo(ctx.get_help())
+        return
+    try:
+        argv = _lab(ctx).traffic_argv(client_args, families or None)
+    except LabError as exc:
+        raise _fail(exc) from None
+    try:
+        sys.exit(subprocess.call(argv))
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,110 @@
+"""The lab's state file: what was asked, what was made and which process runs where.
+
+Written (atomically: a temporary file renamed over the old one) after every step, so that
+``lab status``, ``scale`` and ``down`` work from a new process, and a lab whose building was
+interrupted can still be taken down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from meridio.lab.plan import LabSpec
+
+STATE_FILE = "lab.json"
+VERSION = 1
+
+
+class Process(msgspec.Struct, kw_only=True):
+    """One started process (a role daemon or a traffic server)."""
+
+    name: str
+    role: str
+    netns: str
+    pid: int
+    start_time: int
+    """Its start time in clock ticks since boot (``/proc/<pid>/stat``), so a recycled pid is
+    never taken for it."""
+    log: str
+    argv: list[str]
+
+
+class LabState(msgspec.Struct, kw_only=True):
+    version: int = VERSION
+    lbs: int = 2
+    proxies: int = 2
+    targets_wanted: int = 4
+    ip_family: str = "dualstack"
+    mechanism: str = "veth"
+    lb_mode: str = "first-packet"
+    external: str = "macvlan"
+    prefix: str = "mlab-"
+    phase: str = "building"
+    """``building`` until ``up`` has finished, then ``up``."""
+    namespaces: list[str] = msgspec.field(default_factory=list)
+    lb_indexes: list[int] = msgspec.field(default_factory=list)
+    """LBs made (in the gateway's route once ready: ``gateway_lbs``)."""
+    gateway_lbs: list[int] = msgspec.field(default_factory=list)
+    node_indexes: list[int] = msgspec.field(default_factory=list)
+    targets: dict[str, int] = msgspec.field(default_factory=dict)
+    """Target index (as text: JSON keys) -> node index."""
+    processes: dict[str, Process] = msgspec.field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, spec: LabSpec) -> LabState:
+        return cls(
+            lbs=spec.lbs,
+            proxies=spec.proxies,
+            targets_wanted=spec.targets,
+            ip_family=spec.ip_family,
+            mechanism=spec.mechanism,
+            lb_mode=spec.lb_mode,
+            external=spec.external,
+            prefix=spec.prefix,
+        )
+
+    @property
+    def spec(self) -> LabSpec:
+        return LabSpec(
+            lbs=self.lbs,
+            proxies=self.proxies,
+            targets=self.targets_wanted,
+            ip_family=self.ip_family,
+            mechanism=self.mechanism,
+            lb_mode=self.lb_mode,
+            external=self.external,
+            prefix=self.prefix,
+        )
+
+    @property
+    def target_nodes(self) -> dict[int, int]:
+        return {int(k): v for k, v in self.targets.items()}
+
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / STATE_FILE
+
+
+def load(state_dir: Path) -> LabState | None:
+    """The saved state, or None when there is none (or it cannot be read: a lab so broken is
+    taken down by the namespaces' names alone)."""
+    try:
+        data = state_path(state_dir).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        state = msgspec.json.decode(data, type=LabState)
+    except msgspec.DecodeError:
+        return None
+    return state if state.version == VERSION else None
+
+
+def save(state_dir: Path, state: LabState) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_path(state_dir)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(state), indent=2) + b"\n")
+    os.replace(tmp, path)

@@ -1,0 +1,289 @@
+"""End to end: the lab (``meridioctl lab``) with the traffic tool, as a user runs them.
+
+A scenario passes only when no connection is lost where it allows none, and every target with
+the stream open answered (as Meridio's e2e suite judges with ctraffic and mconnect).
+
+One dual-stack lab (2 LBs in first-packet mode, 2 proxies, 4 targets, veth conduits, macvlan
+external interfaces) serves the module; every test leaves it as it found it (2 LBs, 4 targets:
+the ``restore`` fixture scales back and replaces what a test killed). The single-family labs
+(IPv4 over veth, IPv6 over vxlan) come and go in the first test, which also checks that ``up``
+recovers a crashed lab and that ``down`` leaves nothing behind.
+
+Namespaces are ``mlab-t<pid>-...`` (a lab of their own, beside any ``mlab-`` lab of the user);
+those of a test process that died are removed at the start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meridio.lab import plan, system
+from meridio.lab.lab import Lab, TrafficRun
+from meridio.lab.plan import LabSpec
+from meridio.lab.state import Process, load
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+PREFIX = f"mlab-t{os.getpid()}-"
+TARGETS = {f"target-{i}" for i in range(1, 5)}
+# Long-lived clients: 40 connections at 200 packets/s (5 per second each), so that a broken
+# connection shows within the client's 3 s reply timeout and every target gets some.
+LONG = ("--connections", "40", "--rate", "200")
+
+
+def reap_stale_labs() -> None:
+    """Namespaces of test labs whose process is gone (``mlab-t<pid>-``)."""
+    for name in system.netns_list():
+        match = re.fullmatch(r"mlab-t(\d+)-.*", name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            system.delete_netns(name)
+
+
+def diagnose(lab: Lab) -> str:
+    """The end of every log of the lab, for assertion messages."""
+    state = load(lab.state_dir)
+    if state is None:
+        return "(no lab state)"
+    return "\n".join(
+        f"--- {name}\n{system.tail(proc.log, 12)}" for name, proc in sorted(state.processes.items())
+    )
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    reap_stale_labs()
+    the_lab = Lab(tmp_path_factory.mktemp("lab"), PREFIX)
+    try:
+        the_lab.up(LabSpec(prefix=PREFIX))
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture
+def restore(lab: Lab) -> Iterator[Lab]:
+    """The shared lab, back to 2 LBs and 4 running targets after the test."""
+    yield lab
+    lab.scale(lbs=2, targets=4)
+    state = lab.load()
+    assert state.gateway_lbs == [1, 2]
+
+
+def clients(
+    lab: Lab, *args: str, udp: bool = True, families: tuple[int, ...] = (4, 6)
+) -> dict[str, TrafficRun]:
+    runs = {"tcp": lab.start_traffic(args, families)}
+    if udp:
+        runs["udp"] = lab.start_traffic(["--udp", *args], families)
+    return runs
+
+
+def reports(runs: dict[str, TrafficRun]) -> dict[str, dict[str, Any]]:
+    return {proto: run.result() for proto, run in runs.items()}
+
+
+def summary(report: dict[str, Any]) -> str:
+    keys = ("hosts", "lost_per_host", "lost_connections", "failed_connects", "sent", "received")
+    return json.dumps({k: report.get(k) for k in keys})
+
+
+def assert_clean(report: dict[str, Any], targets: set[str], lab: Lab, what: str) -> None:
+    """No connection lost or failed, every target answered."""
+    assert report["lost_connections"] == 0, f"{what}: {summary(report)}\n{diagnose(lab)}"
+    assert report["failed_connects"] == 0, f"{what}: {summary(report)}\n{diagnose(lab)}"
+    assert set(report["hosts"]) == targets, f"{what}: {summary(report)}"
+
+
+def lb_ips(lab: Lab, lb: str) -> set[str]:
+    """Every target address in the LB's tables (without prefix length)."""
+    show = system.run_async(system.lb_show(plan.lb_socket(lab.state_dir, lb)))
+    return {str(ipaddress.ip_interface(ip).ip) for ips in system.lb_target_ips(show) for ip in ips}
+
+
+def conduit_ips(lab: Lab, target: str) -> set[str]:
+    out = system.run("ip", "-n", lab.netns(target), "-j", "addr", "show", "dev", "conduit0")
+    return {
+        a["local"]
+        for link in json.loads(out.stdout)
+        for a in link["addr_info"]
+        if a.get("scope") == "global"
+    }
+
+
+def gateway_hops(lab: Lab, family: int) -> set[str]:
+    out = system.run("ip", "-n", lab.netns("gw"), f"-{family}", "-j", "route", "show")
+    hops: set[str] = set()
+    for route in json.loads(out.stdout):
+        if route.get("dst") == plan.VIPS[family]:
+            if "gateway" in route:
+                hops.add(route["gateway"])
+            hops |= {nh["gateway"] for nh in route.get("nexthops", [])}
+    return hops
+
+
+# --- one family at a time; recovery; nothing left behind ------------------------------------
+
+
+def meridioctl(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    """``meridioctl lab`` in a new process (state from the lab's JSON file)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meridio.ctl",
+            "lab",
+            "--state-dir",
+            str(lab.state_dir),
+            "--prefix",
+            lab.prefix,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_single_family_labs_recover_from_a_crash_and_leave_nothing(tmp_path: Path) -> None:
+    reap_stale_labs()
+    prefix = f"mlab-t{os.getpid()}x-"
+    lab = Lab(tmp_path / "lab", prefix)
+    procs: list[Process] = []
+    try:
+        # IPv4 only, veth conduits, the LBs' veth link to the gateway as external interface
+        lab.up(
+            LabSpec(lbs=2, proxies=2, targets=2, ip_family="ipv4", external="veth", prefix=prefix)
+        )
+        got = reports(clients(lab, "--duration", "2", *LONG, families=(4,)))
+        for proto, report in got.items():
+            assert_clean(report, {"target-1", "target-2"}, lab, f"ipv4 {proto}")
+        status = json.loads(meridioctl(lab, "status", "-o", "json").stdout)
+        assert all(row["ready"] for row in status["instances"]), status
+
+        # a crash in the middle: processes killed, the state file gone with the rest
+        state = lab.load()
+        for proc in list(state.processes.values())[:6]:
+            system.send_signal(proc, signal.SIGKILL)
+        (lab.state_dir / "lab.json").unlink()
+
+        # up again over the wreck: IPv6 only, vxlan conduits, macvlan external interfaces
+        spec = LabSpec(
+            lbs=2, proxies=2, targets=2, ip_family="ipv6", mechanism="vxlan", prefix=prefix
+        )
+        lab.up(spec)
+        got = reports(clients(lab, "--duration", "2", *LONG, families=(6,)))
+        for proto, report in got.items():
+            assert_clean(report, {"target-1", "target-2"}, lab, f"ipv6/vxlan {proto}")
+        procs = list(lab.load().processes.values())
+    finally:
+        done = meridioctl(lab, "down")
+    assert done.returncode == 0, done.stderr
+    assert not [n for n in system.netns_list() if n.startswith(prefix)]
+    assert procs and not [p.name for p in procs if system.alive(p)]
+    assert not (tmp_path / "lab").exists()
+
+
+# --- the shared dual-stack lab ----------------------------------------------------------------
+
+
+def test_tcp_and_udp_over_ipv4_ipv6_and_dual_stack(lab: Lab) -> None:
+    runs: dict[str, TrafficRun] = {}
+    for name, families in (("ipv4", (4,)), ("ipv6", (6,)), ("dual", (4, 6))):
+        for proto, run in clients(lab, "--duration", "3", *LONG, families=families).items():
+            runs[f"{proto}/{name}"] = run
+    for what, report in reports(runs).items():
+        assert_clean(report, TARGETS, lab, what)
+        if what.startswith("tcp"):
+            assert report["sent"] == report["received"] > 0, f"{what}: {summary(report)}"
+    status = lab.status()
+    assert status["gateway"]["routes_over"] == ["lb-1", "lb-2"]
+    assert gateway_hops(lab, 4) == {"192.0.2.11", "192.0.2.12"}
+    assert gateway_hops(lab, 6) == {"fd00:e::b", "fd00:e::c"}
+
+
+def test_target_scale_out_gives_the_new_target_new_connections(restore: Lab) -> None:
+    lab = restore
+    before = clients(lab, "--duration", "6", *LONG)
+    time.sleep(2)
+    lab.scale(targets=5)
+    after = reports(clients(lab, "--duration", "2", *LONG))
+    for proto, report in after.items():
+        assert_clean(report, TARGETS | {"target-5"}, lab, f"new {proto} connections")
+    for proto, report in reports(before).items():
+        # established connections stay where they are: none is lost, none moves
+        assert report["lost_connections"] == 0, f"{proto}: {summary(report)}\n{diagnose(lab)}"
+        assert report["failed_connects"] == 0, f"{proto}: {summary(report)}"
+        assert set(report["hosts"]) == TARGETS, f"{proto}: {summary(report)}"
+        assert report["host_changes"] == 0, f"{proto}: {summary(report)}"
+
+
+def test_graceful_scale_in_loses_no_connection_to_a_remaining_target(restore: Lab) -> None:
+    lab = restore
+    lab.scale(targets=5)
+    runs = clients(lab, "--duration", "7", *LONG)
+    time.sleep(2.5)
+    lab.scale(targets=4)  # target-5 (the newest) leaves gracefully
+    assert "target-5" not in lab.load().processes
+    for proto, report in reports(runs).items():
+        assert set(report["hosts"]) >= TARGETS | {"target-5"}, f"{proto}: {summary(report)}"
+        lost_elsewhere = {h: n for h, n in report["lost_per_host"].items() if h != "target-5"}
+        assert lost_elsewhere == {}, f"{proto}: {summary(report)}\n{diagnose(lab)}"
+        remaining = [c for c in report["connections"] if c["host"] in TARGETS and c["attempt"] == 0]
+        assert remaining and all(c["state"] == "lasted" for c in remaining), summary(report)
+
+
+def test_an_lb_leaving_gracefully_loses_no_connection(restore: Lab) -> None:
+    lab = restore
+    runs = clients(lab, "--duration", "8", *LONG)
+    time.sleep(2)
+    lab.scale(lbs=1)  # out of the gateway's route first, then SIGTERM
+    assert gateway_hops(lab, 4) == {"192.0.2.11"} and gateway_hops(lab, 6) == {"fd00:e::b"}
+    assert not [n for n in system.netns_list() if n == lab.netns("lb-2")]
+    time.sleep(2)
+    lab.scale(lbs=2)  # and back: into the route once ready, with every target routable
+    assert gateway_hops(lab, 4) == {"192.0.2.11", "192.0.2.12"}
+    for proto, report in reports(runs).items():
+        assert_clean(report, TARGETS, lab, f"{proto} across the LB leaving and coming back")
+        # the other LB took the flows over with the same Maglev choice: no flow moved
+        assert report["host_changes"] == 0, f"{proto}: {summary(report)}"
+
+
+def test_a_killed_target_fails_its_connections_only_and_leaves_every_lb_within_a_second(
+    restore: Lab,
+) -> None:
+    lab = restore
+    victim = "target-3"
+    ips = conduit_ips(lab, victim)
+    assert len(ips) == 2 and all(ips <= lb_ips(lab, lb) for lb in ("lb-1", "lb-2"))
+    runs = clients(lab, "--duration", "6", *LONG, udp=False)
+    time.sleep(2)
+    killed = time.monotonic()
+    lab.kill(victim)
+    deadline = killed + 5
+    gone_at = None
+    while time.monotonic() < deadline:
+        if not any(ips & lb_ips(lab, lb) for lb in ("lb-1", "lb-2")):
+            gone_at = time.monotonic() - killed
+            break
+        time.sleep(0.02)
+    assert gone_at is not None and gone_at < 1.0, (
+        f"still in an LB after {time.monotonic() - killed:.2f}s"
+    )
+    report = reports(runs)["tcp"]
+    served = report["hosts"].get(victim, 0)
+    assert served > 0, summary(report)
+    # every connection the killed target served failed; the others are untouched
+    assert report["lost_per_host"] == {victim: served}, f"{summary(report)}\n{diagnose(lab)}"
+    assert report["failed_connects"] == 0, summary(report)
