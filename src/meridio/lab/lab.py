@@ -236,8 +236,6 @@ class Lab:
         for host in hosts:
             if host.startswith("lb-"):
                 self._attach_external(int(host.split("-")[1]))
-                if state.lb_mode == "first-packet":
-                    self._track_asymmetric_tcp(state, host)
 
     def _sysctls(self, host: str) -> None:
         values = {
@@ -258,43 +256,6 @@ class Lab:
                 "net.ipv6.fib_multipath_hash_policy": "1",
             }
         system.write_sysctls(self.netns(host), values)
-
-    def _track_asymmetric_tcp(self, state: LabState, host: str) -> None:
-        """Work around the first-packet LB's conntrack on asymmetric paths (see below).
-
-        A VIP connection's replies leave through whichever LB the proxy's multipath route picks,
-        so about half the LBs' connections see only the client's side. Conntrack holds such a
-        connection in SYN_SENT and finds every later packet of the client INVALID, without a
-        conntrack entry, so the first-packet LB cannot restore the connection's mark: it hashes
-        every packet again, and a change of the target set moves established connections
-        (Maglev moves about 1% of the remaining targets' entries when one goes, 1/N to a new
-        one). Untracking the SYNs to the VIPs makes conntrack pick the connection up at the
-        client's first ACK, ESTABLISHED, and keep its mark. This belongs in the LB's own rules
-        (``meridio.lb.iptables``, first-packet mode); until it is there, the lab adds it.
-        """
-        chain = "MLAB-SYN-NOTRACK"
-        for family in state.spec.families:
-            tool = "iptables-restore" if family == 4 else "ip6tables-restore"
-            script = "\n".join(
-                [
-                    "*raw",
-                    f":{chain} - [0:0]",
-                    f"-A PREROUTING -j {chain}",
-                    f"-A {chain} -d {plan.vip_cidr(family)} -p tcp --syn -j CT --notrack",
-                    "COMMIT",
-                    "",
-                ]
-            )
-            system.run(
-                "ip",
-                "netns",
-                "exec",
-                self.netns(host),
-                tool,
-                "--noflush",
-                "--wait",
-                input=script,
-            )
 
     def _pin_bridge_address(self, host: str, bridge: str = "bridge0") -> None:
         """Work around the proxy's bridge changing its MAC address (see below).

@@ -16,6 +16,13 @@ import trio
 
 PRE_CHAIN = "MERIDIO-LB"
 FWD_CHAIN = "MERIDIO-LB-FWD"
+RAW_CHAIN = "MERIDIO-LB-RAW"
+# (table, built-in chain, our chain): where each of our chains is jumped to from
+JUMPS = (
+    ("mangle", "PREROUTING", PRE_CHAIN),
+    ("mangle", "FORWARD", FWD_CHAIN),
+    ("raw", "PREROUTING", RAW_CHAIN),
+)
 
 ICMP_ERRORS = {
     4: ("icmp", "--icmp-type", (3, 11, 12)),
@@ -54,10 +61,17 @@ def render(mode: str, family: int, vips: Sequence[str], queue: QueueSpec) -> str
     )
     pre: list[str] = []
     fwd: list[str] = []
+    raw: list[str] = []
     for dst in dests:
         if mode == "nfqueue":
             pre.append(f"-A {PRE_CHAIN} -d {dst} {queue.target()}")
         elif mode == "first-packet":
+            # Replies may leave through another LB (the proxies spread them over all), so this
+            # LB may see only the client's side of a connection. Tracked from its SYN, such a
+            # connection stays SYN_SENT and every later packet is INVALID: its mark would never
+            # be restored. Untracked SYNs let conntrack pick the connection up at the client's
+            # first ACK, established, and keep its mark from then on.
+            raw.append(f"-A {RAW_CHAIN} -d {dst} -p tcp --syn -j CT --notrack")
             pre.append(f"-A {PRE_CHAIN} -d {dst} -j CONNMARK --restore-mark")
             pre.append(f"-A {PRE_CHAIN} -d {dst} -m mark --mark 0 {queue.target()}")
             # NFQUEUE's accept resumes at the next hook, so the mark is saved in FORWARD
@@ -73,7 +87,8 @@ def render(mode: str, family: int, vips: Sequence[str], queue: QueueSpec) -> str
                 )
         else:
             raise ValueError(f"unknown LB mode {mode!r}")
-    lines = ["*mangle", f":{PRE_CHAIN} - [0:0]", f":{FWD_CHAIN} - [0:0]", *pre, *fwd, "COMMIT", ""]
+    lines = ["*raw", f":{RAW_CHAIN} - [0:0]", *raw, "COMMIT"]
+    lines += ["*mangle", f":{PRE_CHAIN} - [0:0]", f":{FWD_CHAIN} - [0:0]", *pre, *fwd, "COMMIT", ""]
     return "\n".join(lines)
 
 
@@ -93,33 +108,29 @@ async def _run(cmd: list[str], stdin: bytes | None = None, check: bool = True) -
 async def apply(family: int, script: str) -> None:
     """Load our chains and make sure PREROUTING and FORWARD jump to them."""
     await _run([_tool(family, "-restore"), "--noflush", "--wait"], stdin=script.encode())
-    for builtin, chain in (("PREROUTING", PRE_CHAIN), ("FORWARD", FWD_CHAIN)):
+    for table, builtin, chain in JUMPS:
         rule = [builtin, "-j", chain]
-        tool = [_tool(family), "--wait", "-t", "mangle"]
+        tool = [_tool(family), "--wait", "-t", table]
         if await _run([*tool, "-C", *rule], check=False) != 0:
             await _run([*tool, "-I", *rule])
 
 
 async def remove(family: int) -> None:
     """Remove the jumps and our chains; harmless when they are not there."""
-    for builtin, chain in (("PREROUTING", PRE_CHAIN), ("FORWARD", FWD_CHAIN)):
-        while (
-            await _run(
-                [_tool(family), "--wait", "-t", "mangle", "-D", builtin, "-j", chain], check=False
-            )
-            == 0
-        ):
+    for table, builtin, chain in JUMPS:
+        tool = [_tool(family), "--wait", "-t", table]
+        while await _run([*tool, "-D", builtin, "-j", chain], check=False) == 0:
             pass
-        await _run([_tool(family), "--wait", "-t", "mangle", "-F", chain], check=False)
-        await _run([_tool(family), "--wait", "-t", "mangle", "-X", chain], check=False)
+        await _run([*tool, "-F", chain], check=False)
+        await _run([*tool, "-X", chain], check=False)
 
 
 async def current(family: int) -> str:
     """Our chains as ``iptables -S`` prints them (for drift detection and tests)."""
     out = []
-    for chain in (PRE_CHAIN, FWD_CHAIN):
+    for table, _, chain in JUMPS:
         result = await trio.run_process(
-            [_tool(family), "--wait", "-t", "mangle", "-S", chain],
+            [_tool(family), "--wait", "-t", table, "-S", chain],
             capture_stdout=True,
             capture_stderr=True,
             check=False,

@@ -500,7 +500,9 @@ class LbRole(Role):
         self.desired = desired
         for key, stream in path.streams.items():
             TARGETS.labels(*key).set(len(stream.targets))
-        self.datapath_check.set(True)
+        # not ready while a target cannot be routed to: a gateway trusting readiness would send
+        # traffic this LB cannot deliver yet
+        self.datapath_check.set(not failed)
 
     async def _forget_connections(self, marks: set[int]) -> None:
         """Drop conntrack entries that still carry a removed target's mark.

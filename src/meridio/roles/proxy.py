@@ -274,6 +274,8 @@ class ProxyRole(Role):
         self.ipam = IpamStub(await self.runtime.grpc.channel(settings.ipam), timeout=5)
         nsp = await self.runtime.grpc.channel(settings.nsp)
         self.registry = TargetRegistryStub(nsp, timeout=5)
+        # streams live as long as the proxy: no deadline (the stub's 5 s would end them)
+        watcher = TargetRegistryStub(nsp)
         config = ConfigurationManagerStub(nsp)
         accepted = _mechanism_list(settings.mechanisms)
         self.endpoint = ConnectEndpoint(
@@ -314,7 +316,7 @@ class ProxyRole(Role):
                     watch,
                     self.runtime,
                     "frontends",
-                    lambda: self.registry.watch(frontend_filter),
+                    lambda: watcher.watch(frontend_filter),
                     self._store_frontends,
                     self._on_watch_state,
                 )
