@@ -407,7 +407,7 @@ def lb_which(lb_addr: str, src: str, dst: str, proto: str, output: str) -> None:
 
 @main.command()
 def demo() -> None:
-    """Run the control plane (NSP and IPAM) in a namespace and show it working."""
+    """Bring the lab up, run traffic to both VIPs, scale out a target, take it down."""
     from meridio.demo import run_demo
 
     run_demo()
