@@ -186,8 +186,6 @@ class Lab:
             self._start(state, f"proxy-{i}", "proxy", plan.node_host(i), args)
         names = [plan.lb_host(i) for i in lbs] + [f"proxy-{i}" for i in nodes]
         self._wait_ready(state, names, "load balancers and proxies")
-        for i in nodes:
-            self._pin_bridge_address(plan.node_host(i))
         self._route_gateway(state, lbs)
         self._start_targets(state, placement)
         self._wait_tables(state)
@@ -256,23 +254,6 @@ class Lab:
                 "net.ipv6.fib_multipath_hash_policy": "1",
             }
         system.write_sysctls(self.netns(host), values)
-
-    def _pin_bridge_address(self, host: str, bridge: str = "bridge0") -> None:
-        """Work around the proxy's bridge changing its MAC address (see below).
-
-        A Linux bridge whose address was never set takes the lowest address of its ports, so it
-        changes when that port goes, e.g. when an LB leaves: the targets keep the old address
-        of the bridge (their next hop) in their neighbour cache and their replies are lost
-        until it expires, half a minute or more. Setting the address (to the one it has) pins
-        it. The proxy should set it when it makes the bridge (``meridio.roles.proxy``); until
-        it does, the lab pins it once the proxy is ready.
-        """
-        netns = self.netns(host)
-        links = json.loads(
-            system.run("ip", "-n", netns, "-j", "link", "show", "dev", bridge).stdout
-        )
-        address = links[0]["address"]
-        system.run("ip", "-n", netns, "link", "set", "dev", bridge, "address", address)
 
     def _forget_lb_neighbours(self, state: LabState, lbs: Iterable[int]) -> None:
         """Work around the proxies' stale neighbour entries for a new LB (see below).

@@ -255,11 +255,24 @@ class ProxyRole(Role):
         netlink = self.netlink
         name = self.proxy.bridge
         await netlink.ensure_link(name, "bridge")
+        await self._pin_bridge_mac(name)
         kernel.write_sysctl(f"net/ipv4/conf/{name}/rp_filter", "0")
         info = (await kernel.read_links(netlink))[name]
         await kernel.configure_link(
             netlink, info, addresses=[self.bridge_addresses[f] for f in self.families]
         )
+
+    async def _pin_bridge_mac(self, name: str) -> None:
+        """Set the bridge's MAC address (to the one it has), so that it stays.
+
+        A bridge whose address was never set takes the lowest address of its ports and changes
+        it when that port goes (an LB leaving): targets would keep the old address of their
+        next hop in their neighbour cache and lose replies until it expires.
+        """
+        for msg in await self.netlink.links():
+            if msg.get("IFLA_IFNAME") == name:
+                await self.netlink.set_link(name, address=msg.get("IFLA_ADDRESS"))
+                return
 
     # --- life ---------------------------------------------------------------------------------
 
