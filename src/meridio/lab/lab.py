@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import shutil
 import signal
@@ -254,61 +253,6 @@ class Lab:
                 "net.ipv6.fib_multipath_hash_policy": "1",
             }
         system.write_sysctls(self.netns(host), values)
-
-    def _forget_lb_neighbours(self, state: LabState, lbs: Iterable[int]) -> None:
-        """Work around the proxies' stale neighbour entries for a new LB (see below).
-
-        A new LB gets the conduit addresses an earlier one had (the IPAM gives a proxy's LB
-        connection the same address by name), on new links with new MAC addresses. The proxy
-        reaches its LBs over its bridge, whose neighbour entries outlive the old links: its
-        replies through the new LB go to the old MAC address until the entry is probed again,
-        seconds later (IPv4 heals sooner, from the ARP requests the LB sends). The proxy
-        should forget an LB's neighbour entries when it connects to it (or disconnects);
-        until it does, the lab makes the proxies forget them once the new LB is ready.
-        """
-        addresses = self._link_addresses([self.netns(plan.lb_host(i)) for i in lbs], "lbc")
-        for node in state.node_indexes:
-            self._forget_neighbours(self.netns(plan.node_host(node)), addresses, "bridge0")
-
-    def _forget_target_neighbours(self, state: LabState, targets: Iterable[int]) -> None:
-        """Work around the LBs' stale neighbour entries for a new target (see below).
-
-        The IPAM hands a new target the address a removed one had, and the LBs reach targets
-        directly, over their links to the proxies' bridges: an LB's neighbour entry for that
-        address still holds the old target's MAC address, and packets to the new target are
-        lost until it is probed again (IPv4 heals as soon as the new target sends an ARP
-        request; IPv6 does not). Meridio's LB flushes a target's neighbour entries when it adds
-        its route; ours should too. Until it does, the lab makes the LBs forget them.
-        """
-        hosts = [self.netns(plan.target_host(i)) for i in targets]
-        addresses = self._link_addresses(hosts, "conduit0")
-        for lb in state.lb_indexes:
-            self._forget_neighbours(self.netns(plan.lb_host(lb)), addresses, None)
-
-    @staticmethod
-    def _link_addresses(namespaces: Iterable[str], link_prefix: str) -> set[str]:
-        """The global addresses of the links whose name starts with ``link_prefix``."""
-        found: set[str] = set()
-        for netns in namespaces:
-            out = system.run("ip", "-n", netns, "-j", "addr", "show", check=False)
-            for link in json.loads(out.stdout or "[]"):
-                if str(link.get("ifname", "")).startswith(link_prefix):
-                    found |= {
-                        a["local"] for a in link.get("addr_info", []) if a.get("scope") == "global"
-                    }
-        return found
-
-    @staticmethod
-    def _forget_neighbours(netns: str, addresses: Iterable[str], device: str | None) -> None:
-        wanted = {ipaddress.ip_address(a) for a in addresses}
-        where = ["dev", device] if device else []
-        out = system.run("ip", "-n", netns, "-j", "neigh", "show", *where)
-        stale = [
-            (n["dst"], device or n.get("dev", ""))
-            for n in json.loads(out.stdout or "[]")
-            if "dst" in n and ipaddress.ip_address(n["dst"]) in wanted
-        ]
-        system.ip_batch([f"neigh del {dst} dev {dev}" for dst, dev in stale], netns)
 
     def _routable_targets(self, state: LabState, lb: int) -> int:
         """How many targets LB ``lb`` has a ``fwmark`` rule for in every family of the lab (it
@@ -574,7 +518,6 @@ class Lab:
             step.update(1)
             step.finish()
             self._start_targets(state, placement)
-            self._forget_target_neighbours(state, placement)
         self._wait_tables(state)
 
     def _forget_target(self, state: LabState, index: int) -> None:
@@ -623,7 +566,6 @@ class Lab:
                 self._start_lb(state, index)
             self._wait_ready(state, [plan.lb_host(i) for i in change.add], "load balancers")
             self._wait_tables(state)
-            self._forget_lb_neighbours(state, change.add)
             # ready, with every target in its table: now the gateway may send it traffic
             self._route_gateway(state, [*keep, *change.add])
 

@@ -455,6 +455,8 @@ class LbRole(Role):
         failed: list[RouteSpec] = []
         for route in add_routes:
             try:
+                # a new target may have an address a removed one had: forget its old MAC
+                await netlink.forget_neighbour(route.gateway)
                 await netlink.ensure_route(
                     "default", table=route.table, gateway=route.gateway, family=route.family
                 )

@@ -29,6 +29,7 @@ restarted proxy gets the same addresses (a connection a client closes releases i
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from functools import partial
 from typing import Any
@@ -445,17 +446,27 @@ class ProxyRole(Role):
 
     async def _egress_loop(self) -> None:
         next_resync = trio.current_time() + self.proxy.resync_period
+        known: set[int] = set()  # the established LB connections seen so far (by identity)
         while True:
             wake = self._inputs_changed
             seen = self.client.changes.version
             drift = trio.current_time() >= next_resync
             if drift:
                 next_resync = trio.current_time() + self.proxy.resync_period
+            established = list(self.client.established())
+            for conn in established:
+                if id(conn) not in known:
+                    # An LB that comes back gets its old addresses on a new link: forget the
+                    # bridge's entries with the old MAC, or replies go astray for seconds.
+                    for address in conn.endpoint_addresses:
+                        with contextlib.suppress(Exception):
+                            await self.netlink.forget_neighbour(address)
+            known = {id(c) for c in established}
             if self.vips is not None:
                 rules = egress_rules(self.vips, self.families)
                 hops = egress_next_hops(
                     a
-                    for c in self.client.established()
+                    for c in established
                     if self.lb_enabled.get(c.spec.connection_id, False)
                     for a in c.endpoint_addresses
                 )

@@ -420,6 +420,22 @@ class NetlinkManager:
             if exc.code not in (errno.ENOENT, errno.ESRCH):
                 raise
 
+    async def forget_neighbour(self, ip: str) -> int:
+        """Delete every neighbour entry for ``ip``, on any link; returns how many there were.
+
+        For an address that comes back on another link or host: the old entry would hold the
+        old MAC address until the kernel probes it again, seconds later.
+        """
+        ip = str(ipaddress.ip_interface(ip).ip)
+        stale = [m for m in await self._dump("neigh", "dump") if m.get("NDA_DST") == ip]
+        for msg in stale:
+            try:
+                await self._call("neigh", "del", ifindex=msg["ifindex"], dst=ip)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENOENT, errno.ESRCH):
+                    raise
+        return len(stale)
+
     # events
 
     async def run_events(
