@@ -406,6 +406,8 @@ def lb_args(state_dir: Path, spec: LabSpec, index: int) -> list[str]:
         f"--conduit={CONDUIT}",
         f"--mode={spec.lb_mode}",
         f"--connect-listen={hostport(primary_address('lb', index), LB_CONNECT_PORT)}",
+        # several LBs behind one gateway: replies may return through another LB
+        *(["--untrack-syn"] if spec.lb_mode == "first-packet" else []),
         *external,
     ]
 

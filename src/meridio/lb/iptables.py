@@ -50,7 +50,9 @@ class QueueSpec:
         return f"-j NFQUEUE {where}" + (" --queue-bypass" if self.bypass else "")
 
 
-def render(mode: str, family: int, vips: Sequence[str], queue: QueueSpec) -> str:
+def render(
+    mode: str, family: int, vips: Sequence[str], queue: QueueSpec, *, untrack_syn: bool = False
+) -> str:
     """The iptables-restore script for one family ("4" or "6") and LB mode."""
     dests = sorted(
         {
@@ -66,12 +68,13 @@ def render(mode: str, family: int, vips: Sequence[str], queue: QueueSpec) -> str
         if mode == "nfqueue":
             pre.append(f"-A {PRE_CHAIN} -d {dst} {queue.target()}")
         elif mode == "first-packet":
-            # Replies may leave through another LB (the proxies spread them over all), so this
-            # LB may see only the client's side of a connection. Tracked from its SYN, such a
-            # connection stays SYN_SENT and every later packet is INVALID: its mark would never
-            # be restored. Untracked SYNs let conntrack pick the connection up at the client's
-            # first ACK, established, and keep its mark from then on.
-            raw.append(f"-A {RAW_CHAIN} -d {dst} -p tcp --syn -j CT --notrack")
+            # With several LBs, replies may leave through another LB, so this LB may see only
+            # the client's side of a connection; tracked from its SYN, such a connection stays
+            # SYN_SENT, its later packets are INVALID and its mark is never restored.
+            # Untracked SYNs let conntrack pick it up at the client's first ACK. The price,
+            # measured with one LB: about half of new connections wait 200 ms longer.
+            if untrack_syn:
+                raw.append(f"-A {RAW_CHAIN} -d {dst} -p tcp --syn -j CT --notrack")
             pre.append(f"-A {PRE_CHAIN} -d {dst} -j CONNMARK --restore-mark")
             pre.append(f"-A {PRE_CHAIN} -d {dst} -m mark --mark 0 {queue.target()}")
             # NFQUEUE's accept resumes at the next hook, so the mark is saved in FORWARD
