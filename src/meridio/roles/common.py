@@ -128,3 +128,22 @@ class Egress:
             if msg["dst_len"] == 0 and (msg.get("RTA_TABLE") or msg["table"]) == self.table:
                 return True
         return False
+
+
+class NspInputs:
+    """What a proxy or a target keeps from the NSP's VIP watch, and the wake-up of its loops.
+
+    Loops take ``_inputs_changed`` before they read the inputs and wait on it afterwards;
+    ``_kick`` sets it and puts a fresh one in place, so no change between the two is missed.
+    """
+
+    vips: list[str] | None
+    _inputs_changed: trio.Event
+
+    def _store_vips(self, message: Any) -> None:
+        self.vips = [v.address for v in message.vips]
+        self._kick()
+
+    def _kick(self) -> None:
+        self._inputs_changed.set()
+        self._inputs_changed = trio.Event()

@@ -78,7 +78,7 @@ from meridio.core.proxystate import (
     target_child,
 )
 from meridio.roles.base import Role
-from meridio.roles.common import IP_FAMILIES, Egress, wait_any, watch
+from meridio.roles.common import IP_FAMILIES, Egress, NspInputs, wait_any, watch
 from meridio.settings import CommonSettings
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
@@ -161,7 +161,7 @@ class ProxyPolicy:
             await self.role.release(target_child(connection.connection_id), family)
 
 
-class ProxyRole(Role):
+class ProxyRole(NspInputs, Role):
     name = "proxy"
     Settings = ProxySettings
 
@@ -361,14 +361,6 @@ class ProxyRole(Role):
             for connect, peer in lb_peers(self.frontends).items()
         }
         self._kick()
-
-    def _store_vips(self, message: Any) -> None:
-        self.vips = [v.address for v in message.vips]
-        self._kick()
-
-    def _kick(self) -> None:
-        self._inputs_changed.set()
-        self._inputs_changed = trio.Event()
 
     async def drain(self) -> None:
         self.draining = True

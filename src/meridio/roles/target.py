@@ -46,7 +46,7 @@ from meridio.core.identifiers import Holder, StreamFull
 from meridio.core.proxystate import NODE_CONTEXT, egress_next_hops, egress_rules
 from meridio.core.registry import DEFAULT_MAX_TARGETS, canonical_ips
 from meridio.roles.base import Role
-from meridio.roles.common import Egress, wait_any, watch
+from meridio.roles.common import Egress, NspInputs, wait_any, watch
 from meridio.settings import CommonSettings
 
 
@@ -83,7 +83,7 @@ def stream_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-class TargetRole(Role):
+class TargetRole(NspInputs, Role):
     name = "target"
     Settings = TargetSettings
 
@@ -197,14 +197,6 @@ class TargetRole(Role):
             holders.setdefault(t.stream.name, []).append(Holder(tuple(t.ips), identifier))
         self.holders = holders
         self._kick()
-
-    def _store_vips(self, message: Any) -> None:
-        self.vips = [v.address for v in message.vips]
-        self._kick()
-
-    def _kick(self) -> None:
-        self._inputs_changed.set()
-        self._inputs_changed = trio.Event()
 
     async def drain(self) -> None:
         """Leave the streams (the proxy unregisters us at once), then let flows drain."""
