@@ -257,8 +257,8 @@ def test_disruption_goal(n: int) -> None:
 def test_disruption_any_n(n: int, rnd: random.Random) -> None:
     # A single removal or addition, any N: the paper's algorithm moves more than the mean. At
     # M = 65537 its excess churn (changed share beyond 1/N) peaks near 1.0 % around N = 400, and
-    # a single change exceeds 0.7 % now and then even below N = 100. This is the algorithm, not the implementation: the reference
-    # implementation builds the same tables.
+    # a single change exceeds 0.7 % now and then even below N = 100. This is the algorithm, not
+    # the implementation: the reference implementation builds the same tables.
     targets = rnd.sample(range(1, 10**6), n + 1)
     excess_removed, excess_added = _one_removed_and_one_added(targets, rnd)
     assert excess_removed <= 0.012
