@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import betterproto
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -172,7 +173,7 @@ def test_fixture_conversion(cfg: NspConfig) -> None:
 
     gw4, gw6, static = cfg.gateways
     assert (gw4.remote_asn, gw4.local_asn, gw4.hold_time) == (4248829953, 8103, 24)
-    assert (gw4.bgp_auth.key_name, gw4.bgp_auth.key_source) == ("bgp-key", "bgp-secret")
+    assert (gw4.bgp_auth.key_name, gw4.bgp_auth.key_source) == ("bgp-key", "/etc/meridio/bgp-auth")
     assert gw6.ip_family == "ipv6"
     assert gw6.bfd
     assert (gw6.bfd_spec.min_tx, gw6.bfd_spec.min_rx, gw6.bfd_spec.multiplier) == (300, 300, 5)
@@ -264,12 +265,17 @@ BROKEN: list[tuple[str, Any, list[str]]] = [
     (
         "unknown-attractor-vip",
         patched("attractors", 0, vips=["nope"]),
-        ['attractors: item 0 ("a1")', 'unknown vip "nope"'],
+        ['attractors: item 0 ("a1"): unknown vip "nope"'],
     ),
     (
         "unknown-attractor-gateway",
         patched("attractors", 0, gateways=["g9"]),
-        ['attractors: item 0 ("a1")', 'unknown gateway "g9"'],
+        ['attractors: item 0 ("a1"): unknown gateway "g9"'],
+    ),
+    (
+        "repeated-attractor-gateway",
+        patched("attractors", 0, gateways=["g1", "g1"]),
+        ['attractors: item 0 ("a1"): gateway "g1" is listed twice'],
     ),
     (
         "unknown-port-nat-vip",
@@ -409,17 +415,129 @@ BROKEN: list[tuple[str, Any, list[str]]] = [
     (
         "gateway-port",
         patched("gateways", 0, remote_port=70000),
-        ['gateways: item 0 ("g1")', "remote-port must be 0..65535, got 70000"],
+        ['gateways: item 0 ("g1"): remote-port must be 1..65535, got 70000'],
+    ),
+    (
+        "gateway-local-port-zero",
+        patched("gateways", 0, local_port=0),
+        [
+            'gateways: item 0 ("g1"): local-port must be 1..65535, got 0',
+            "leave local-port out for the default",
+        ],
+    ),
+    (
+        "gateway-remote-port-zero",
+        patched("gateways", 0, remote_port=0),
+        ['gateways: item 0 ("g1"): remote-port must be 1..65535, got 0'],
+    ),
+    (
+        "gateway-local-asn-zero",
+        patched("gateways", 0, local_asn=0),
+        [
+            'gateways: item 0 ("g1"): local-asn must be 1..4294967295, got 0',
+            "leave local-asn out for the default",
+        ],
+    ),
+    (
+        "gateway-remote-asn-zero",
+        patched("gateways", 0, remote_asn=0),
+        ['gateways: item 0 ("g1"): remote-asn must be 1..4294967295, got 0'],
+    ),
+    (
+        "gateway-asn-big",
+        patched("gateways", 0, remote_asn=2**32),
+        ['gateways: item 0 ("g1"): remote-asn must be 1..4294967295, got 4294967296'],
+    ),
+    (
+        "gateway-asn-negative",
+        patched("gateways", 0, local_asn=-1),
+        ['gateways: item 0 ("g1"): local-asn must be 1..4294967295, got -1'],
+    ),
+    (
+        "gateway-asn-zero-static",  # BGP fields of a static gateway are ignored, not unchecked
+        patched("gateways", 0, protocol="static", local_asn=0),
+        ['gateways: item 0 ("g1"): local-asn must be 1..4294967295, got 0'],
     ),
     (
         "gateway-hold-time",
         patched("gateways", 0, hold_time=2),
-        ['gateways: item 0 ("g1")', "hold-time must be 3..65535, got 2"],
+        ['gateways: item 0 ("g1"): hold-time must be 3..65535, got 2'],
+    ),
+    (
+        "gateway-hold-time-one",
+        patched("gateways", 0, hold_time=1),
+        ['gateways: item 0 ("g1"): hold-time must be 3..65535, got 1'],
+    ),
+    (
+        "gateway-hold-time-big",
+        patched("gateways", 0, hold_time=65536),
+        ['gateways: item 0 ("g1"): hold-time must be 3..65535, got 65536'],
+    ),
+    (
+        "gateway-min-tx-zero",
+        patched("gateways", 0, bfd=True, min_tx=0),
+        [
+            'gateways: item 0 ("g1"): min-tx must be 1..4294967, got 0',
+            "leave min-tx out for the default",
+        ],
+    ),
+    (
+        "gateway-min-rx-zero",
+        patched("gateways", 0, bfd=True, min_rx=0),
+        ['gateways: item 0 ("g1"): min-rx must be 1..4294967, got 0'],
+    ),
+    (
+        "gateway-min-rx-zero-without-bfd",
+        patched("gateways", 0, bfd=False, min_rx=0),
+        ['gateways: item 0 ("g1"): min-rx must be 1..4294967, got 0'],
+    ),
+    (
+        "gateway-min-tx-big",  # BFD's 32-bit microseconds
+        patched("gateways", 0, bfd=True, min_tx=4294968),
+        ['gateways: item 0 ("g1"): min-tx must be 1..4294967, got 4294968'],
+    ),
+    (
+        "gateway-multiplier-zero",
+        patched("gateways", 0, bfd=True, multiplier=0),
+        ['gateways: item 0 ("g1"): multiplier must be 1..255, got 0'],
+    ),
+    (
+        "gateway-multiplier-big",
+        patched("gateways", 0, bfd=True, multiplier=256),
+        ['gateways: item 0 ("g1"): multiplier must be 1..255, got 256'],
+    ),
+    (
+        "gateway-asn-type",
+        patched("gateways", 0, local_asn="8103"),
+        ['gateways: item 0 ("g1"): local-asn: Expected `int | null`, got `str`'],
     ),
     (
         "gateway-bgp-auth",
         patched("gateways", 0, bgp_auth={"key": "k"}),
-        ['gateways: item 0 ("g1")', "bgp-auth needs both"],
+        ['gateways: item 0 ("g1"): bgp-auth needs both "key" and "source"'],
+    ),
+    (
+        "gateway-bgp-auth-no-key",
+        patched("gateways", 0, bgp_auth={"source": "/etc/meridio/bgp-auth"}),
+        ['gateways: item 0 ("g1"): bgp-auth needs both'],
+    ),
+    (
+        "gateway-bgp-auth-relative-source",
+        patched("gateways", 0, bgp_auth={"key": "k", "source": "bgp-secret"}),
+        [
+            'gateways: item 0 ("g1"): bgp-auth: source must be an absolute path',
+            'got "bgp-secret"',
+        ],
+    ),
+    (
+        "gateway-bgp-auth-key-path",
+        patched("gateways", 0, bgp_auth={"key": "../k", "source": "/etc/meridio/bgp-auth"}),
+        ['gateways: item 0 ("g1"): bgp-auth: key must be a file name', 'got "../k"'],
+    ),
+    (
+        "gateway-bgp-auth-key-dotdot",
+        patched("gateways", 0, bgp_auth={"key": "..", "source": "/etc/meridio/bgp-auth"}),
+        ['gateways: item 0 ("g1"): bgp-auth: key must be a file name'],
     ),
     (
         "gateway-bgp-auth-field",
@@ -441,6 +559,47 @@ def test_errors_name_key_and_item(doc: Any, fragments: list[str]) -> None:
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_gateway_missing_numbers_are_defaults_and_limits_are_accepted() -> None:
+    """A missing key is 0 (the frontend's default); hold-time 0 is the default too; the
+    limits themselves are valid; BGP fields of a static gateway are kept and ignored."""
+    (gw,) = parse_config(BASE).gateways
+    assert (gw.local_asn, gw.remote_asn, gw.local_port, gw.remote_port) == (0, 0, 0, 0)
+    assert (gw.hold_time, gw.bfd) == (0, False)
+    assert not betterproto.serialized_on_wire(gw.bfd_spec)
+    doc = patched("gateways", 0, hold_time=0)  # an explicit 0 hold-time is the default
+    for name in ("local-asn", "remote-asn", "local-port", "remote-port", "min-tx", "multiplier"):
+        doc["gateways"]["items"][0][name] = None  # written as null: missing
+    assert parse_config(doc).gateways == (gw,)
+    (gw,) = parse_config(
+        patched(
+            "gateways",
+            0,
+            local_asn=1,
+            remote_asn=4294967295,
+            local_port=1,
+            remote_port=65535,
+            hold_time=3,
+            bfd=True,
+            min_tx=1,
+            min_rx=4294967,
+            multiplier=255,
+        )
+    ).gateways
+    assert (gw.local_asn, gw.remote_asn, gw.local_port, gw.remote_port) == (1, 4294967295, 1, 65535)
+    assert gw.hold_time == 3
+    assert (gw.bfd_spec.min_tx, gw.bfd_spec.min_rx, gw.bfd_spec.multiplier) == (1, 4294967, 255)
+    (gw,) = parse_config(patched("gateways", 0, bfd=True)).gateways
+    assert (gw.bfd_spec.min_tx, gw.bfd_spec.min_rx, gw.bfd_spec.multiplier) == (0, 0, 0)
+    (gw,) = parse_config(
+        patched("gateways", 0, protocol="static", local_asn=8103, hold_time=90, bfd=True)
+    ).gateways
+    assert (gw.protocol, gw.local_asn, gw.hold_time, gw.bfd) == ("static", 8103, 90, True)
+    (gw,) = parse_config(
+        patched("gateways", 0, bgp_auth={"key": "md5", "source": "/run/secrets/bgp"})
+    ).gateways
+    assert (gw.bgp_auth.key_name, gw.bgp_auth.key_source) == ("md5", "/run/secrets/bgp")
 
 
 def test_error_attributes() -> None:

@@ -35,6 +35,16 @@ become ``any``, ``N`` or ``N-M``; flow and port-NAT protocols, gateway protocol 
 are lower case; a stream without ``max-targets`` gets 100; a gateway without ``protocol`` gets
 ``bgp`` and one without ``ip-family`` gets the family of its address. As in Meridio, a
 gateway's ``bfd-spec`` (min-tx, min-rx, multiplier) is only filled when ``bfd`` is true.
+
+Gateways: a missing ``local-asn``, ``remote-asn``, ``local-port``, ``remote-port``, ``min-tx``,
+``min-rx`` or ``multiplier`` is 0 in the message, which the LB's frontend reads as its default
+(AS 8103 and 4248829953, port 10179, BFD 300 ms x 3); an explicit 0 is refused, as are AS
+numbers above 4294967295, ports above 65535, BFD intervals (milliseconds) above 4294967 and
+multipliers above 255. ``hold-time`` is 0 (the default, written or not) or 3..65535 seconds.
+These are checked whatever the protocol (BGP fields on a ``static`` gateway are ignored, not
+refused) and whether or not ``bfd`` is set. ``bgp-auth`` needs ``key`` and ``source``: the LB
+reads the key at run time from ``source``, an absolute path, either the key file itself or a
+directory (a mounted Secret) holding a file named ``key`` (so ``key`` has no ``/``).
 """
 
 from __future__ import annotations
@@ -107,6 +117,8 @@ _MANIFEST_FIELDS: Final = ("apiVersion", "kind", "metadata", "data", "immutable"
 _UINT32_MAX: Final = 2**32 - 1
 _INT32_MAX: Final = 2**31 - 1
 _PORT_MAX: Final = 65535
+# BFD carries its intervals in microseconds in 32 bits (RFC 5880); the configuration in ms.
+_BFD_INTERVAL_MAX_MS: Final = _UINT32_MAX // 1000
 
 _PORT_RANGE_RE: Final = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
 _NUMBER: Final = r"(?:0x[0-9a-f]+|[0-9]+)"
@@ -246,19 +258,20 @@ class _BgpAuthSpec(_Spec):
 
 
 class _GatewaySpec(_Spec):
+    # None: the key is missing, i.e. "use the frontend's default"; an explicit 0 is refused.
     name: str
     address: str
-    remote_asn: int = 0
-    local_asn: int = 0
-    remote_port: int = 0
-    local_port: int = 0
+    remote_asn: int | None = None
+    local_asn: int | None = None
+    remote_port: int | None = None
+    local_port: int | None = None
     ip_family: str = ""
     bfd: bool = False
     protocol: str = ""
-    hold_time: int = 0
-    min_tx: int = 0
-    min_rx: int = 0
-    multiplier: int = 0
+    hold_time: int = 0  # 0, written or not, is the default (not BIRD's "no keepalives")
+    min_tx: int | None = None
+    min_rx: int | None = None
+    multiplier: int | None = None
     trench: str = ""
     bgp_auth: _BgpAuthSpec | None = None
 
@@ -565,6 +578,35 @@ def _check_range(where: _Where, field_name: str, value: int, low: int, high: int
     return value
 
 
+def _check_given(where: _Where, field_name: str, value: int | None, high: int) -> int:
+    """A field whose missing key means "the default" (0 in the Gateway message): a 0 written
+    in the file is refused, as it would silently mean the default too."""
+    if value is None:
+        return 0
+    if value == 0:
+        raise where.error(
+            f"{field_name} must be 1..{high}, got 0 (leave {field_name} out for the default)"
+        )
+    return _check_range(where, field_name, value, 1, high)
+
+
+def _bgp_auth(where: _Where, spec: _BgpAuthSpec) -> GatewayBgpAuth:
+    """The LB reads the key at run time from ``source``: a file, or a directory (a mounted
+    Secret) holding a file named ``key``; so ``source`` is an absolute path and ``key`` a file
+    name."""
+    key, source = spec.key, spec.source
+    if not key or not source:
+        raise where.error('bgp-auth needs both "key" and "source"')
+    if "/" in key or key in (".", ".."):
+        raise where.error(f"bgp-auth: key must be a file name (no {_q('/')}), got {_q(key)}")
+    if not source.startswith("/"):
+        raise where.error(
+            "bgp-auth: source must be an absolute path (the key file, or a directory holding "
+            f"a file named by key), got {_q(source)}"
+        )
+    return GatewayBgpAuth(key_name=key, key_source=source)
+
+
 def _vip_address(where: _Where, text: str) -> str:
     try:
         iface = ipaddress.ip_interface(text.strip())
@@ -698,38 +740,32 @@ class _Builder:
         protocol = spec.protocol.strip().lower() or DEFAULT_GATEWAY_PROTOCOL
         if protocol not in _GATEWAY_PROTOCOLS:
             raise where.error(f"protocol must be bgp or static, got {_q(spec.protocol)}")
-        for name, value in (("remote-asn", spec.remote_asn), ("local-asn", spec.local_asn)):
-            _check_range(where, name, value, 0, _UINT32_MAX)
-        for name, value in (("remote-port", spec.remote_port), ("local-port", spec.local_port)):
-            _check_range(where, name, value, 0, _PORT_MAX)
+        remote_asn = _check_given(where, "remote-asn", spec.remote_asn, _UINT32_MAX)
+        local_asn = _check_given(where, "local-asn", spec.local_asn, _UINT32_MAX)
+        remote_port = _check_given(where, "remote-port", spec.remote_port, _PORT_MAX)
+        local_port = _check_given(where, "local-port", spec.local_port, _PORT_MAX)
         if spec.hold_time != 0:  # 0: the frontend's default
             _check_range(where, "hold-time", spec.hold_time, 3, _PORT_MAX)
-        _check_range(where, "min-tx", spec.min_tx, 0, _UINT32_MAX)
-        _check_range(where, "min-rx", spec.min_rx, 0, _UINT32_MAX)
-        _check_range(where, "multiplier", spec.multiplier, 0, 255)
+        min_tx = _check_given(where, "min-tx", spec.min_tx, _BFD_INTERVAL_MAX_MS)
+        min_rx = _check_given(where, "min-rx", spec.min_rx, _BFD_INTERVAL_MAX_MS)
+        multiplier = _check_given(where, "multiplier", spec.multiplier, 255)
         gateway = Gateway(
             name=spec.name,
             address=str(address),
             ip_family=ip_family,
             protocol=protocol,
-            remote_asn=spec.remote_asn,
-            local_asn=spec.local_asn,
-            remote_port=spec.remote_port,
-            local_port=spec.local_port,
+            remote_asn=remote_asn,
+            local_asn=local_asn,
+            remote_port=remote_port,
+            local_port=local_port,
             hold_time=spec.hold_time,
             bfd=spec.bfd,
             trench=self.item_trench(where, spec.trench),
         )
         if spec.bfd:
-            gateway.bfd_spec = GatewayBfdSpec(
-                min_tx=spec.min_tx, min_rx=spec.min_rx, multiplier=spec.multiplier
-            )
+            gateway.bfd_spec = GatewayBfdSpec(min_tx=min_tx, min_rx=min_rx, multiplier=multiplier)
         if spec.bgp_auth is not None:
-            if not spec.bgp_auth.key or not spec.bgp_auth.source:
-                raise where.error('bgp-auth needs both "key" and "source"')
-            gateway.bgp_auth = GatewayBgpAuth(
-                key_name=spec.bgp_auth.key, key_source=spec.bgp_auth.source
-            )
+            gateway.bgp_auth = _bgp_auth(where, spec.bgp_auth)
         return gateway
 
     def conduit(self, where: _Where, spec: _ConduitSpec, vips: Mapping[str, Vip]) -> Conduit:
