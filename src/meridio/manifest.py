@@ -16,7 +16,9 @@ What is rendered, per trench (names end in ``-<trench>``):
 * ``configuration``: the NSP's configuration in Meridio's format (a ConfigMap);
 * ``lb``: a Deployment with required anti-affinity (one LB per node, so the gateways' ECMP
   spreads over nodes), a PodDisruptionBudget and the Multus NetworkAttachmentDefinition of its
-  external interface (macvlan or VLAN);
+  external interface (macvlan or VLAN); with an attractor in the configuration, the LB's BGP
+  frontend (BIRD, a child of meridiod in the same container) is on: its ``attractor``
+  setting, the BGP and BFD ports, and optionally a Secret of BGP keys;
 * ``proxy``: a DaemonSet, and a Service with ``internalTrafficPolicy: Local`` through which a
   target reaches the proxy of its own node;
 * ``app``: an example application Deployment with the ``target`` sidecar.
@@ -66,6 +68,8 @@ METRICS_PORT = 2223
 """Prometheus metrics, when enabled (Meridio's port)."""
 
 RUN_DIR = "/run/meridio"
+BGP_AUTH_DIR = "/etc/meridio/bgp-auth"
+"""Where the LB pod mounts ``lb.bgp-auth-secret``: gateways' ``bgp-auth`` ``source``."""
 STATE_DIR = "/var/lib/meridio"
 CONFIG_DIR = "/etc/meridio/nsp"
 NON_ROOT_UID = 10002
@@ -164,6 +168,11 @@ class LbValues(_Struct):
     mode: str = "kernel"
     conduit: str = ""
     """Conduit whose streams the LBs serve; empty: the first conduit of the configuration."""
+    attractor: str = ""
+    """Attractor whose VIPs the LBs announce to its gateways (BGP/BFD); empty: the first
+    attractor of the configuration; with none, the frontend is off."""
+    bgp_auth_secret: str = ""
+    """A Secret of BGP TCP-MD5 keys, mounted read-only at ``BGP_AUTH_DIR``; empty: none."""
     external: ExternalNetwork = msgspec.field(default_factory=ExternalNetwork)
 
 
@@ -595,6 +604,16 @@ def _conduit(t: _Trench, config: dict[str, Any]) -> str:
 # iptables is iptables-nft; tests/container runs the LB with NET_ADMIN alone. (The systemd
 # unit keeps NET_RAW, since a host may have chosen iptables-legacy.)
 DATA_PATH_CAPABILITIES = ["NET_ADMIN"]
+# The LB with its frontend: BIRD runs as meridiod's child, as root, with the container's
+# capabilities. NET_ADMIN: BIRD's routes in the kernel, SO_PRIORITY 7 on its BGP and BFD
+# sockets. NET_BIND_SERVICE: a gateway whose local-port is below 1024 (BGP's usual 179, the
+# default of Meridio's Gateway resource); Meridio's 10179 and BFD's 3784 need nothing. Still
+# not NET_RAW: BIRD 2.0.12 keeps BGP and single-hop BFD sessions (TTL 255) up without it.
+FRONTEND_CAPABILITIES = ["NET_ADMIN", "NET_BIND_SERVICE"]
+BGP_PORT = 10179
+"""The frontend's default BGP port, both sides (Meridio's)."""
+BFD_PORT = 3784
+"""Single-hop BFD control (RFC 5881). No 3785: BIRD does not implement BFD's echo function."""
 
 # The conduits' vxlan mechanism: each end makes a VXLAN link towards the other's pod IP, so UDP
 # 4789 must pass between LB, proxy and application pods (the port is listed for that reason).
@@ -603,23 +622,96 @@ CONNECT = ("connect", CONNECT_PORT, "TCP")
 NODE_NAME = {"name": "MERIDIOD_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
 
 
+def _attractor(t: _Trench, config: dict[str, Any]) -> str:
+    attractors = _names(config, "attractors")
+    attractor = t.v.lb.attractor or (attractors[0] if attractors else "")
+    if attractor and attractor not in attractors:
+        raise ValuesError(f"lb.attractor: {attractor!r} is not an attractor of the configuration")
+    return attractor
+
+
+def _attractor_gateways(config: dict[str, Any], attractor: str) -> list[dict[str, Any]]:
+    (item,) = [a for a in config["attractors"]["items"] if a["name"] == attractor]
+    names = set(item.get("gateways", []))
+    return [g for g in config.get("gateways", {}).get("items", []) if g["name"] in names]
+
+
+def _frontend_ports(config: dict[str, Any], attractor: str) -> list[tuple[str, int, str]]:
+    """The BGP ports (each BGP gateway's local-port) and BFD's, for the container's ports.
+
+    Documentation only (nothing is published): the gateways connect to the pod's external
+    address, and BIRD listens there whatever is listed.
+    """
+    used = _attractor_gateways(config, attractor)
+    bgp = sorted(
+        {
+            int(g.get("local-port") or BGP_PORT)
+            for g in used
+            if str(g.get("protocol") or "bgp").lower() == "bgp"
+        }
+    )
+    ports = [("bgp" if i == 0 else f"bgp-{port}", port, "TCP") for i, port in enumerate(bgp)]
+    if any(g.get("bfd") for g in used):
+        ports.append(("bfd", BFD_PORT, "UDP"))
+    return ports
+
+
+def _bgp_auth(
+    t: _Trench, config: dict[str, Any], attractor: str
+) -> tuple[list[dict[str, Any]], list[tuple[str, str, bool]]]:
+    """The volume and mount of ``lb.bgp-auth-secret`` (none when it is empty).
+
+    A gateway of the attractor whose ``bgp-auth`` source lies in ``BGP_AUTH_DIR`` needs it.
+    """
+    secret = t.v.lb.bgp_auth_secret
+    if not secret:
+        for gateway in _attractor_gateways(config, attractor):
+            source = str((gateway.get("bgp-auth") or {}).get("source", ""))
+            if source == BGP_AUTH_DIR or source.startswith(BGP_AUTH_DIR + "/"):
+                raise ValuesError(
+                    f"lb.bgp-auth-secret: gateway {gateway['name']!r} reads its BGP key from "
+                    f"{source}: name the Secret to mount at {BGP_AUTH_DIR}"
+                )
+        return [], []
+    # Mounted whole (no subPath), so a changed key reaches the LB, which reads it at run time.
+    volume = {"name": "bgp-auth", "secret": {"secretName": secret, "defaultMode": 0o400}}
+    return [volume], [("bgp-auth", BGP_AUTH_DIR, True)]
+
+
 def _lb(t: _Trench, config: dict[str, Any]) -> list[dict[str, Any]]:
     lb = t.v.lb
     if lb.replicas < 1:
         raise ValuesError("lb.replicas: at least 1")
+    settings = {
+        "nsp": t.service_address("nsp", NSP_PORT),
+        "trench": t.trench,
+        "conduit": _conduit(t, config),
+        "mode": lb.mode,
+    }
+    # NET_ADMIN: policy rules and routes per target, nftables (the Maglev maps), iptables
+    #   NFQUEUE rules, binding the queues, deleting conntrack entries, conduit links.
+    capabilities = DATA_PATH_CAPABILITIES
+    ports = [CONNECT, VXLAN]
+    volumes: list[dict[str, Any]] = []
+    mounts: list[tuple[str, str, bool]] = []
+    attractor = _attractor(t, config)
+    if attractor:
+        # The frontend: BIRD speaks to the attractor's gateways on the external interface
+        # (the Multus one, named by the pod's network annotation below).
+        settings["attractor"] = attractor
+        settings["external-interface"] = lb.external.interface
+        capabilities = FRONTEND_CAPABILITIES
+        ports += _frontend_ports(config, attractor)
+        volumes, mounts = _bgp_auth(t, config, attractor)
+    elif lb.bgp_auth_secret:
+        raise ValuesError("lb.bgp-auth-secret: the configuration has no attractor")
     container = t.meridiod(
         "lb",
-        {
-            "nsp": t.service_address("nsp", NSP_PORT),
-            "trench": t.trench,
-            "conduit": _conduit(t, config),
-            "mode": lb.mode,
-        },
+        settings,
         resources=t.v.resources.lb,
-        # NET_ADMIN: policy rules and routes per target, nftables (the Maglev maps), iptables
-        #   NFQUEUE rules, binding the queues, deleting conntrack entries, conduit links.
-        capabilities=DATA_PATH_CAPABILITIES,
-        ports=[CONNECT, VXLAN],
+        capabilities=capabilities,
+        ports=ports,
+        mounts=mounts,
     )
     network = json.dumps([{"name": t.name("external"), "interface": lb.external.interface}])
     anti_affinity = {
@@ -653,6 +745,7 @@ def _lb(t: _Trench, config: dict[str, Any]) -> list[dict[str, Any]]:
                     [container],
                     grace=t.grace_period(20),
                     sysctls=LB_SYSCTLS,
+                    volumes=volumes,
                     affinity=anti_affinity,
                 ),
             },

@@ -145,9 +145,11 @@ def test_version(podman: Podman, image: str) -> None:
 def test_final_stage_has_no_compilers_and_has_the_tools(podman: Podman, image: str) -> None:
     script = (
         "for t in gcc cc pip; do command -v $t && exit 1; done; "
-        "for t in ip nft iptables ip6tables conntrack meridiod meridioctl; do "
+        "for t in ip nft iptables ip6tables conntrack bird birdc meridiod meridioctl; do "
         "command -v $t >/dev/null || { echo missing $t; exit 2; }; done; "
-        "python3 -c 'import netfilterqueue, meridio.roles.lb'"
+        "python3 -c 'import netfilterqueue, meridio.roles.lb' && "
+        # BIRD 2, the LB's frontend, runs (its libraries are there).
+        "bird --version 2>&1 | grep -q 'BIRD version 2\\.' && test -d /run/bird"
     )
     out = podman(
         "run", "--rm", *podman.runtime, "--network", "none", "--entrypoint", "sh", image,

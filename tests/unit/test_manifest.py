@@ -55,7 +55,10 @@ def variant_values() -> mf.Values:
         metrics=True,
         **{"drain-timeout": 25.5, "log-level": "debug"},
     )
-    doc["lb"].update(replicas=3, mode="nfqueue")
+    doc["lb"].update(replicas=3, mode="nfqueue", **{"bgp-auth-secret": "bgp-keys"})
+    gateways = doc["configuration"]["gateways"]["items"]
+    gateways[0]["bgp-auth"] = {"key": "gateway-v4", "source": mf.BGP_AUTH_DIR}
+    gateways[1].update(bfd=True, **{"local-port": 179})
     doc["lb"]["external"].update(type="vlan", **{"vlan-id": 100})
     doc["app"].update(replicas=5, image="registry.example.org/app:1")
     doc["storage"]["class-name"] = "fast"
@@ -365,7 +368,7 @@ def test_least_privilege(rendered: tuple[mf.Values, list[dict[str, Any]]]) -> No
             assert security["capabilities"]["drop"] == ["ALL"]
             assert not security.get("privileged")
             added = set(security["capabilities"].get("add", []))
-            assert added <= {"NET_ADMIN"}
+            assert added <= set(mf.FRONTEND_CAPABILITIES)
             if not added:
                 assert security["runAsNonRoot"] is True
             resources = container["resources"]
@@ -374,6 +377,11 @@ def test_least_privilege(rendered: tuple[mf.Values, list[dict[str, Any]]]) -> No
         added = set(container["securityContext"]["capabilities"].get("add", []))
         if role_of(container) in ("ipam", "nsp"):
             assert not added
+        elif role_of(container) == "lb" and settings_env(container, POD_IPS[0]).get(
+            "MERIDIOD_ATTRACTOR"
+        ):
+            # BIRD, the LB's child: also binding a BGP port below 1024. Never NET_RAW.
+            assert added == {"NET_ADMIN", "NET_BIND_SERVICE"}
         else:
             assert added == {"NET_ADMIN"}
 
@@ -418,6 +426,72 @@ def test_shape_of_a_trench(rendered: tuple[mf.Values, list[dict[str, Any]]]) -> 
             assert env["MERIDIOD_MECHANISM"] == "vxlan"
 
 
+# --- the LB's BGP frontend ---------------------------------------------------------------------
+
+
+def lb_pod(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod spec, lb container) of the LB Deployment."""
+    (lb,) = [w for w in workloads(docs) if w["metadata"]["name"].startswith("lb-")]
+    pod = lb["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return pod, container
+
+
+def test_lb_frontend_defaults() -> None:
+    """The default values: the first attractor, Meridio's BGP port, no BFD, no key Secret."""
+    pod, container = lb_pod(mf.render(default_values()))
+    env = settings_env(container, POD_IPS[0])
+    assert env["MERIDIOD_ATTRACTOR"] == "attractor-a"
+    # BIRD speaks on the Multus interface only
+    assert env["MERIDIOD_EXTERNAL_INTERFACE"] == "ext"
+    ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in container["ports"]}
+    assert ports["bgp"] == (10179, "TCP")
+    assert "bfd" not in ports  # no gateway of attractor-a has BFD
+    assert not any(p["containerPort"] == 3785 for p in container["ports"])  # BIRD: no echo
+    assert "NET_RAW" not in container["securityContext"]["capabilities"]["add"]
+    assert [v["name"] for v in pod["volumes"]] == ["run"]
+
+
+def test_lb_frontend_ports_and_key_secret() -> None:
+    values = variant_values()
+    pod, container = lb_pod(mf.render(values))
+    ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in container["ports"]}
+    # gateway-v4 on 10179, gateway-v6 on 179 with BFD (single hop: UDP 3784)
+    assert ports["bgp"] == (179, "TCP")
+    assert ports["bgp-10179"] == (10179, "TCP")
+    assert ports["bfd"] == (3784, "UDP")
+    assert len({p["name"] for p in container["ports"]}) == len(container["ports"])
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["bgp-auth"]["secret"]["secretName"] == "bgp-keys"
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "bgp-auth"]
+    # read-only, and whole (a subPath mount would never see a changed key)
+    assert mount == {"name": "bgp-auth", "mountPath": mf.BGP_AUTH_DIR, "readOnly": True}
+    # The configuration the NSP serves names the mounted directory as the key's source.
+    cfg = nspconfig.parse_config(mf.configuration(values))
+    gateway = next(g for g in cfg.gateways if g.name == "gateway-v4")
+    assert gateway.bgp_auth.key_source == mf.BGP_AUTH_DIR
+
+
+def test_lb_without_attractor_has_no_frontend() -> None:
+    doc = yaml.safe_load(VALUES.read_text())
+    del doc["configuration"]["attractors"]
+    _, container = lb_pod(mf.render(msgspec_convert(doc, VALUES)))
+    env = settings_env(container, POD_IPS[0])
+    assert "MERIDIOD_ATTRACTOR" not in env
+    assert "MERIDIOD_EXTERNAL_INTERFACE" not in env
+    assert container["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert {p["name"] for p in container["ports"]} == {"health", "connect", "vxlan"}
+
+
+def test_lb_attractor_can_be_chosen() -> None:
+    doc = yaml.safe_load(VALUES.read_text())
+    attractors = doc["configuration"]["attractors"]["items"]
+    attractors.append({"name": "attractor-b", "vips": ["vip-a-v4"], "gateways": ["gateway-v6"]})
+    doc["lb"]["attractor"] = "attractor-b"
+    _, container = lb_pod(mf.render(msgspec_convert(doc, VALUES)))
+    assert settings_env(container, POD_IPS[0])["MERIDIOD_ATTRACTOR"] == "attractor-b"
+
+
 # --- values errors and the command ------------------------------------------------------------
 
 
@@ -444,6 +518,26 @@ def values_with(tmp_path: Path, change: Any) -> Path:
         ),
         (lambda d: d["app"].update(streams=["nope"]), ["app.streams", "nope"]),
         (lambda d: d["lb"].update(conduit="nope"), ["lb.conduit", "nope"]),
+        (lambda d: d["lb"].update(attractor="nope"), ["lb.attractor", "nope"]),
+        (
+            lambda d: d["configuration"]["gateways"]["items"][0].update(
+                {"bgp-auth": {"key": "k", "source": "/etc/meridio/bgp-auth"}}
+            ),
+            ["lb.bgp-auth-secret", "gateway-v4", "/etc/meridio/bgp-auth"],
+        ),
+        (
+            lambda d: d["configuration"]["gateways"]["items"][0].update(
+                {"bgp-auth": {"key": "k", "source": "bgp-secret"}}
+            ),
+            ["refused by the NSP", "gateway-v4", "source must be an absolute path"],
+        ),
+        (
+            lambda d: (
+                d["configuration"].pop("attractors"),
+                d["lb"].update({"bgp-auth-secret": "keys"}),
+            ),
+            ["lb.bgp-auth-secret", "no attractor"],
+        ),
         (lambda d: d["lb"]["external"].update(type="vlan"), ["vlan-id"]),
         (lambda d: d["configuration"].update(trench={"name": "x"}), ["trench"]),
     ],

@@ -109,6 +109,11 @@ def test_the_unit_is_what_the_daemon_expects() -> None:
     for role in ("ipam", "nsp"):
         dropin = SYSTEMD / f"meridiod@{role}.service.d" / "capabilities.conf"
         assert unit_value("CapabilityBoundingSet", dropin) == ""
+    # The LB's BIRD: BGP on a port below 1024 (the assignment adds to the unit's set).
+    bird = SYSTEMD / "meridiod@lb.service.d" / "bird.conf"
+    assert unit_value("CapabilityBoundingSet", bird) == "CAP_NET_BIND_SERVICE"
+    # BIRD, a child of the LB, must not outlive it: control-group or mixed kill what is left.
+    assert unit_value("KillMode") in ("control-group", "mixed")
 
 
 @pytest.mark.parametrize("role", ROLES)
