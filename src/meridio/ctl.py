@@ -22,6 +22,7 @@ from rich.table import Table
 from meridio import __version__
 from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
 from meridio.api.meridio.admin.v1 import (
+    GatewaysRequest,
     IpamInspectStub,
     LbInspectStub,
     ListAllocationsRequest,
@@ -403,6 +404,45 @@ def lb_which(lb_addr: str, src: str, dst: str, proto: str, output: str) -> None:
         "ips": list(reply.ips),
     }
     render([row], list(row), output, "")
+
+
+@lb.command("gateways")
+@LB_OPTION
+@OUTPUT
+def lb_gateways(lb_addr: str, output: str) -> None:
+    """The frontend's sessions with the attractor's gateways and the VIPs announced."""
+
+    async def ask(channel: grpclib.client.Channel) -> Any:
+        return await LbInspectStub(channel).gateways(GatewaysRequest())
+
+    reply = run_client(lb_addr, ask)
+    rows = [
+        {
+            "gateway": g.name,
+            "address": g.address,
+            "protocol": g.protocol,
+            "state": g.state,
+            "bfd": g.bfd,
+            "since": g.since,
+            "announced": g.routes_announced,
+            "received": g.routes_received,
+            "info": g.info,
+        }
+        for g in reply.gateways
+    ]
+    if output != "table":
+        body = reply.to_pydict(include_default_values=True)
+        body["gateways"] = rows
+        render([body], [], output, "")
+        return
+    click.echo(
+        f"attractor {reply.attractor or '-'}, BIRD {reply.bird or '-'}, router ID "
+        f"{reply.router_id or '-'}, announcing {', '.join(reply.announced) or 'nothing'}"
+    )
+    if reply.error:
+        click.echo(f"error: {reply.error}")
+    columns = ["gateway", "address", "protocol", "state", "bfd", "since", "announced"]
+    render(rows, [*columns, "received", "info"], output, "")
 
 
 @main.command()

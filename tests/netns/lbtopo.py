@@ -273,11 +273,14 @@ class LbDaemon(Daemon):
         ]
 
 
-def start_nsp(ns: Netns, workdir: Path, *args: str) -> Daemon:
-    """An NSP with :data:`NSP_CONFIG` in ``ns`` (registrations live an hour)."""
+def start_nsp(
+    ns: Netns, workdir: Path, *args: str, configuration: dict[str, Any] | None = None
+) -> Daemon:
+    """An NSP with ``configuration`` (default :data:`NSP_CONFIG`) in ``ns`` (registrations
+    live an hour)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "meridio-configuration.yaml"
-    config.write_text(yaml.safe_dump(NSP_CONFIG, sort_keys=False))
+    config.write_text(yaml.safe_dump(configuration or NSP_CONFIG, sort_keys=False))
     nsp = Daemon(
         ns,
         "nsp",

@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,11 +92,20 @@ def vlan_support() -> str | None:
 class ExternalTopology:
     """lbtopo without its LB, plus the gateway namespace; the LB is started by the test."""
 
-    def __init__(self, workdir: Path, *, gateway_v6: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        gateway_v6: bool = True,
+        static_routes: bool = True,
+        nsp_config: dict[str, Any] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.topo = LbTopology(workdir, targets=2, start_lb=False)
         self.gw: Netns | None = None
         self.gateway_v6 = gateway_v6
+        self.static_routes = static_routes
+        self.nsp_config = nsp_config
 
     def __enter__(self) -> ExternalTopology:
         reap_stale(PREFIX)
@@ -111,11 +121,17 @@ class ExternalTopology:
                     f"addr add {GW4}/24 dev x0",
                     f"addr add {GW6}/64 dev x0 nodad",
                     "link set x0 up",
-                    f"route add {VIP4}/32 via {LB_EXT4}",
-                    f"route add {VIP6}/128 via {LB_EXT6}",
+                    *(
+                        [
+                            f"route add {VIP4}/32 via {LB_EXT4}",
+                            f"route add {VIP6}/128 via {LB_EXT6}",
+                        ]
+                        if self.static_routes
+                        else []
+                    ),
                 ],
             )
-            self.topo.nsp = start_nsp(self.topo.lb_ns, self.workdir)
+            self.topo.nsp = start_nsp(self.topo.lb_ns, self.workdir, configuration=self.nsp_config)
         except BaseException:
             self.topo.close()
             raise
@@ -128,10 +144,10 @@ class ExternalTopology:
     def lb_ns(self) -> Netns:
         return self.topo.lb_ns
 
-    def start_lb(self, *args: str) -> None:
+    def start_lb(self, *args: str, mode: str = "kernel", timeout: float = 20) -> None:
         assert self.topo.nsp is not None
-        self.topo.lb = lb_daemon(self.lb_ns, self.workdir / "lb", self.topo.nsp, "kernel", *args)
-        run_async(self.topo.lb.start(timeout=20))
+        self.topo.lb = lb_daemon(self.lb_ns, self.workdir / "lb", self.topo.nsp, mode, *args)
+        run_async(self.topo.lb.start(timeout=timeout))
         self.topo.register(range(1, 3))
         self.topo.wait_targets({1, 2})
 

@@ -106,20 +106,38 @@ class ExternalSpec:
     """Per IP family, the gateway addresses, sorted."""
     table: int = 4096
     priority: int = 200
+    routes_from_frontend: bool = False
+    """The gateway routes come from the LB's BIRD (its kernel protocol writes them into the
+    table): only the rules and the blackhole are ours."""
 
     @property
     def creates(self) -> bool:
         return bool(self.parent)
 
 
-def external_spec(settings: ExternalSettings) -> ExternalSpec | None:
-    """The external side as configured, or None when none is; ValueError names the setting."""
+def external_spec(
+    settings: ExternalSettings, *, routes_from_frontend: bool = False
+) -> ExternalSpec | None:
+    """The external side as configured, or None when none is; ValueError names the setting.
+
+    With ``routes_from_frontend`` (an attractor is set) the gateways and their routes come
+    from the NSP's configuration through BIRD, not from the ``gateways`` setting."""
     interface = settings.external_interface.strip()
     parent = settings.external_parent.strip()
     addresses = split_list(settings.external_addresses)
     gateways = split_list(settings.gateways)
-    if not (interface or parent or addresses or gateways):
+    if not (interface or parent or addresses or gateways or routes_from_frontend):
         return None
+    if routes_from_frontend and gateways:
+        raise ValueError(
+            "settings 'gateways' and 'attractor' exclude each other: with an attractor the "
+            "gateways come from the NSP's configuration"
+        )
+    if routes_from_frontend and not (interface or parent):
+        raise ValueError(
+            "setting 'attractor' needs 'external-interface' or 'external-parent': BIRD speaks "
+            "to the gateways on the external interface only"
+        )
     kind = ""
     if parent:
         kind = settings.external_kind.strip()
@@ -188,6 +206,7 @@ def external_spec(settings: ExternalSettings) -> ExternalSpec | None:
         },
         table=table,
         priority=priority,
+        routes_from_frontend=routes_from_frontend,
     )
 
 
@@ -363,7 +382,7 @@ class External:
                 current = read_table_routes(
                     await self.netlink.routes(spec.table, FAMILY[family]), spec.table
                 )
-            if current.gateways != wanted.gateways:
+            if current.gateways != wanted.gateways and not spec.routes_from_frontend:
                 if wanted.gateways:
                     await self.netlink.ensure_route(
                         "default",

@@ -26,16 +26,20 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpclib
 import trio
 from grpclib.const import Status
 from prometheus_client import Gauge
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pyroute2.netlink.exceptions import NetlinkError
 
 from meridio.api.meridio.admin.v1 import (
+    GatewaysRequest,
+    GatewaysResponse,
+    GatewayStatus,
     LbInspectBase,
     LbStream,
     LbTarget,
@@ -45,6 +49,7 @@ from meridio.api.meridio.admin.v1 import (
     WhichResponse,
 )
 from meridio.api.nsp.v1 import (
+    Attractor,
     Conduit,
     ConfigurationManagerStub,
     Flow,
@@ -57,7 +62,7 @@ from meridio.api.nsp.v1 import (
     Vip,
 )
 from meridio.connect.lbside import LbConnect, LbConnectSettings, check_connect_settings
-from meridio.core import maglev
+from meridio.core import birdconf, maglev
 from meridio.core.classifier import Classifier
 from meridio.core.jhash import flow_key, nft_bucket
 from meridio.core.lbstate import (
@@ -73,7 +78,8 @@ from meridio.core.lbstate import (
 from meridio.core.packet import MalformedPacket, five_tuple
 from meridio.lb import iptables
 from meridio.lb import nftables as nft
-from meridio.lb.external import External, ExternalError, external_spec
+from meridio.lb.external import External, ExternalError, external_spec, split_list
+from meridio.lb.frontend import Frontend
 from meridio.lb.nfq import QueueReader
 from meridio.roles.base import Role
 from meridio.runtime.metrics import REGISTRY
@@ -82,6 +88,12 @@ from meridio.settings import CommonSettings
 MODES = ("kernel", "nfqueue", "first-packet")
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 
+ANNOUNCED = Gauge(
+    "meridio_lb_vips_announced",
+    "VIPs the LB announces to its gateways now",
+    ["trench", "attractor"],
+    registry=REGISTRY,
+)
 TARGETS = Gauge(
     "meridio_lb_targets",
     "Targets in the Maglev table of a stream",
@@ -142,6 +154,20 @@ class LbSettings(LbConnectSettings, kw_only=True):
     """Routing table of the replies from the VIPs (``from <VIP> lookup <table>``)."""
     gateway_rule_priority: int = 200
     """Priority of the ``from <VIP>`` rules."""
+    # --- attraction (see meridio.lb.frontend) ---
+    attractor: str = ""
+    """Name of the attractor (NSP configuration) this LB belongs to: its VIPs are announced
+    to its gateways by BGP (or attracted by static routes with BFD) through a BIRD the LB runs
+    on the external interface. Empty: no frontend (the gateways route statically)."""
+    router_id: str = ""
+    """BIRD's router ID; empty: the first external IPv4 address, else derived from the
+    instance name (so an IPv6-only LB works)."""
+    bird_binary: str = "bird"
+    bird_poll_interval: float = 0.25
+    """Seconds between two readings of BIRD's sessions."""
+    withdraw_grace: float = 1.0
+    """After SIGTERM: seconds between withdrawing the VIPs and removing the data path, for
+    the gateways to move the flows to the other LBs."""
 
 
 def derive_seed(settings: LbSettings) -> int:
@@ -201,6 +227,7 @@ class Inputs:
     flows: list[Flow] | None = None
     vips: list[Vip] | None = None
     targets: list[Target] | None = None
+    attractors: list[Attractor] | None = None
     connected: dict[str, bool] = field(default_factory=dict)
 
     def complete(self) -> bool:
@@ -315,6 +342,40 @@ class LbCollector:
         for reason, count in sorted(self.role.verdicts.drops.items()):
             drops.add_metric([reason], count)
         yield from (packets, octets, drops)
+        frontend = self.role.frontend
+        if frontend is None:
+            return
+        session = GaugeMetricFamily(
+            "meridio_lb_gateway_up",
+            "1 while the session with the gateway is up (BGP established, static route in)",
+            labels=["gateway", "protocol"],
+        )
+        bfd = GaugeMetricFamily(
+            "meridio_lb_gateway_bfd_up",
+            "1 while the BFD session with the gateway is up (gateways with BFD only)",
+            labels=["gateway"],
+        )
+        announced = GaugeMetricFamily(
+            "meridio_lb_gateway_routes_announced",
+            "Routes announced to the gateway",
+            labels=["gateway"],
+        )
+        received = GaugeMetricFamily(
+            "meridio_lb_gateway_routes_received",
+            "Routes received from the gateway",
+            labels=["gateway"],
+        )
+        for g in frontend.gateways:
+            session.add_metric([g.name, g.protocol], 1 if g.up else 0)
+            if g.bfd != "off":
+                bfd.add_metric([g.name], 1 if g.bfd == "up" else 0)
+            announced.add_metric([g.name], g.routes_announced)
+            received.add_metric([g.name], g.routes_received)
+        restarts = CounterMetricFamily(
+            "meridio_lb_bird_starts", "Times the LB started its BIRD", labels=[]
+        )
+        restarts.add_metric([], frontend.starts)
+        yield from (session, bfd, announced, received, restarts)
 
 
 class LbRole(Role):
@@ -333,7 +394,12 @@ class LbRole(Role):
         if settings.table_size and not maglev.is_prime(settings.table_size):
             raise ValueError(f"setting 'table-size': {settings.table_size} is not a prime")
         check_connect_settings(settings, settings.conduit, settings.rule_priority)
-        external_spec(settings)  # ValueError naming the setting
+        # ValueError naming the setting
+        external_spec(settings, routes_from_frontend=bool(settings.attractor))
+        if settings.attractor:
+            birdconf.router_id(settings.router_id, (), "check")
+        if settings.withdraw_grace < 0 or settings.bird_poll_interval <= 0:
+            raise ValueError("settings 'withdraw-grace' and 'bird-poll-interval' must be > 0")
 
     def __init__(self, settings: CommonSettings, runtime: Any) -> None:
         super().__init__(settings, runtime)
@@ -363,6 +429,9 @@ class LbRole(Role):
         self.log = runtime.log
         self.connect: LbConnect | None = None
         self.external: External | None = None
+        self.frontend: Frontend | None = None
+        self.watches = 5 if settings.attractor else 4
+        self.draining = False
 
     # --- NSP watches -------------------------------------------------------------------------
 
@@ -388,7 +457,7 @@ class LbRole(Role):
                 self.dirty.set()
 
     def _update_nsp_health(self) -> None:
-        up = len(self.inputs.connected) == 4 and all(self.inputs.connected.values())
+        up = len(self.inputs.connected) == self.watches and all(self.inputs.connected.values())
         self.nsp_check.set(up)
 
     # --- reconcile ---------------------------------------------------------------------------
@@ -442,6 +511,7 @@ class LbRole(Role):
     async def reconcile(self, *, check_drift: bool) -> None:
         await self._reconcile_external(check_drift=check_drift)
         if not self.inputs.complete():
+            self._update_attraction()
             return
         desired, path = self._compute()
         for problem in desired.problems:
@@ -506,9 +576,10 @@ class LbRole(Role):
         self.desired = desired
         for key, stream in path.streams.items():
             TARGETS.labels(*key).set(len(stream.targets))
-        # not ready while a target cannot be routed to: a gateway trusting readiness would send
-        # traffic this LB cannot deliver yet
+        # not ready while a target cannot be routed to: a gateway trusting readiness would
+        # send traffic this LB cannot deliver yet
         self.datapath_check.set(not failed)
+        self._update_attraction()
 
     async def _forget_connections(self, marks: set[int]) -> None:
         """Drop conntrack entries that still carry a removed target's mark.
@@ -647,6 +718,8 @@ class LbRole(Role):
         self.nsp_check = health.register("NSPCli", ["Readiness"])
         self.datapath_check = health.register("Stream", ["Readiness"])
         health.register("LB", ["Startup", "Liveness"]).set(True)
+        if self.lb.attractor:
+            self.gateways_check = health.register("Gateways", ["Readiness"])
         collector = LbCollector(self)
         REGISTRY.register(collector)
         nsp = await self.runtime.grpc.channel(self.lb.nsp)
@@ -660,13 +733,31 @@ class LbRole(Role):
         if self.lb.inspect_listen:
             listen.append(self.lb.inspect_listen)
         await self.runtime.grpc.serve([LbInspect(self)], listen)
+
+        def setter(attr: str, field_name: str) -> Callable[[Any], None]:
+            return lambda msg: setattr(inputs, attr, list(getattr(msg, field_name)))
+
         try:
             async with trio.open_nursery() as nursery:
                 await self._start_connect(nursery, nsp)
                 await self._attach_external()
-
-                def setter(attr: str, field_name: str) -> Callable[[Any], None]:
-                    return lambda msg: setattr(inputs, attr, list(getattr(msg, field_name)))
+                if self.lb.attractor:
+                    self.frontend = Frontend(
+                        self.runtime.run_dir,
+                        self.log.bind(part="frontend"),
+                        binary=self.lb.bird_binary,
+                        poll_interval=self.lb.bird_poll_interval,
+                        on_change=self._frontend_changed,
+                    )
+                    await nursery.start(self.frontend.run)
+                    nursery.start_soon(
+                        self._watch,
+                        "attractors",
+                        lambda: config.watch_attractor(
+                            Attractor(name=self.lb.attractor, trench=trench)
+                        ),
+                        setter("attractors", "attractors"),
+                    )
 
                 nursery.start_soon(
                     self._watch,
@@ -727,21 +818,126 @@ class LbRole(Role):
                 await self.reconcile(check_drift=drift)
             except Exception as exc:
                 self.datapath_check.set(False)
+                self._update_attraction()
                 self.log.error("reconcile failed, retrying", error=str(exc), exc_info=True)
                 await trio.sleep(1)
                 self.dirty.set()
 
     async def drain(self) -> None:
+        # Withdraw first: the gateways move the flows to the other LBs (which build the same
+        # tables) while this one still forwards what is on its way.
+        if self.frontend is not None:
+            self.draining = True
+            await self.frontend.withdraw()
+            await trio.sleep(self.lb.withdraw_grace)
         await self._drain_connect()
         # Readiness is already off; give the gateway's health checks a moment to move traffic.
         await trio.sleep(0)
+
+    # --- attraction (BIRD; see meridio.lb.frontend) -------------------------------------------
+
+    def able_to_forward(self) -> bool:
+        """The data path is installed and routes to every target, and egress is in place.
+
+        The NSP's connection is not required once the data path is in: an NSP restart must
+        not make every LB withdraw every VIP at once.
+        """
+        egress = getattr(self, "egress_check", None)
+        return (
+            self.datapath is not None
+            and self.datapath_check.serving
+            and (egress is None or egress.serving)
+            and not self.draining
+        )
+
+    def announceable_vips(self) -> tuple[str, ...]:
+        """The attractor's VIPs this LB can forward now: carried by a flow of a stream that
+        has at least one target in the table."""
+        inputs, path = self.inputs, self.datapath
+        if not self.able_to_forward() or path is None or not inputs.attractors:
+            return ()
+        wanted = {v.address for a in inputs.attractors for v in a.vips}
+        with_targets = {key for key, stream in path.streams.items() if stream.targets}
+        carried = {
+            v.address
+            for f in inputs.flows or ()
+            if f.stream and stream_key(f.stream) in with_targets
+            for v in f.vips
+        }
+        return tuple(sorted(wanted & carried))
+
+    def frontend_config(self) -> birdconf.FrontendConfig:
+        """BIRD's configuration for the attractor as the NSP has it now."""
+        assert self.external is not None
+        spec = self.external.spec
+        peers = []
+        for attractor in self.inputs.attractors or ():
+            for gateway in attractor.gateways:
+                peers.append(birdconf.peer_from_gateway(gateway, self._gateway_key(gateway)))
+        peers.sort(key=lambda p: p.name)
+        return birdconf.FrontendConfig(
+            router_id=birdconf.router_id(
+                self.lb.router_id, split_list(self.lb.external_addresses), self.runtime.instance
+            ),
+            interface=spec.interface,
+            table=spec.table,
+            peers=tuple(peers),
+            announce=self.announceable_vips(),
+            families=tuple(sorted({p.family for p in peers})) or (4, 6),
+        )
+
+    def _gateway_key(self, gateway: Any) -> str:
+        """The TCP MD5 key of a gateway's session, from its key source: a file holding the key,
+        or a directory (a mounted Secret) holding a file named by the key name."""
+        auth = gateway.bgp_auth
+        if auth is None or not auth.key_source:
+            return ""
+        source = Path(auth.key_source)
+        path = source / auth.key_name if source.is_dir() else source
+        try:
+            key = path.read_text()
+        except OSError as exc:
+            raise birdconf.FrontendConfigError(
+                f"gateway {gateway.name!r}: cannot read the BGP authentication key "
+                f"{str(path)!r}: {exc.strerror or exc}"
+            ) from None
+        return birdconf.check_password(gateway.name, key)
+
+    def _update_attraction(self) -> None:
+        frontend = self.frontend
+        if frontend is None or self.inputs.attractors is None:
+            return
+        if not self.inputs.attractors:
+            message = (
+                f"attractor {self.lb.attractor!r} is not in trench {self.lb.trench!r}'s "
+                "configuration"
+            )
+            if frontend.error != message:
+                self.log.error("unknown attractor", attractor=self.lb.attractor)
+            frontend.set_error(message)
+            return
+        try:
+            config = self.frontend_config()
+        except birdconf.FrontendConfigError as exc:
+            if frontend.error != str(exc):
+                self.log.error("frontend configuration refused", error=str(exc))
+            frontend.set_error(str(exc))
+            return
+        frontend.set_config(config)
+
+    def _frontend_changed(self) -> None:
+        frontend = self.frontend
+        if frontend is None:
+            return
+        self.gateways_check.set(frontend.any_gateway_up())
+        ANNOUNCED.labels(self.lb.trench, self.lb.attractor).set(len(frontend.announced))
 
     # --- the external side (gateways; see meridio.lb.external) --------------------------------
 
     async def _attach_external(self) -> None:
         """Make or adopt the external interface; fail the role when it cannot be made (e.g. a
         VLAN on a kernel without 802.1Q support), saying why."""
-        spec = external_spec(self.lb)
+        spec = external_spec(self.lb, routes_from_frontend=bool(self.lb.attractor))
         if spec is None:
             return
         self.egress_check = self.runtime.health.register("Egress", ["Readiness"])
@@ -882,4 +1078,32 @@ class LbInspect(LbInspectBase):
             identifier=identifier,
             fwmark=stream.offset + identifier if identifier else 0,
             ips=list(target.ips) if target else [],
+        )
+
+    async def gateways(self, gateways_request: GatewaysRequest) -> GatewaysResponse:
+        role = self.role
+        frontend = role.frontend
+        if frontend is None:
+            return GatewaysResponse(error="no attractor: this LB runs no frontend (static routing)")
+        applied = frontend.applied
+        return GatewaysResponse(
+            attractor=role.lb.attractor,
+            bird=frontend.bird,
+            gateways=[
+                GatewayStatus(
+                    name=g.name,
+                    address=g.address,
+                    protocol=g.protocol,
+                    state=g.state,
+                    bfd=g.bfd,
+                    since=g.since,
+                    routes_announced=g.routes_announced,
+                    routes_received=g.routes_received,
+                    info=g.info,
+                )
+                for g in frontend.gateways
+            ],
+            announced=list(frontend.announced),
+            error=frontend.error,
+            router_id=applied.router_id if applied else "",
         )

@@ -103,6 +103,38 @@ class WhichResponse(betterproto.Message):
     ips: List[str] = betterproto.string_field(6)
 
 
+@dataclass(eq=False, repr=False)
+class GatewaysRequest(betterproto.Message):
+    """
+    The LB frontend's sessions with its attractor's gateways, for `meridioctl lb gateways`.
+    """
+
+    pass
+
+
+@dataclass(eq=False, repr=False)
+class GatewayStatus(betterproto.Message):
+    name: str = betterproto.string_field(1)
+    address: str = betterproto.string_field(2)
+    protocol: str = betterproto.string_field(3)
+    state: str = betterproto.string_field(4)
+    bfd: str = betterproto.string_field(5)
+    since: str = betterproto.string_field(6)
+    routes_announced: int = betterproto.uint32_field(7)
+    routes_received: int = betterproto.uint32_field(8)
+    info: str = betterproto.string_field(9)
+
+
+@dataclass(eq=False, repr=False)
+class GatewaysResponse(betterproto.Message):
+    attractor: str = betterproto.string_field(1)
+    bird: str = betterproto.string_field(2)
+    gateways: List["GatewayStatus"] = betterproto.message_field(3)
+    announced: List[str] = betterproto.string_field(4)
+    error: str = betterproto.string_field(5)
+    router_id: str = betterproto.string_field(6)
+
+
 class IpamInspectStub(betterproto.ServiceStub):
     async def list(
         self,
@@ -157,6 +189,23 @@ class LbInspectStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
+    async def gateways(
+        self,
+        gateways_request: "GatewaysRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "GatewaysResponse":
+        return await self._unary_unary(
+            "/meridio.admin.v1.LbInspect/Gateways",
+            gateways_request,
+            GatewaysResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class IpamInspectBase(ServiceBase):
 
@@ -192,6 +241,9 @@ class LbInspectBase(ServiceBase):
     async def which(self, which_request: "WhichRequest") -> "WhichResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def gateways(self, gateways_request: "GatewaysRequest") -> "GatewaysResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_show(
         self, stream: "grpclib.server.Stream[ShowRequest, ShowResponse]"
     ) -> None:
@@ -204,6 +256,13 @@ class LbInspectBase(ServiceBase):
     ) -> None:
         request = await stream.recv_message()
         response = await self.which(request)
+        await stream.send_message(response)
+
+    async def __rpc_gateways(
+        self, stream: "grpclib.server.Stream[GatewaysRequest, GatewaysResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.gateways(request)
         await stream.send_message(response)
 
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
@@ -219,5 +278,11 @@ class LbInspectBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 WhichRequest,
                 WhichResponse,
+            ),
+            "/meridio.admin.v1.LbInspect/Gateways": grpclib.const.Handler(
+                self.__rpc_gateways,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                GatewaysRequest,
+                GatewaysResponse,
             ),
         }
