@@ -9,7 +9,10 @@ fd00:18::2) joined by a veth. ``srv`` holds VIP-like addresses on ``lo`` (203.0.
   the VIP the request went to, not from the veth address;
 - clients (TCP and UDP, IPv4 and IPv6) spread over both: every packet answered, both named;
 - killing the only server of a run: its connections are lost, reconnects fail;
-- SIGTERM stops a server with status 0; ``analyze`` renders a saved report and a PNG.
+- SIGTERM stops a server with status 0; ``analyze`` renders a saved report and a PNG;
+- the probe (new connections at a fixed rate): every attempt answered and named, round-robin
+  over IPv4 and IPv6; against a port nobody listens on every attempt refused, the failure
+  window the whole run; a server killed and restarted mid-run: one window, about the outage.
 """
 
 from __future__ import annotations
@@ -71,10 +74,17 @@ class Lab:
             *TRAFFIC, "client", "-o", "json", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
 
+    def probe(self, *args: str) -> subprocess.Popen[bytes]:
+        return self.cli.popen(
+            *TRAFFIC, "probe", "-o", "json", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
 
-def finish(proc: subprocess.Popen[bytes], timeout: float = 20) -> tuple[dict[str, Any], str]:
+
+def finish(
+    proc: subprocess.Popen[bytes], timeout: float = 20, status: int = 0
+) -> tuple[dict[str, Any], str]:
     out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err.decode()
+    assert proc.returncode == status, err.decode()
     return json.loads(out), err.decode()
 
 
@@ -199,3 +209,81 @@ print("ok")
     assert server.stderr is not None
     rest = server.stderr.read().decode()
     assert "stopping on SIGTERM" in rest and "stopped:" in rest
+
+
+def test_probe_answered_then_refused(lab: Lab, tmp_path: Path) -> None:
+    lab.server("srv-p", "203.0.113.1:5004")
+    lab.server("srv-q", "[2001:db8::2]:5004")
+    both = ("-a", "203.0.113.1:5004", "-a", "[2001:db8::2]:5004", "-r", "50", "-d", "2")
+    save = tmp_path / "probe.json"
+    tcp = lab.probe(*both, "--progress", "line", "--save", str(save))
+    udp = lab.probe(*both, "--udp")
+    dead = lab.probe("-a", "203.0.113.3:5999", "-r", "50", "-d", "2")
+    for proto, proc in (("tcp", tcp), ("udp", udp)):
+        report, err = finish(proc)
+        assert report["kind"] == "probe" and report["protocol"] == proto
+        # 100 attempts were due; a busy host may make the prober skip a few.
+        assert report["attempts"] + report["skipped"] == 100, proto
+        assert report["skipped"] <= 10, proto
+        assert report["ok"] == report["attempts"] and report["failed"] == 0, proto
+        # Round-robin: even attempts to srv-p, odd ones to srv-q.
+        assert set(report["hosts"]) == {"srv-p", "srv-q"}, proto
+        assert sum(report["hosts"].values()) == report["ok"], proto
+        assert min(report["hosts"].values()) >= 40, proto
+        assert report["failures"] == [] and report["failure_window"] == 0, proto
+        assert [s["t"] for s in report["samples"]] == [0, 1], proto
+        if proto == "tcp":
+            assert "new connections ok/failed/skipped:" in err
+            assert json.loads(save.read_text()) == report
+
+    report, err = finish(dead, status=1)
+    assert "no attempt succeeded" in err
+    assert report["ok"] == 0 and report["hosts"] == {}
+    assert report["failed"] == report["attempts"] >= 90
+    assert report["errors"] == {"refused": report["failed"]}
+    assert {f["error"] for f in report["failures"]} == {"refused"}
+    assert {f["address"] for f in report["failures"]} == {"203.0.113.3:5999"}
+    # Refused at once from the first attempt (due at 0) to the last (due at 1.98).
+    assert report["first_failure"] < 0.1 and report["last_failure"] > 1.9
+    assert 1.85 < report["failure_window"] < 2.1
+    assert len(report["failure_periods"]) == 1
+
+    shown = subprocess.run(
+        [*TRAFFIC, "analyze", str(save)],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "120", "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    for text in ("New connections", "failure window", "0.000 s", "srv-p", "srv-q"):
+        assert text in shown.stdout
+
+
+def test_probe_measures_a_server_outage(lab: Lab) -> None:
+    server = lab.server("before", "[::]:5005")
+    probe = lab.probe("-a", "203.0.113.1:5005", "-r", "100", "-d", "5", "--progress", "line")
+    assert probe.stderr is not None
+    # The first progress line: the probe runs (and has had a second of answers).
+    ready, _, _ = select.select([probe.stderr], [], [], 15)
+    assert ready and b"new connections" in probe.stderr.readline()
+    server.kill()
+    server.wait(5)
+    down = time.monotonic()
+    time.sleep(0.5)
+    lab.server("after", "[::]:5005")
+    outage = time.monotonic() - down
+    report, _ = finish(probe)
+    assert set(report["hosts"]) == {"before", "after"}
+    # Refused while nothing listened; the kill may have reset an attempt in flight.
+    assert set(report["errors"]) <= {"refused", "reset"} and report["failed"] > 0
+    assert report["errors"].get("reset", 0) <= 2
+    assert report["ok"] + report["failed"] == report["attempts"] >= 450
+    # One window, from the kill to the restart: at least the half second slept, at most the
+    # measured outage (a refusal ends at once; the clock started before the kill was sent).
+    assert len(report["failure_periods"]) == 1
+    assert 0.4 < report["failure_window"] <= outage + 0.1
+    assert report["failure_window"] == pytest.approx(
+        report["last_failure"] - report["first_failure"], abs=0.05
+    )
+    assert report["failed"] == pytest.approx(report["failure_window"] * 100, abs=10)

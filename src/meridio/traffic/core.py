@@ -20,10 +20,14 @@ A connection's life is a small state machine (:class:`ConnectionRecord`):
         |                          '------fail------> lost
         |--fail--> failed      (a failed connect)
         '--finish--> aborted   (the run ended while it was still connecting; counted nowhere)
+
+The probe (``traffic probe``, a new connection every 1/rate s) has its schedule, error kinds
+and report (with the failure window) at the end of this module.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import math
 import socket
@@ -480,9 +484,12 @@ REQUIRED_COUNTS = ("lost_connections", "failed_connects", "sent", "received", "d
 
 
 def validate_report(obj: object) -> dict[str, Any]:
-    """Check that ``obj`` looks like a client report; ``ValueError`` names the first problem."""
+    """Check that ``obj`` looks like a client (or probe) report; ``ValueError`` names the first
+    problem."""
     if not isinstance(obj, dict):
         raise ValueError("not a traffic report: the top level is not an object")
+    if obj.get("kind") == PROBE_REPORT_KIND:
+        return validate_probe_report(obj)
     for key in ("hosts", "lost_per_host"):
         value = obj.get(key, {} if key == "lost_per_host" else None)
         if not isinstance(value, dict) or not all(
@@ -528,3 +535,323 @@ def host_rows(report: Mapping[str, Any]) -> list[HostRow]:
             )
         )
     return rows
+
+
+# ----------------------------------------------------------------------------------- probe
+#
+# ``traffic probe`` measures how long *new* connections fail (a load balancer's failover: the
+# time it takes to notice a dead target): it opens a fresh connection every 1/rate seconds, each
+# of which sends one request, reads the reply that names the server, and closes. Attempt i is
+# due at i/rate whatever the earlier ones are doing; one that would start more than
+# PACING_SLACK late is skipped (counted, never sent in a burst).
+
+PROBE_REPORT_KIND = "probe"
+PROBE_ERROR_KINDS = {
+    errno.ECONNREFUSED: "refused",
+    errno.ECONNRESET: "reset",
+    errno.ECONNABORTED: "reset",
+    errno.EPIPE: "reset",
+    errno.ETIMEDOUT: "timeout",
+    errno.ENETUNREACH: "unreachable",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.EHOSTDOWN: "unreachable",
+    errno.ENETDOWN: "unreachable",
+    # connect(2) found no free local port (TIME_WAIT from earlier attempts, a small port range).
+    errno.EADDRNOTAVAIL: "local-port",
+    errno.EADDRINUSE: "local-port",
+    errno.EMFILE: "resources",
+    errno.ENFILE: "resources",
+    errno.ENOBUFS: "resources",
+    errno.ENOMEM: "resources",
+    # A local firewall rejected the packet (or the ICMP error said "administratively prohibited").
+    errno.EPERM: "denied",
+    errno.EACCES: "denied",
+}
+
+
+def classify_errno(number: int) -> str:
+    """A short failure kind for an errno: ``refused``, ``reset``, ``unreachable``, ...
+
+    Errnos without a kind of their own are named by their symbol in lower case (``eproto``).
+    """
+    if number in PROBE_ERROR_KINDS:
+        return PROBE_ERROR_KINDS[number]
+    return errno.errorcode.get(number, f"errno-{number}").lower()
+
+
+def classify_error(exc: BaseException) -> str:
+    """The failure kind of an exception from a probe attempt (see :func:`classify_errno`).
+
+    A wrapper without an errno (trio's ``BrokenResourceError``) is classified by the ``OSError``
+    it was raised from. Timeouts of the caller's own (trio's ``TooSlowError``) are the caller's to
+    name ``timeout``.
+    """
+    if isinstance(exc, socket.gaierror):
+        return "resolve"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return classify_errno(exc.errno)
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        return classify_error(cause)
+    return "error"
+
+
+@dataclass(frozen=True)
+class ProbeSchedule:
+    """When a probe's attempts are due: attempt ``i`` at ``i / rate`` seconds, for ``i < count``.
+
+    An attempt is *late* once the time is more than ``slack`` past its due time; the prober
+    skips late attempts (:meth:`first_on_time`) instead of starting them in a burst.
+    """
+
+    rate: float
+    duration: float
+    slack: float = PACING_SLACK
+
+    def __post_init__(self) -> None:
+        if not (self.rate > 0 and self.duration > 0 and math.isfinite(self.rate * self.duration)):
+            raise ValueError("rate and duration must be positive")
+
+    @property
+    def count(self) -> int:
+        """Attempts due within the duration (``i / rate < duration``)."""
+        n = max(0, math.ceil(self.rate * self.duration))
+        while n > 0 and self.due(n - 1) >= self.duration:
+            n -= 1
+        while self.due(n) < self.duration:
+            n += 1
+        return n
+
+    def due(self, index: int) -> float:
+        return index / self.rate
+
+    def late(self, index: int, now: float) -> bool:
+        return now - self.due(index) > self.slack
+
+    def first_on_time(self, index: int, now: float) -> int:
+        """The first attempt from ``index`` on that is not late at ``now`` (at most ``count``)."""
+        if not self.late(index, now):
+            return index
+        first = max(index + 1, math.ceil((now - self.slack) * self.rate))
+        while first > index + 1 and not self.late(first - 1, now):
+            first -= 1
+        while self.late(first, now):
+            first += 1
+        return min(first, self.count)
+
+    def second(self, index: int) -> int:
+        """The second of the run (0, 1, ...) in which attempt ``index`` is due."""
+        return math.floor(self.due(index))
+
+    def per_second(self, start: int, stop: int) -> dict[int, int]:
+        """How many of the attempts ``start <= i < stop`` are due in each second."""
+        counts: dict[int, int] = {}
+        i = start
+        while i < stop:
+            sec = self.second(i)
+            # The first attempt of the next second, found without walking every index.
+            nxt = max(i + 1, math.ceil((sec + 1) * self.rate))
+            while nxt > i + 1 and self.second(nxt - 1) > sec:
+                nxt -= 1
+            while nxt < stop and self.second(nxt) == sec:
+                nxt += 1
+            nxt = min(nxt, stop)
+            counts[sec] = counts.get(sec, 0) + nxt - i
+            i = nxt
+        return counts
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    addresses: tuple[HostPort, ...]
+    udp: bool = False
+    rate: float = 100.0
+    duration: float = 10.0
+    connect_timeout: float = 1.0
+
+    @property
+    def protocol(self) -> str:
+        return "udp" if self.udp else "tcp"
+
+    @property
+    def schedule(self) -> ProbeSchedule:
+        return ProbeSchedule(self.rate, self.duration)
+
+    def address(self, index: int) -> HostPort:
+        """Attempts take the addresses round-robin."""
+        return self.addresses[index % len(self.addresses)]
+
+
+@dataclass
+class ProbeAttempt:
+    """One new connection of a probe: ``started`` and ``ended`` are seconds since the start.
+
+    Neither :meth:`succeed` nor :meth:`fail` called: aborted (the run was stopped meanwhile).
+    """
+
+    index: int
+    address: str
+    started: float
+    ended: float | None = None
+    host: str | None = None
+    error: str | None = None
+
+    def succeed(self, now: float, host: str) -> None:
+        self.ended, self.host = now, host
+
+    def fail(self, now: float, error: str) -> None:
+        self.ended, self.error = now, error
+
+    @property
+    def ok(self) -> bool:
+        return self.ended is not None and self.error is None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+@dataclass(frozen=True)
+class ProbeCounts:
+    attempts: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    in_flight: int = 0
+
+
+def probe_progress_line(elapsed: float, duration: float, counts: ProbeCounts) -> str:
+    return (
+        f"new connections ok/failed/skipped: {counts.ok}/{counts.failed}/{counts.skipped}  "
+        f"in flight: {counts.in_flight}  {elapsed:5.1f}/{duration:g}s"
+    )
+
+
+def failure_end(attempt: ProbeAttempt, timeout: float) -> float:
+    """When a failed attempt stopped counting: its end, at most its start plus the timeout."""
+    ended = attempt.ended if attempt.ended is not None else attempt.started + timeout
+    return min(ended, attempt.started + timeout)
+
+
+def failure_periods(
+    attempts: Iterable[ProbeAttempt], timeout: float
+) -> list[tuple[float, float, int]]:
+    """Runs of failed attempts with no successful one started between them.
+
+    Each is ``(start of its first attempt, latest end of its attempts, attempts)``.
+    """
+    periods: list[tuple[float, float, int]] = []
+    current: tuple[float, float, int] | None = None
+    for attempt in sorted(attempts, key=lambda a: (a.started, a.index)):
+        if attempt.ok:
+            if current is not None:
+                periods.append(current)
+                current = None
+        elif attempt.failed:
+            end = failure_end(attempt, timeout)
+            if current is None:
+                current = (attempt.started, end, 1)
+            else:
+                current = (current[0], max(current[1], end), current[2] + 1)
+    if current is not None:
+        periods.append(current)
+    return periods
+
+
+def build_probe_report(
+    settings: ProbeSettings,
+    attempts: Sequence[ProbeAttempt],
+    skipped: Iterable[tuple[int, int]] = (),
+    *,
+    started: str,
+    elapsed: float,
+    stopped_by: str | None = None,
+) -> dict[str, Any]:
+    """The probe's report (the JSON of ``probe -o json``).
+
+    ``skipped`` holds the index ranges ``(start, stop)`` of the attempts skipped for being late.
+    The failure window runs from the start of the first failed attempt to the end of the last
+    one to end (an attempt that timed out ends at its start plus the timeout); it is 0 when
+    nothing failed. Samples count attempts by the second they were due in.
+    """
+    schedule = settings.schedule
+    timeout = settings.connect_timeout
+    ok = [a for a in attempts if a.ok]
+    failed = sorted((a for a in attempts if a.failed), key=lambda a: (a.started, a.index))
+    skipped_per_second: Counter[int] = Counter()
+    for start, stop in skipped:
+        skipped_per_second.update(schedule.per_second(start, stop))
+    seconds = max(
+        [schedule.second(schedule.count - 1) + 1 if schedule.count else 0]
+        + [schedule.second(a.index) + 1 for a in attempts]
+        + [s + 1 for s in skipped_per_second]
+    )
+    ok_per_second = Counter(schedule.second(a.index) for a in ok)
+    failed_per_second = Counter(schedule.second(a.index) for a in failed)
+    window = 0.0
+    if failed:
+        window = max(failure_end(a, timeout) for a in failed) - failed[0].started
+    return {
+        "kind": PROBE_REPORT_KIND,
+        "version": REPORT_VERSION,
+        "started": started,
+        "elapsed": round(elapsed, 3),
+        "protocol": settings.protocol,
+        "addresses": [str(a) for a in settings.addresses],
+        "rate": settings.rate,
+        "duration": settings.duration,
+        "connect_timeout": timeout,
+        "stopped_by": stopped_by,
+        "attempts": len(ok) + len(failed),
+        "ok": len(ok),
+        "failed": len(failed),
+        "skipped": sum(skipped_per_second.values()),
+        "aborted": sum(1 for a in attempts if a.ended is None),
+        "hosts": _count(a.host or NO_REPLY for a in ok),
+        "errors": _count(a.error or "" for a in failed),
+        "failures": [
+            {"t": _round(a.started), "address": a.address, "error": a.error} for a in failed
+        ],
+        "first_failure": _round(failed[0].started) if failed else None,
+        "last_failure": _round(failed[-1].started) if failed else None,
+        "failure_window": round(window, 4),
+        "failure_periods": [
+            {"start": _round(start), "end": _round(end), "failed": n}
+            for start, end, n in failure_periods(attempts, timeout)
+        ],
+        "samples": [
+            {
+                "t": sec,
+                "ok": ok_per_second[sec],
+                "failed": failed_per_second[sec],
+                "skipped": skipped_per_second[sec],
+            }
+            for sec in range(seconds)
+        ],
+    }
+
+
+PROBE_REQUIRED_COUNTS = ("attempts", "ok", "failed", "skipped")
+
+
+def validate_probe_report(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """Check that ``obj`` looks like a probe report; ``ValueError`` names the first problem."""
+    hosts = obj.get("hosts")
+    if not isinstance(hosts, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in hosts.items()
+    ):
+        raise ValueError("not a probe report: 'hosts' must map host names to counts")
+    for key in PROBE_REQUIRED_COUNTS:
+        value = obj.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"not a probe report: {key!r} must be an integer")
+    window = obj.get("failure_window")
+    if not isinstance(window, (int, float)) or isinstance(window, bool):
+        raise ValueError("not a probe report: 'failure_window' must be a number")
+    for key in ("failures", "samples"):
+        if not isinstance(obj.get(key, []), list):
+            raise ValueError(f"not a probe report: {key!r} must be a list")
+    return dict(obj)

@@ -173,3 +173,91 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
     if rows:
         axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.savefig(path, format="png", dpi=100)
+
+
+# ---------------------------------------------------------------------------------- probe
+
+
+def describe_probe(report: Mapping[str, Any]) -> str:
+    get = report.get
+    parts = [
+        f"probe: new {get('protocol', '?')} connections to {', '.join(get('addresses', []))}, "
+        f"{get('rate', '?')}/s for {get('duration', '?')} s, "
+        f"timeout {get('connect_timeout', '?')} s"
+    ]
+    if get("started"):
+        parts.append(f"started {get('started')}")
+    if get("stopped_by"):
+        parts.append(f"stopped by {get('stopped_by')}")
+    return "; ".join(parts)
+
+
+def probe_summary_table(report: Mapping[str, Any]) -> Table:
+    table = Table(title="New connections", show_header=False)
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for key in ("attempts", "ok", "failed", "skipped", "aborted"):
+        if key in report and (key != "aborted" or report[key]):
+            table.add_row(key, str(report[key]))
+        if key == "failed":
+            for kind, count in sorted((report.get("errors") or {}).items()):
+                table.add_row(f"  {kind}", str(count))
+    window = report.get("failure_window", 0)
+    table.add_row("failure window", f"{window:.3f} s")
+    if report.get("first_failure") is not None:
+        table.add_row(
+            "failures started", f"{report['first_failure']:.3f} to {report['last_failure']:.3f} s"
+        )
+    periods = report.get("failure_periods") or []
+    if len(periods) > 1:
+        table.add_row("failure periods", str(len(periods)))
+    return table
+
+
+def probe_hosts_table(report: Mapping[str, Any]) -> Table:
+    table = Table(title="New connections per target")
+    table.add_column("host")
+    table.add_column("ok", justify="right")
+    table.add_column("share", justify="right")
+    hosts: Mapping[str, int] = report.get("hosts") or {}
+    total = sum(hosts.values())
+    for host, count in sorted(hosts.items()):
+        table.add_row(host, str(count), f"{count / total:.1%}")
+    table.add_section()
+    table.add_row("total", str(total), "100.0%" if total else "-")
+    return table
+
+
+def probe_samples_table(report: Mapping[str, Any]) -> Table:
+    table = Table(title="Per-second samples (by due time)")
+    keys = ("t", "ok", "failed", "skipped")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for sample in report.get("samples", []):
+        table.add_row(*(_fmt(sample.get(key)) for key in keys))
+    return table
+
+
+def probe_failures_table(report: Mapping[str, Any]) -> Table:
+    table = Table(title="Failed attempts")
+    for key in ("t", "address", "error"):
+        table.add_column(key, justify="right" if key == "t" else "left")
+    for failure in report.get("failures", []):
+        table.add_row(*(_fmt(failure.get(key)) for key in ("t", "address", "error")))
+    return table
+
+
+def render_probe_report(
+    console: Console,
+    report: Mapping[str, Any],
+    *,
+    failures: bool = False,
+    samples: bool = False,
+) -> None:
+    console.print(describe_probe(report), highlight=False, soft_wrap=True)
+    console.print(probe_summary_table(report))
+    console.print(probe_hosts_table(report))
+    if samples:
+        console.print(probe_samples_table(report))
+    if failures:
+        console.print(probe_failures_table(report))
