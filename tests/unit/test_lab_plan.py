@@ -1,8 +1,12 @@
-"""The lab's plan, pure: names, addresses, placement, scaling, gateway routes, command lines."""
+"""The lab's plan, pure: names, addresses, placement, scaling, gateway routes and BIRD
+configuration, NSP configuration, command lines; and the parsers of what BIRD and ``ip``
+answer."""
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from hypothesis import strategies as st
 
 from meridio.core.nspconfig import parse_config
 from meridio.daemon import load_role
-from meridio.lab import plan
+from meridio.lab import plan, system
 from meridio.lab.lab import Lab
 from meridio.lab.plan import LabSpec, PlanError, ScalePlan
 from meridio.lab.state import LabState, load, save
@@ -43,7 +47,9 @@ def test_every_address_of_the_biggest_lab_is_in_the_allowed_ranges_and_unique() 
     primary += [plan.primary_address("lb", i) for i in range(1, lbs + 1)]
     primary += [plan.primary_address("node", i) for i in range(1, nodes + 1)]
     primary += [plan.primary_address("target", i) for i in range(1, targets + 1)]
-    external = [plan.external_address(f, i) for f in (4, 6) for i in range(0, lbs + 1)]
+    external = [plan.external_address(f, i) for f in (4, 6) for i in range(1, lbs + 1)]
+    routers = plan.LIMITS["gateways"][1]
+    external += [plan.gateway_router_cidr(f, r) for f in (4, 6) for r in range(1, routers + 1)]
     others = [*plan.VIPS.values(), *plan.IPAM_PREFIXES.values()]
     for address in [*primary, *external]:
         assert allowed(address), address
@@ -52,6 +58,7 @@ def test_every_address_of_the_biggest_lab_is_in_the_allowed_ranges_and_unique() 
         assert allowed(str(first)) and allowed(str(last)), prefix
     assert len(set(primary)) == len(primary)
     assert len(set(external)) == len(external)
+    assert all(ipaddress.ip_interface(a).network == plan.EXTERNAL[6] for a in external if ":" in a)
     assert all(ipaddress.ip_address(a) in plan.PRIMARY for a in primary)
     # the conduits' addresses (IPAM), the primary network and the external one are apart
     ipam4 = ipaddress.ip_network(plan.IPAM_PREFIXES[4])
@@ -64,6 +71,17 @@ def test_addresses_and_names() -> None:
     assert plan.external_address(4, 0) == "192.0.2.1/24"
     assert plan.external_address(6, 3) == "fd00:e::d/64"
     assert plan.gateway_address(6) == "fd00:e::1"
+    assert plan.gateway_router_cidr(4, 2) == "192.0.2.2/24"
+    assert plan.gateway_router_address(6, 2) == "fd00:e::2"
+    assert plan.gateway_router_address(4, 1) == plan.gateway_address(4)
+    assert plan.lb_of_external_address("192.0.2.12") == 2
+    assert plan.lb_of_external_address("fd00:e::1a") == 16
+    for other in ("192.0.2.1", "192.0.2.2", "192.0.2.27", "fe80::1", "198.19.1.1", "x"):
+        assert plan.lb_of_external_address(other) is None, other
+    assert plan.vip_next_hop_lbs(["192.0.2.12", "192.0.2.11", "192.0.2.99"]) == (
+        [1, 2],
+        ["192.0.2.99"],
+    )
     assert plan.vip_endpoints([6, 4]) == ["203.0.113.1:5000", "[2001:db8::1]:5000"]
     assert plan.netns_name("mlab-", plan.target_host(3)) == "mlab-target-3"
     assert plan.port_name("target-64") == "p-target-64"
@@ -73,7 +91,7 @@ def test_addresses_and_names() -> None:
 
 
 def test_only_the_lab_s_own_namespaces_are_taken_for_it() -> None:
-    for name in ("mlab-gw", "mlab-pri", "mlab-lb-1", "mlab-node-16", "mlab-target-64"):
+    for name in ("mlab-gw", "mlab-gw-2", "mlab-pri", "mlab-lb-1", "mlab-node-16", "mlab-target-64"):
         assert plan.is_lab_netns("mlab-", name), name
     for name in ("mlab-t123-gw", "mlab-probe-1-2", "mlab-lb-x", "mtest-1-lb", "xmlab-gw"):
         assert not plan.is_lab_netns("mlab-", name), name
@@ -138,6 +156,110 @@ def test_the_gateway_route_follows_the_lbs() -> None:
     assert plan.gateway_route([], 4) == ["-4", "route", "del", "203.0.113.1/32"]
 
 
+def test_gateway_routers_names_and_interfaces() -> None:
+    assert [plan.gateway_host(r) for r in (1, 2)] == ["gw", "gw-2"]
+    assert [plan.gateway_instance(r) for r in (1, 2)] == ["bird-gw", "bird-gw-2"]
+    assert plan.gateway_port_name(2) == "x-gw-2"
+    assert plan.gateway_interface("macvlan", 1) == "ext"
+    assert plan.gateway_interface("veth", 2) == "eth1"
+    assert plan.gateway_interface("vlan", 1) == "ext.100"
+    assert plan.gateway_interface("vlan", 2) == "eth1.100"
+    for name, router in (("gateway", 1), ("gateway-1", 1), ("gateway-2", 2), ("gw", 1)):
+        assert plan.gateway_router_from_name(name) == router, name
+    for name in ("bird-gw", "bird-gw-2", "gw-2"):
+        assert plan.gateway_router_from_name(name) is not None, name
+    for name in ("lb-1", "gateways", "target-2", "gw-x"):
+        assert plan.gateway_router_from_name(name) is None, name
+    assert LabSpec(gateways=2).routers == (1, 2)
+    assert LabSpec().routing == "bgp" and LabSpec().dynamic
+    assert not LabSpec(routing="static").dynamic
+
+
+def test_the_bgp_gateway_config() -> None:
+    text = plan.gateway_bird_config(LabSpec(), 1)
+    flat = " ".join(text.split())
+    assert "router id 192.0.2.1;" in flat
+    assert (
+        'protocol bfd { interface "ext" { min rx interval 100 ms; min tx interval 100 ms; '
+        "multiplier 3; }; }" in flat
+    )
+    for family, channel, local, network, default in (
+        (4, "ipv4", "192.0.2.1", "192.0.2.0/24", "0.0.0.0/0"),
+        (6, "ipv6", "fd00:e::1", "fd00:e::/64", "::/0"),
+    ):
+        assert (
+            f"protocol kernel K{family} {{ {channel} {{ import none; export where source = "
+            "RTS_BGP; }; merge paths on; }" in flat
+        )
+        # the default goes to the LBs only: never into the gateway's own table
+        assert f"protocol static DEF{family} {{ {channel}; route {default} unreachable; }}" in flat
+        assert (
+            f"template bgp LB{family} {{ local {local} port 10179 as 4248829953; passive on; "
+            f"bfd on; hold time 3; direct; {channel} {{ import all; export where proto = "
+            f'"DEF{family}"; next hop self; }}; dynamic name "lb{family}_"; }}'
+        ) in flat
+        assert (
+            f"protocol bgp LBS{family} from LB{family} {{ neighbor range {network} port 10179 "
+            "as 8103; }"
+        ) in flat
+    # "gw" is a keyword of BIRD's grammar: no protocol is named so
+    assert " gw " not in flat and "protocol bgp gw" not in flat
+
+
+def test_the_second_gateway_and_single_family_configs() -> None:
+    text = plan.gateway_bird_config(LabSpec(gateways=2, external="vlan", ip_family="ipv6"), 2)
+    flat = " ".join(text.split())
+    assert "router id 192.0.2.2;" in flat  # a number, also on an IPv6-only lab
+    assert 'interface "eth1.100"' in flat
+    assert "local fd00:e::2 port 10179" in flat
+    assert "ipv4" not in flat and "K4" not in flat
+
+
+def test_the_static_bfd_gateway_config_covers_every_possible_lb() -> None:
+    text = plan.gateway_bird_config(LabSpec(routing="static-bfd"), 1)
+    flat = " ".join(text.split())
+    low, high = plan.LIMITS["lbs"]
+    hops4 = " ".join(f"via 192.0.2.{10 + i} bfd" for i in range(low, high + 1))
+    hops6 = " ".join(f"via fd00:e::{10 + i:x} bfd" for i in range(low, high + 1))
+    assert f"protocol static VIP4 {{ ipv4; route 203.0.113.1/32 {hops4} ; }}" in flat
+    assert f"protocol static VIP6 {{ ipv6; route 2001:db8::1/128 {hops6} ; }}" in flat
+    assert 'export where proto = "VIP4";' in flat and 'export where proto = "VIP6";' in flat
+    assert "protocol bgp" not in flat and "merge paths on" in flat
+    with pytest.raises(PlanError):
+        plan.gateway_bird_config(LabSpec(routing="static"), 1)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LabSpec(gateways=2),
+        LabSpec(routing="static-bfd", gateways=2),
+        LabSpec(ip_family="ipv6", external="vlan"),
+        LabSpec(ip_family="ipv4", routing="static-bfd"),
+    ],
+)
+def test_bird_accepts_the_gateway_configs(spec: LabSpec, tmp_path: Path) -> None:
+    bird = system.find_bird()
+    if bird is None:
+        pytest.skip("BIRD 2 is not installed (apt-get install bird2)")
+    for router in spec.routers:
+        config = tmp_path / f"bird-{router}.conf"
+        config.write_text(plan.gateway_bird_config(spec, router))
+        # -p: parse the configuration and exit
+        checked = subprocess.run([bird, "-p", "-c", str(config)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_the_gateway_bird_command_line(tmp_path: Path) -> None:
+    argv = plan.gateway_bird_args(tmp_path, 2, "/usr/sbin/bird")
+    assert argv == [
+        "/usr/sbin/bird", "-f",
+        "-c", str(tmp_path / "bird-gw-2" / "bird.conf"),
+        "-s", str(tmp_path / "bird-gw-2" / "run" / "bird.ctl"),
+        "-P", str(tmp_path / "bird-gw-2" / "run" / "bird.pid"),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("family", ["dualstack", "ipv4", "ipv6"])
 def test_the_nsp_configuration_is_valid_meridio_configuration(family: str) -> None:
     config = parse_config(plan.nsp_configuration(plan.FAMILIES[family]))
@@ -146,6 +268,44 @@ def test_the_nsp_configuration_is_valid_meridio_configuration(family: str) -> No
     (flow,) = config.flows
     assert flow.stream.name == plan.STREAM and list(flow.destination_port_ranges) == ["5000"]
     assert config.streams[0].max_targets == plan.MAX_TARGETS
+    # static routing: no attractor, no gateway (the LBs are given the gateways' addresses)
+    assert not config.attractors and not config.gateways
+
+
+@pytest.mark.parametrize("routing", ["bgp", "static-bfd"])
+@pytest.mark.parametrize("family", ["dualstack", "ipv4", "ipv6"])
+def test_the_nsp_configuration_has_the_attractor_and_gateways(routing: str, family: str) -> None:
+    families = plan.FAMILIES[family]
+    raw = plan.spec_nsp_configuration(LabSpec(routing=routing, ip_family=family, gateways=2))
+    config = parse_config(raw)
+    (attractor,) = config.attractors
+    assert attractor.name == plan.ATTRACTOR and attractor.trench.name == plan.TRENCH
+    assert [v.address for v in attractor.vips] == [plan.vip_cidr(f) for f in families]
+    names = [g.name for g in attractor.gateways]
+    assert names == [plan.gateway_name(f, r) for r in (1, 2) for f in families]
+    by_name = {g.name: g for g in config.gateways}
+    assert sorted(by_name) == sorted(names)
+    for router in (1, 2):
+        for f in families:
+            gateway = by_name[plan.gateway_name(f, router)]
+            assert gateway.address == plan.gateway_router_address(f, router)
+            assert gateway.ip_family == f"ipv{f}"
+            assert gateway.protocol == ("bgp" if routing == "bgp" else "static")
+            assert gateway.bfd and gateway.trench.name == plan.TRENCH
+            spec = gateway.bfd_spec
+            assert (spec.min_tx, spec.min_rx, spec.multiplier) == (100, 100, 3)
+            if routing == "bgp":
+                assert (gateway.local_asn, gateway.remote_asn) == (8103, 4248829953)
+                assert (gateway.local_port, gateway.remote_port) == (10179, 10179)
+                assert gateway.hold_time == 3
+    item = raw["gateways"]["items"][0]
+    if routing == "bgp" and family != "ipv6":
+        assert item == {
+            "name": "gateway-v4", "address": "192.0.2.1", "ip-family": "ipv4",
+            "protocol": "bgp", "bfd": True, "min-tx": 100, "min-rx": 100, "multiplier": 3,
+            "hold-time": 3, "local-asn": 8103, "remote-asn": 4248829953,
+            "local-port": 10179, "remote-port": 10179, "trench": plan.TRENCH,
+        }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -154,12 +314,15 @@ def test_the_nsp_configuration_is_valid_meridio_configuration(family: str) -> No
         LabSpec(),
         LabSpec(ip_family="ipv4", mechanism="vxlan", external="veth", lb_mode="kernel"),
         LabSpec(ip_family="ipv6", external="vlan"),
+        LabSpec(routing="static-bfd", gateways=2),
+        LabSpec(routing="static"),
+        LabSpec(routing="static", gateways=2, ip_family="ipv4"),
     ],
 )
 def test_every_command_line_is_settings_its_role_takes(spec: LabSpec, tmp_path: Path) -> None:
     config = plan.nsp_config_path(tmp_path)
     config.parent.mkdir(parents=True)
-    config.write_text(yaml.safe_dump(plan.nsp_configuration(spec.families)))
+    config.write_text(yaml.safe_dump(plan.spec_nsp_configuration(spec)))
     lines = {
         "nsp": plan.nsp_args(tmp_path),
         "ipam": plan.ipam_args(tmp_path, spec.families),
@@ -173,7 +336,13 @@ def test_every_command_line_is_settings_its_role_takes(spec: LabSpec, tmp_path: 
         settings = load_settings(cls.Settings, flags=parse_flag_args(argv[1:]))
         cls.check_settings(settings)
     lb = " ".join(lines["lb"])
-    assert "--external-addresses=" in lb and "--gateways=" in lb
+    assert "--external-addresses=" in lb
+    if spec.dynamic:
+        # the LB takes its gateways and VIPs from the NSP's attractor
+        assert f"--attractor={plan.ATTRACTOR}" in lines["lb"] and "--gateways=" not in lb
+    else:
+        gateways = [plan.gateway_router_address(f, r) for r in spec.routers for f in spec.families]
+        assert f"--gateways={','.join(gateways)}" in lines["lb"] and "--attractor" not in lb
     if spec.external == "veth":
         assert "--external-interface=eth1" in lb
     else:
@@ -190,6 +359,9 @@ def test_lab_specs_are_checked() -> None:
         LabSpec(mechanism="gre"),
         LabSpec(lb_mode="fast"),
         LabSpec(external="ipvlan"),
+        LabSpec(routing="ospf"),
+        LabSpec(gateways=0),
+        LabSpec(gateways=3),
         LabSpec(prefix="lab-"),
     ):
         with pytest.raises(PlanError):
@@ -197,11 +369,20 @@ def test_lab_specs_are_checked() -> None:
 
 
 def test_the_state_file_round_trips(tmp_path: Path) -> None:
-    state = LabState.from_spec(LabSpec(targets=3, ip_family="ipv6"))
+    state = LabState.from_spec(
+        LabSpec(targets=3, ip_family="ipv6", routing="static-bfd", gateways=2)
+    )
     state.targets = {"1": 1, "2": 2}
     save(tmp_path, state)
     again = load(tmp_path)
     assert again is not None and again.spec == state.spec and again.target_nodes == {1: 1, 2: 2}
+    assert again.routing == "static-bfd" and again.gateways == 2
+    # a state file from before the gateways ran BIRD is a static lab with one gateway
+    text = (tmp_path / "lab.json").read_text()
+    text = text.replace('"routing": "static-bfd",', "").replace('"gateways": 2,', "")
+    (tmp_path / "lab.json").write_text(text)
+    old = load(tmp_path)
+    assert old is not None and old.routing == "static" and old.gateways == 1
     (tmp_path / "lab.json").write_text("{not json")
     assert load(tmp_path) is None
     assert load(tmp_path / "nowhere") is None
@@ -219,3 +400,101 @@ def test_the_traffic_client_runs_on_the_gateway_against_the_vips(tmp_path: Path)
         lab.traffic_argv([], families=[4])
     with pytest.raises(LabError, match="no lab here"):
         Lab(tmp_path / "none").traffic_argv([])
+
+
+# --- what BIRD and ip answer -------------------------------------------------------------------
+
+# ``show protocols all`` of a gateway (BIRD 2.0.12), shortened; trailing blanks are BIRD's
+PROTOCOLS = "\n".join(
+    [
+        "2002-Name       Proto      Table      State  Since         Info",
+        "1002-device1    Device     ---        up     2026-12-05 07:46:04  ",
+        "1002-K4         Kernel     master4    up     2026-12-05 07:46:04  ",
+        "1006-  Channel ipv4",
+        "     State:          UP",
+        " ",
+        "1002-LBS4       BGP        ---        start  2026-12-05 07:46:04  Passive       ",
+        "1006-  BGP state:          Passive",
+        "     Neighbor range:   192.0.2.0/24",
+        " ",
+        "1002-lb4_1      BGP        ---        up     2026-12-05 07:46:08  Established   ",
+        "1006-  BGP state:          Established",
+        "     Neighbor address: 192.0.2.12",
+        "     Neighbor AS:      8103",
+        "   Channel ipv4",
+        "     State:          UP",
+        " ",
+        "1002-lb6_1      BGP        ---        start  2026-12-05 07:46:15  Active        "
+        "Socket: Connection closed",
+        "1006-  BGP state:          Active",
+        "     Neighbor address: fd00:e::b",
+        " ",
+        "0000 ",
+        "",
+    ]
+).encode()
+
+BFD = "\n".join(
+    [
+        "1020-bfd1:",
+        " IP address                Interface  State      Since         Interval  Timeout",
+        " 192.0.2.11                ext        Up         2026-12-05 07:46:09    0.100    0.300",
+        " 192.0.2.13                ext        Down       2026-12-05 07:46:03    1.000    0.000",
+        "0000 ",
+        "",
+    ]
+).encode()
+
+
+def test_bird_replies_are_read_and_parsed() -> None:
+    reply = system.read_bird_reply(io.BytesIO(PROTOCOLS))
+    assert reply[0] == (2002, "Name       Proto      Table      State  Since         Info")
+    assert reply[-1] == (0, "")
+    protocols = {p.name: p for p in system.parse_bird_protocols(reply)}
+    assert list(protocols) == ["device1", "K4", "LBS4", "lb4_1", "lb6_1"]
+    up = protocols["lb4_1"]
+    assert (up.proto, up.state, up.since, up.info) == (
+        "BGP",
+        "up",
+        "2026-12-05 07:46:08",
+        "Established",
+    )
+    assert (up.neighbor, up.bgp_state) == ("192.0.2.12", "Established")
+    down = protocols["lb6_1"]
+    assert down.info == "Active        Socket: Connection closed"
+    assert (down.neighbor, down.bgp_state) == ("fd00:e::b", "Active")
+    assert protocols["LBS4"].neighbor == "" and protocols["device1"].info == ""
+    sessions = system.parse_bfd_sessions(system.read_bird_reply(io.BytesIO(BFD)))
+    assert sessions == [
+        system.BfdSession("192.0.2.11", "ext", "Up", "2026-12-05 07:46:09"),
+        system.BfdSession("192.0.2.13", "ext", "Down", "2026-12-05 07:46:03"),
+    ]
+    # the greeting is a reply of one line; a reply cut short is an error
+    assert system.read_bird_reply(io.BytesIO(b"0001 BIRD 2.0.12 ready.\n")) == [
+        (1, "BIRD 2.0.12 ready.")
+    ]
+    with pytest.raises(system.BirdError):
+        system.read_bird_reply(io.BytesIO(b"1002-lb4_1  BGP\n"))
+
+
+def test_a_bird_that_is_not_there_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(system.BirdError):
+        system.bird_query(tmp_path / "none.ctl", "show status")
+    assert not system.bird_ready(tmp_path / "none.ctl")
+
+
+def test_route_next_hops_from_ip_json() -> None:
+    multipath = [
+        {
+            "dst": "203.0.113.1",
+            "protocol": "bird",
+            "nexthops": [
+                {"gateway": "192.0.2.11", "dev": "ext", "weight": 1},
+                {"gateway": "192.0.2.12", "dev": "ext", "weight": 1},
+            ],
+        }
+    ]
+    single = [{"dst": "2001:db8::1", "gateway": "fd00:e::c", "dev": "ext"}]
+    assert system.route_gateways(multipath) == ["192.0.2.11", "192.0.2.12"]
+    assert system.route_gateways(single) == ["fd00:e::c"]
+    assert system.route_gateways([{"dst": "203.0.113.1", "type": "blackhole"}]) == []

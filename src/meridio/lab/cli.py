@@ -150,6 +150,22 @@ def _lab(ctx: click.Context, reporter: RichReporter | None = None) -> Lab:
     help="The LBs' external interface: a macvlan or an 802.1Q VLAN the LB makes on its link "
     "to the gateway, or that veth link itself; auto: macvlan if the kernel has it, else veth.",
 )
+@click.option(
+    "--routing",
+    type=click.Choice(plan.ROUTINGS),
+    default="bgp",
+    show_default=True,
+    help="How the gateways route the VIPs: bgp (BIRD on the gateways, the LBs announce the "
+    "VIPs, with BFD), static-bfd (BIRD: static routes over every possible LB, each supervised "
+    "by BFD), or static (routes the lab edits itself).",
+)
+@click.option(
+    "--gateways",
+    type=click.IntRange(*plan.LIMITS["gateways"]),
+    default=1,
+    show_default=True,
+    help="Gateway routers: 1 (gw) or 2 (gw and gw-2, on the same external network).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary.")
 @click.pass_context
 def up(
@@ -161,6 +177,8 @@ def up(
     mechanism: str,
     lb_mode: str,
     external: str,
+    routing: str,
+    gateways: int,
     quiet: bool,
 ) -> None:
     """Build the lab and wait until every role is ready (a lab already here is removed first)."""
@@ -175,6 +193,8 @@ def up(
             mechanism=mechanism,
             lb_mode=lb_mode,
             external=resolve_external(external),
+            routing=routing,
+            gateways=gateways,
             prefix=prefix,
         )
         spec.check()
@@ -204,7 +224,7 @@ def print_summary(status: dict[str, Any], seconds: float, *, hints: bool = True)
         f"\n[bold]meridio lab up[/] in {seconds:.1f} s: {status['lbs']} LBs "
         f"({status['lb_mode']}), {status['proxies']} proxies, {status['targets']} targets, "
         f"{status['ip_family']}, {status['mechanism']} conduits, {status['external']} external "
-        "interfaces"
+        f"interfaces, {status['routing']} routing"
     )
     console.print(_instances_table(status))
     gateway = status["gateway"]
@@ -212,6 +232,7 @@ def print_summary(status: dict[str, Any], seconds: float, *, hints: bool = True)
         f"gateway and traffic client: namespace {gateway['namespace']} "
         f"({', '.join(gateway['addresses'])}), VIPs routed over {', '.join(gateway['routes_over'])}"
     )
+    _print_gateways(console, status)
     console.print(f"VIPs: {', '.join(status['vips'])} (TCP, UDP and SCTP to port {plan.PORT})")
     if not hints:
         return
@@ -220,6 +241,7 @@ def print_summary(status: dict[str, Any], seconds: float, *, hints: bool = True)
         "meridioctl lab traffic                   # 10 s of TCP to every VIP, a report per target",
         "meridioctl lab traffic --udp -c 50 -r 500",
         "meridioctl lab scale --targets 5         # and --lbs N",
+        "meridioctl lab kill lb-2                 # an LB crashes; `scale --lbs 2` replaces it",
         "meridioctl lab status | logs lb-1 | down",
         f"ip netns exec {gateway['namespace']} bash  # a shell on the external host",
     ):
@@ -234,6 +256,10 @@ def _instances_table(status: dict[str, Any]) -> Table:
         state = "ready" if row["ready"] else ("running" if row["running"] else "[red]gone")
         if "targets" in row:
             state += f", {row['targets']} targets"
+        if "sessions" in row:
+            state += f", {row['established']}/{row['sessions']} sessions up"
+        if row.get("bird"):
+            state += f", BIRD pid {' '.join(map(str, row['bird']))}"
         if "node" in row and row["role"] == "target":
             state += f", on {row['node']}"
         table.add_row(
@@ -246,6 +272,36 @@ def _instances_table(status: dict[str, Any]) -> Table:
             row["log"],
         )
     return table
+
+
+def _print_gateways(console: Console, status: dict[str, Any]) -> None:
+    """Each gateway router's sessions with the LBs and its routes to the VIPs."""
+    gateway = status["gateway"]
+    for router in gateway.get("routers", []):
+        routes = "; ".join(
+            f"{vip} over {', '.join(hops) or 'nothing'}" for vip, hops in router["routes"].items()
+        )
+        head = f"{router['host']}"
+        if router["bird"]:
+            head += f" ({router['bird']}, {'running' if router['running'] else '[red]gone[/]'})"
+        console.print(f"{head}: {routes}", highlight=False)
+        if router.get("error"):
+            console.print(f"  [red]{router['error']}", highlight=False)
+        if not router["sessions"]:
+            continue
+        table = Table(title=None)
+        for column in ("LB", "neighbor", "protocol", "state", "since"):
+            table.add_column(column)
+        for session in router["sessions"]:
+            state = session["state"]
+            table.add_row(
+                session["lb"] or "-",
+                session["neighbor"],
+                session["protocol"] or "-",
+                state if session["established"] else f"[red]{state}",
+                session["since"] or "-",
+            )
+        console.print(table)
 
 
 @lab.command()
@@ -283,7 +339,7 @@ def status(ctx: click.Context, output: str) -> None:
         console.print(
             f"lab {report['phase']} ({report['state_dir']}): {report['lbs']} LBs, "
             f"{report['proxies']} proxies, {report['targets']} targets, {report['ip_family']}, "
-            f"{report['mechanism']}, LB mode {report['lb_mode']}"
+            f"{report['mechanism']}, LB mode {report['lb_mode']}, {report['routing']} routing"
         )
         console.print(_instances_table(report))
         gateway = report["gateway"]
@@ -291,6 +347,7 @@ def status(ctx: click.Context, output: str) -> None:
             f"VIPs {', '.join(report['vips'])} routed by {gateway['namespace']} over "
             f"{', '.join(gateway['routes_over']) or 'nothing'}"
         )
+        _print_gateways(console, report)
     if not all(row["ready"] for row in report["instances"]):
         sys.exit(1)
 
@@ -301,7 +358,7 @@ def status(ctx: click.Context, output: str) -> None:
 @click.option("-n", "--lines", type=int, default=0, help="Only the last N lines.")
 @click.pass_context
 def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
-    """The log of one instance: nsp, ipam, lb-N, proxy-N, target-N or server-N."""
+    """The log of one instance: nsp, ipam, lb-N, proxy-N, target-N, server-N or bird-gw(-2)."""
     try:
         path = _lab(ctx).log_file(name)
     except LabError as exc:
@@ -319,8 +376,9 @@ def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.pass_context
 def scale(ctx: click.Context, targets: int | None, lbs: int | None, quiet: bool) -> None:
-    """Add or remove targets (gracefully) or LBs (out of the gateway's route first, then
-    stopped gracefully; a new one joins the route once it is ready); dead ones are replaced."""
+    """Add or remove targets (gracefully) or LBs (stopped gracefully: with static routing out
+    of the gateway's route first, otherwise the LB withdraws itself; a new one is waited for
+    until the gateways route to it); dead ones are replaced."""
     if targets is None and lbs is None:
         raise click.UsageError("give --targets N and/or --lbs N")
     try:
@@ -340,16 +398,23 @@ def scale(ctx: click.Context, targets: int | None, lbs: int | None, quiet: bool)
 
 
 @lab.command()
-@click.argument("target")
+@click.argument("name")
+@click.option(
+    "--netns",
+    is_flag=True,
+    help="lb-N, gateway-2: remove the namespace too, with everything in it (the pod is gone).",
+)
 @click.pass_context
-def kill(ctx: click.Context, target: str) -> None:
-    """Kill a target at once (SIGKILL, and its namespace goes, as when a pod dies); `scale`
-    replaces it."""
+def kill(ctx: click.Context, name: str, netns: bool) -> None:
+    """Kill an instance at once with SIGKILL: target-N (its namespace goes too, as when a
+    pod dies), lb-N (the LB process crashes; its namespace stays unless --netns), or
+    gateway-N (the gateway router's BIRD: gateway-1 is gw's, gateway-2 gw-2's). `scale`
+    replaces a killed target or LB."""
     try:
-        _lab(ctx).kill(target)
+        _lab(ctx).kill(name, netns=netns)
     except LabError as exc:
         raise _fail(exc) from None
-    click.echo(f"{target} killed")
+    click.echo(f"{name} killed" + (" and its namespace removed" if netns else ""))
 
 
 @lab.command(

@@ -3,7 +3,13 @@
 Every operation loads the state file, changes the host step by step (saving the state after
 each step), and waits for what it started to report ready. ``up`` over a lab that exists, in
 whatever condition, takes it down first; ``down`` removes every namespace the lab made (and
-every process in them) whether or not the state file is there or readable.
+every process in them, so the LBs' own BIRDs too) whether or not the state file is there or
+readable.
+
+With ``bgp`` and ``static-bfd`` routing the gateway routers (``gw``, and ``gw-2`` with two)
+run BIRD (instances ``bird-gw``, ``bird-gw-2``), started and stopped by the lab like its
+other processes; the lab never edits their routes, it waits until their kernel tables route
+the VIPs over the LBs it expects and reads them back for ``status``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +38,9 @@ from meridio.lab.system import LabError
 DEFAULT_STATE_DIR = Path("/run/meridio-lab")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+GATEWAY_TIMEOUT = 30.0
+"""How long ``up`` and ``scale`` wait for the gateways to route the VIPs over the LBs (a BGP
+session takes about 5 s to come up)."""
 EXTERNAL_SUPPORT = {
     "vlan": "802.1Q VLAN support (CONFIG_VLAN_8021Q, module 8021q)",
     "macvlan": "macvlan support (CONFIG_MACVLAN, module macvlan)",
@@ -154,10 +164,36 @@ class Lab:
 
     def up(self, spec: LabSpec) -> LabState:
         """Build the lab and wait until every role is ready (a lab already there goes first)."""
+        state = self.up_network(spec)
+        lbs, nodes = list(state.lb_indexes), list(state.node_indexes)
+        self._start_control(state)
+        for i in lbs:
+            self._start_lb(state, i)
+        for i in nodes:
+            args = plan.proxy_args(self.state_dir, spec, i)
+            self._start(state, f"proxy-{i}", "proxy", plan.node_host(i), args)
+        names = [plan.lb_host(i) for i in lbs] + [f"proxy-{i}" for i in nodes]
+        self._wait_ready(state, names, "load balancers and proxies")
+        if not spec.dynamic:
+            self._route_gateway(state, lbs)
+        self._start_targets(state, state.target_nodes)
+        self._wait_tables(state)
+        if spec.dynamic:
+            self._wait_gateway_routes(state, lbs, "gateways route the VIPs over the LBs")
+        state.phase = "up"
+        self._save(state)
+        return state
+
+    def up_network(self, spec: LabSpec) -> LabState:
+        """The first part of ``up``: every namespace and link of the lab (a lab already there
+        goes first) and, with ``bgp`` or ``static-bfd`` routing, the gateway routers' BIRD;
+        no role daemon. ``up`` goes on from there; alone, it is a network to run LBs (or a
+        BIRD playing one) in by hand: ``down`` removes it."""
         if spec.prefix != self.prefix:
             raise LabError(f"the lab's prefix is {self.prefix!r}, not {spec.prefix!r}")
         spec.check()
         self._check_kernel(spec)
+        bird = self._bird(spec)
         if self.exists():
             self.reporter.note("a lab is already here: taking it down first")
             self.down()
@@ -176,21 +212,21 @@ class Lab:
         self._save(state)
         step.update(1)
         step.finish()
-
-        self._start_control(state)
-        for i in lbs:
-            self._start_lb(state, i)
-        for i in nodes:
-            args = plan.proxy_args(self.state_dir, spec, i)
-            self._start(state, f"proxy-{i}", "proxy", plan.node_host(i), args)
-        names = [plan.lb_host(i) for i in lbs] + [f"proxy-{i}" for i in nodes]
-        self._wait_ready(state, names, "load balancers and proxies")
-        self._route_gateway(state, lbs)
-        self._start_targets(state, placement)
-        self._wait_tables(state)
-        state.phase = "up"
-        self._save(state)
+        if bird is not None:
+            self._start_gateways(state, bird)
         return state
+
+    def _bird(self, spec: LabSpec) -> str | None:
+        """BIRD for the gateway routers (None with ``static`` routing)."""
+        if not spec.dynamic:
+            return None
+        bird = system.find_bird()
+        if bird is None:
+            raise LabError(
+                f"--routing {spec.routing}: the gateways run BIRD 2, which is not installed "
+                "(apt-get install bird2); or use --routing static"
+            )
+        return bird
 
     def _check_kernel(self, spec: LabSpec) -> None:
         if spec.external in EXTERNAL_SUPPORT:
@@ -205,12 +241,13 @@ class Lab:
     def _make_network(self, state: LabState, hosts: Sequence[str], *, first: bool) -> None:
         """Namespaces for ``hosts`` on the primary network (LBs on the external one too); with
         ``first``, also the fixed ones: gateway, primary network, NSP and IPAM."""
-        made = [*plan.FIXED_HOSTS, *hosts] if first else list(hosts)
+        routers = [plan.gateway_host(r) for r in state.spec.routers[1:]] if first else []
+        made = [*plan.FIXED_HOSTS, *routers, *hosts] if first else list(hosts)
         names = [self.netns(h) for h in made]
         state.namespaces += [n for n in names if n not in state.namespaces]
         self._save(state)
         system.ip_batch([f"netns add {n}" for n in names])
-        primary = [h for h in made if h not in ("gw", "pri")]
+        primary = [h for h in made if h != "pri" and not _gateway_host(h)]
         lines = ["link set lo up", "link add pri type bridge", "link set pri up"] if first else []
         for host in primary:
             port = plan.port_name(host)
@@ -247,10 +284,18 @@ class Lab:
                 "net.ipv6.conf.all.forwarding": "1",
                 "net.netfilter.nf_conntrack_tcp_loose": "1",
             }
-        if host == "gw":
+        if _gateway_host(host):
             values |= {
                 "net.ipv4.fib_multipath_hash_policy": "1",
                 "net.ipv6.fib_multipath_hash_policy": "1",
+            }
+        if host.startswith("gw-"):
+            # a second router: it forwards the LBs' replies to the client in gw
+            values |= {
+                "net.ipv4.ip_forward": "1",
+                "net.ipv6.conf.all.forwarding": "1",
+                "net.ipv4.conf.all.send_redirects": "0",
+                "net.ipv4.conf.default.send_redirects": "0",
             }
         system.write_sysctls(self.netns(host), values)
 
@@ -266,22 +311,39 @@ class Lab:
             counts.append(sum(1 for r in rules if "fwmark" in r and r.get("priority") == 100))
         return min(counts)
 
-    def _gateway_interface(self, state: LabState) -> str:
-        return f"ext.{plan.VLAN_ID}" if state.external == "vlan" else "ext"
-
     def _make_gateway(self, state: LabState) -> None:
-        lines = ["link set lo up", "link add ext type bridge", "link set ext up"]
-        iface = self._gateway_interface(state)
-        if state.external == "vlan":
-            lines += [f"link add link ext name {iface} type vlan id {plan.VLAN_ID}"]
-        for family in state.spec.families:
-            lines.append(
-                f"addr add {plan.external_address(family, 0)} dev {iface}"
-                + (" nodad" if family == 6 else "")
-            )
-        lines.append(f"link set {iface} up")
+        """The gateway ``gw`` with the external network's bridge ``ext``, and the other
+        gateway routers (``gw-N``), each with a port of ``ext``."""
+        lines = [
+            "link set lo up",
+            "link add ext type bridge",
+            f"link set ext address {plan.EXTERNAL_BRIDGE_MAC}",
+            "link set ext up",
+        ]
+        for router in state.spec.routers[1:]:
+            port = plan.gateway_port_name(router)
+            lines += [
+                f"link add {port} type veth peer name eth1 netns "
+                f"{self.netns(plan.gateway_host(router))}",
+                f"link set {port} master ext",
+                f"link set {port} up",
+            ]
         system.ip_batch(lines, self.netns("gw"))
-        self._sysctls("gw")
+        for router in state.spec.routers:
+            host = plan.gateway_host(router)
+            iface = plan.gateway_interface(state.external, router)
+            base = iface.split(".")[0]
+            lines = [] if router == 1 else ["link set lo up", f"link set {base} up"]
+            if state.external == "vlan":
+                lines += [f"link add link {base} name {iface} type vlan id {plan.VLAN_ID}"]
+            for family in state.spec.families:
+                lines.append(
+                    f"addr add {plan.gateway_router_cidr(family, router)} dev {iface}"
+                    + (" nodad" if family == 6 else "")
+                )
+            lines.append(f"link set {iface} up")
+            system.ip_batch(lines, self.netns(host))
+            self._sysctls(host)
 
     def _attach_external(self, lb: int) -> None:
         """The LB's ``eth1``: a port of the gateway's bridge (the LB makes ``ext0`` on it, or
@@ -299,9 +361,16 @@ class Lab:
     # -- processes
 
     def _start(
-        self, state: LabState, name: str, role: str, host: str, args: Sequence[str]
+        self,
+        state: LabState,
+        name: str,
+        role: str,
+        host: str,
+        args: Sequence[str],
+        program: Sequence[str] | None = None,
     ) -> Process:
-        program = traffic_tool() if role == "server" else meridiod()
+        if program is None:
+            program = traffic_tool() if role == "server" else meridiod()
         proc = system.spawn(
             name, role, self.netns(host), [*program, *args], plan.log_path(self.state_dir, name)
         )
@@ -309,12 +378,23 @@ class Lab:
         self._save(state)
         return proc
 
+    def _start_gateways(self, state: LabState, bird: str) -> None:
+        """BIRD on every gateway router, and wait until each answers on its socket."""
+        names = []
+        for router in state.spec.routers:
+            name = plan.gateway_instance(router)
+            config = plan.bird_config_path(self.state_dir, name)
+            plan.run_dir(self.state_dir, name).mkdir(parents=True, exist_ok=True)
+            config.write_text(plan.gateway_bird_config(state.spec, router))
+            argv = plan.gateway_bird_args(self.state_dir, router, bird)
+            self._start(state, name, "gateway", plan.gateway_host(router), argv, program=[])
+            names.append(name)
+        self._wait_ready(state, names, f"gateway routers (BIRD, {state.routing} routing)")
+
     def _start_control(self, state: LabState) -> None:
         config = plan.nsp_config_path(self.state_dir)
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(
-            yaml.safe_dump(plan.nsp_configuration(state.spec.families), sort_keys=False)
-        )
+        config.write_text(yaml.safe_dump(plan.spec_nsp_configuration(state.spec), sort_keys=False))
         self._start(state, "nsp", "nsp", "nsp", plan.nsp_args(self.state_dir))
         self._start(
             state, "ipam", "ipam", "ipam", plan.ipam_args(self.state_dir, state.spec.families)
@@ -371,6 +451,8 @@ class Lab:
         proc = state.processes[name]
         if proc.role == "server":
             return system.announced(proc.log, "serving on")
+        if proc.role == "gateway":
+            return system.bird_ready(plan.bird_socket(self.state_dir, name))
         return await system.readiness(plan.health_socket(self.state_dir, name))
 
     def _wait_tables(self, state: LabState, title: str = "load balancer tables") -> None:
@@ -408,13 +490,186 @@ class Lab:
         step.finish()
 
     def _route_gateway(self, state: LabState, lbs: Iterable[int]) -> None:
-        """Make the gateway route the VIPs over exactly ``lbs``."""
+        """``static`` routing: make the gateway routers route the VIPs over exactly ``lbs``."""
         chosen = sorted(set(lbs))
-        for family in state.spec.families:
-            args = plan.gateway_route(chosen, family)
-            system.run("ip", "-n", self.netns("gw"), *args, check=bool(chosen))
+        for router in state.spec.routers:
+            netns = self.netns(plan.gateway_host(router))
+            for family in state.spec.families:
+                args = plan.gateway_route(chosen, family)
+                system.run("ip", "-n", netns, *args, check=bool(chosen))
         state.gateway_lbs = chosen
         self._save(state)
+
+    # -- the gateway routers
+
+    def _gateway_running(self, state: LabState, router: int) -> bool:
+        proc = state.processes.get(plan.gateway_instance(router))
+        return proc is not None and system.alive(proc)
+
+    def _route_lbs(self, state: LabState, router: int) -> dict[int, tuple[list[int], list[str]]]:
+        """Per family, the LBs gateway router ``router``'s kernel routes the VIP over, and the
+        next hops that are no LB's."""
+        netns = self.netns(plan.gateway_host(router))
+        return {
+            family: plan.vip_next_hop_lbs(
+                system.route_next_hops(netns, family, plan.vip_cidr(family))
+            )
+            for family in state.spec.families
+        }
+
+    def gateway_route_lbs(self, router: int = 1) -> dict[int, list[int]]:
+        """Per family, the LB indexes gateway router ``router`` (1: ``gw``, 2: ``gw-2``)
+        routes the VIP over now (read from its kernel routing table)."""
+        state = self.load()
+        return {f: lbs for f, (lbs, _) in self._route_lbs(state, router).items()}
+
+    def wait_gateway_routes(
+        self, lbs: Iterable[int] | None = None, timeout: float = GATEWAY_TIMEOUT
+    ) -> None:
+        """Wait until every running gateway router routes each VIP over exactly ``lbs``
+        (default: the running LBs)."""
+        state = self.load()
+        want = self._running_lbs(state) if lbs is None else lbs
+        self._wait_gateway_routes(state, want, "gateways route the VIPs", timeout)
+
+    def _wait_gateway_routes(
+        self,
+        state: LabState,
+        lbs: Iterable[int],
+        title: str,
+        timeout: float = GATEWAY_TIMEOUT,
+    ) -> None:
+        want = sorted(set(lbs))
+        routers = [r for r in state.spec.routers if self._gateway_running(state, r)]
+        if state.spec.dynamic and not routers:
+            raise LabError("no gateway router's BIRD is running")
+        if not state.spec.dynamic:
+            routers = list(state.spec.routers)
+        checks = [(r, f) for r in routers for f in state.spec.families]
+        names = ", ".join(plan.lb_host(i) for i in want) or "no LB"
+        step = self.reporter.step(f"{title} ({names})", len(checks))
+        deadline = time.monotonic() + timeout
+        while True:
+            for router in routers:
+                name = plan.gateway_instance(router)
+                if state.spec.dynamic and not self._gateway_running(state, router):
+                    proc = state.processes[name]
+                    raise LabError(
+                        f"{name} exited; the end of {proc.log}:\n{system.tail(proc.log)}"
+                    )
+            seen = {r: self._route_lbs(state, r) for r in routers}
+            pending = [(r, f) for r, f in checks if seen[r][f][0] != want or seen[r][f][1]]
+            step.update(
+                len(checks) - len(pending),
+                " ".join(
+                    f"{plan.gateway_host(r)}/v{f}:"
+                    + (",".join(plan.lb_host(i) for i in seen[r][f][0]) or "-")
+                    for r, f in pending[:4]
+                ),
+            )
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                detail = "; ".join(
+                    f"{plan.gateway_host(r)} routes {plan.vip_cidr(f)} over "
+                    + (", ".join(map(plan.lb_host, seen[r][f][0])) or "nothing")
+                    for r, f in pending
+                )
+                sessions = "\n".join(
+                    f"{plan.gateway_instance(r)}: {self._sessions_text(state, r)}"
+                    for r in routers
+                    if state.spec.dynamic
+                )
+                raise LabError(
+                    f"the gateways do not route the VIPs over {names} within {timeout:g}s: "
+                    f"{detail}\n{sessions}".rstrip()
+                )
+            time.sleep(0.1)
+        step.finish()
+        if 1 in seen:
+            state.gateway_lbs = sorted({i for lbs_, _ in seen[1].values() for i in lbs_})
+            self._save(state)
+
+    def _sessions_text(self, state: LabState, router: int) -> str:
+        report = self._gateway_sessions(state, router)
+        if "error" in report:
+            return str(report["error"])
+        return (
+            ", ".join(
+                f"{s['lb'] or s['neighbor']} v{s['family']} {s['state']}"
+                for s in report["sessions"]
+            )
+            or "no sessions"
+        )
+
+    def gateway_sessions(self, router: int = 1) -> list[dict[str, Any]]:
+        """Gateway router ``router``'s sessions with the LBs, from its BIRD: BGP sessions
+        (``bgp``) or BFD sessions (``static-bfd``); see ``_gateway_sessions``."""
+        state = self.load()
+        report = self._gateway_sessions(state, router)
+        if "error" in report:
+            raise LabError(str(report["error"]))
+        sessions: list[dict[str, Any]] = report["sessions"]
+        return sessions
+
+    def _gateway_sessions(self, state: LabState, router: int) -> dict[str, Any]:
+        """``{"sessions": [...]}`` or ``{"error": text}``. A session: ``lb`` (``lb-N``, None
+        for an address that is no LB's), ``neighbor``, ``family``, ``protocol`` (BIRD's name,
+        ``bfd`` for BFD, None when the LB has none), ``state`` (BGP: ``Established``,
+        ``Active``, ...; BFD: ``Up``, ``Down``, ...; ``none``), ``established`` and
+        ``since``. The lab's LBs without a session are listed too."""
+        if not state.spec.dynamic:
+            return {"sessions": []}
+        sock = plan.bird_socket(self.state_dir, plan.gateway_instance(router))
+        sessions: list[dict[str, Any]] = []
+        try:
+            if state.routing == "bgp":
+                reply = system.bird_query(sock, "show protocols all")
+                for p in system.parse_bird_protocols(reply):
+                    if p.proto != "BGP" or not p.neighbor:
+                        continue
+                    bgp_state = p.bgp_state or p.state
+                    sessions.append(
+                        self._session(
+                            p.neighbor, p.name, bgp_state, bgp_state == "Established", p.since
+                        )
+                    )
+            else:
+                reply = system.bird_query(sock, "show bfd sessions")
+                for b in system.parse_bfd_sessions(reply):
+                    index = plan.lb_of_external_address(b.address)
+                    if b.state == "Up" or index in state.lb_indexes:
+                        sessions.append(
+                            self._session(b.address, "bfd", b.state, b.state == "Up", b.since)
+                        )
+        except system.BirdError as exc:
+            return {"error": str(exc)}
+        have = {s["neighbor"] for s in sessions}
+        for index in state.lb_indexes:
+            for family in state.spec.families:
+                address = plan.external_address(family, index).split("/")[0]
+                if address not in have:
+                    sessions.append(self._session(address, None, "none", False, None))
+        sessions.sort(key=lambda s: (s["index"] or 999, s["family"], s["neighbor"]))
+        for s in sessions:
+            del s["index"]
+        return {"sessions": sessions}
+
+    @staticmethod
+    def _session(
+        neighbor: str, protocol: str | None, state: str, established: bool, since: str | None
+    ) -> dict[str, Any]:
+        index = plan.lb_of_external_address(neighbor)
+        return {
+            "lb": plan.lb_host(index) if index is not None else None,
+            "index": index,
+            "neighbor": neighbor,
+            "family": 6 if ":" in neighbor else 4,
+            "protocol": protocol,
+            "state": state,
+            "established": established,
+            "since": since,
+        }
 
     # -- what runs
 
@@ -442,8 +697,10 @@ class Lab:
         of the lab; the names of the namespaces removed."""
         state = load(self.state_dir)
         procs = list(state.processes.values()) if state else []
-        # in stages, so that each role drains while what it talks to is still there
-        for stage in (("target", "server"), ("lb", "proxy"), ("nsp", "ipam")):
+        # in stages, so that each role drains while what it talks to is still there (the LBs
+        # withdraw from the gateways' BIRD); deleting a namespace kills whatever still runs in
+        # it, such as an LB's own BIRD
+        for stage in (("target", "server"), ("lb", "proxy"), ("gateway",), ("nsp", "ipam")):
             system.stop([p for p in procs if p.role in stage], timeout=3)
         system.stop([p for p in procs if p.role not in plan.ROLE_ORDER], timeout=3)
         names = set(state.namespaces if state else ()) | set(self._namespaces_found())
@@ -540,9 +797,12 @@ class Lab:
         if change.empty:
             return
         keep = [i for i in running if i not in change.remove]
+        dynamic = state.spec.dynamic
         if change.remove or change.clear:
-            # the gateway first: no new packet goes to a leaving LB, then it stops gracefully
-            self._route_gateway(state, keep)
+            if not dynamic:
+                # the gateway first: no new packet goes to a leaving LB, then it stops
+                self._route_gateway(state, keep)
+            # bgp, static-bfd: on SIGTERM the LB withdraws from the gateways itself first
             step = self.reporter.step("load balancers leaving", len(change.remove))
             system.stop([state.processes[plan.lb_host(i)] for i in change.remove], STOP_TIMEOUT)
             for done, index in enumerate([*change.remove, *change.clear], 1):
@@ -555,6 +815,8 @@ class Lab:
                 self._save(state)
                 step.update(done)
             step.finish()
+            if dynamic and not change.add:
+                self._wait_gateway_routes(state, keep, "gateways route the VIPs")
         if change.add:
             step = self.reporter.step("namespaces and links", 1)
             self._make_network(state, [plan.lb_host(i) for i in change.add], first=False)
@@ -566,24 +828,79 @@ class Lab:
                 self._start_lb(state, index)
             self._wait_ready(state, [plan.lb_host(i) for i in change.add], "load balancers")
             self._wait_tables(state)
-            # ready, with every target in its table: now the gateway may send it traffic
-            self._route_gateway(state, [*keep, *change.add])
+            if dynamic:
+                # the LB announces itself once it is ready; wait until the gateways route to it
+                self._wait_gateway_routes(state, [*keep, *change.add], "gateways route the VIPs")
+            else:
+                # ready, with every target in its table: now the gateway may send it traffic
+                self._route_gateway(state, [*keep, *change.add])
 
     # -- kill
 
-    def kill(self, name: str) -> None:
-        """A target dies at once, as a pod does: its processes get SIGKILL and its network
-        namespace (so its conduit link) goes. ``scale`` replaces it."""
+    def kill(self, name: str, *, netns: bool = False) -> None:
+        """Kill an instance at once (SIGKILL).
+
+        - ``target-N``: as a pod dies: its processes get SIGKILL and its network namespace
+          (so its conduit link) goes.
+        - ``lb-N``: the LB process crashes: only it gets SIGKILL, its namespace stays with
+          whatever else runs there (an LB's BIRD must die with it, or it keeps attracting
+          traffic); with ``netns`` the namespace goes too, with everything in it (the pod is
+          gone: its link to the gateways goes down).
+        - ``gateway-N`` (``gateway``: ``gw``'s, ``gateway-2``: ``gw-2``'s): the gateway
+          router's BIRD gets SIGKILL (its kernel routes stay, as BIRD leaves them); with
+          ``netns`` (``gw-2`` only) the router's namespace goes.
+
+        ``scale`` replaces a killed target or LB.
+        """
         state = self.load()
+        router = plan.gateway_router_from_name(name)
         kind, _, number = name.partition("-")
-        if kind != "target" or not number.isdigit() or int(number) not in state.target_nodes:
-            raise LabError(f"no target {name!r}; targets: {', '.join(self._target_names(state))}")
-        index = int(number)
+        if router is not None:
+            self._kill_gateway(state, router, netns=netns)
+        elif kind == "lb" and number.isdigit() and int(number) in state.lb_indexes:
+            self._kill_lb(state, int(number), netns=netns)
+        elif kind == "target" and number.isdigit() and int(number) in state.target_nodes:
+            self._kill_target(state, int(number))
+        else:
+            choices = [
+                *self._target_names(state),
+                *(plan.lb_host(i) for i in state.lb_indexes),
+                *(f"gateway-{r}" for r in state.spec.routers if state.spec.dynamic),
+            ]
+            raise LabError(f"nothing named {name!r} to kill; there are {', '.join(choices)}")
+
+    def _kill_target(self, state: LabState, index: int) -> None:
+        name = plan.target_host(index)
         for proc_name in (name, f"server-{index}"):
             proc = state.processes.get(proc_name)
             if proc is not None:
                 system.send_signal(proc, signal.SIGKILL)
-        netns = self.netns(name)
+        self._delete_netns(state, name)
+
+    def _kill_lb(self, state: LabState, index: int, *, netns: bool) -> None:
+        proc = state.processes.get(plan.lb_host(index))
+        if proc is not None:
+            system.send_signal(proc, signal.SIGKILL)
+        if netns:
+            self._delete_netns(state, plan.lb_host(index))
+
+    def _kill_gateway(self, state: LabState, router: int, *, netns: bool) -> None:
+        if router not in state.spec.routers:
+            raise LabError(f"the lab has {state.gateways} gateway router(s), no gateway-{router}")
+        proc = state.processes.get(plan.gateway_instance(router))
+        if netns and router == 1:
+            raise LabError("gw is also the traffic client: only gw-2's namespace can go")
+        if proc is None and not netns:
+            raise LabError(
+                f"with {state.routing} routing the gateways run no BIRD; --netns removes gw-2"
+            )
+        if proc is not None:
+            system.send_signal(proc, signal.SIGKILL)
+        if netns:
+            self._delete_netns(state, plan.gateway_host(router))
+
+    def _delete_netns(self, state: LabState, host: str) -> None:
+        netns = self.netns(host)
         system.delete_netns(netns)
         if netns in state.namespaces:
             state.namespaces.remove(netns)
@@ -615,11 +932,16 @@ class Lab:
             }
             if running and proc.role == "server":
                 row["ready"] = system.announced(proc.log, "serving on")
+            elif running and proc.role == "gateway":
+                row["ready"] = system.bird_ready(plan.bird_socket(self.state_dir, name))
             elif running:
                 row["ready"] = await system.readiness(plan.health_socket(self.state_dir, name))
             if running and proc.role == "lb":
                 show = await system.lb_show(plan.lb_socket(self.state_dir, name))
                 row["targets"] = len(system.lb_target_ips(show))
+            if proc.role == "lb" and spec.dynamic:
+                # the LB's own BIRD (it must not outlive the LB)
+                row["bird"] = system.netns_processes(proc.netns, "bird")
             if proc.role in ("target", "server"):
                 row["node"] = plan.node_host(state.target_nodes.get(_index(name), 0))
             rows.append(row)
@@ -633,13 +955,57 @@ class Lab:
             "mechanism": spec.mechanism,
             "lb_mode": spec.lb_mode,
             "external": spec.external,
+            "routing": spec.routing,
+            "gateways": spec.gateways,
             "vips": plan.vip_endpoints(spec.families),
-            "gateway": {
-                "namespace": self.netns("gw"),
-                "addresses": [plan.external_address(f, 0) for f in spec.families],
-                "routes_over": [plan.lb_host(i) for i in state.gateway_lbs],
-            },
+            "gateway": self._gateway_status(state, rows),
             "instances": rows,
+        }
+
+    def _gateway_status(self, state: LabState, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """``gw`` (the traffic client's router): its namespace, addresses and the LBs its
+        kernel routes the VIPs over (``routes_over``: over any VIP; ``routes``: per VIP);
+        ``routers``: every gateway router with its sessions with the LBs and its routes."""
+        routers = []
+        for router in state.spec.routers:
+            host = plan.gateway_host(router)
+            name = plan.gateway_instance(router) if state.spec.dynamic else None
+            present = self.netns(host) in system.netns_list()
+            seen = self._route_lbs(state, router) if present else {}
+            routes = {
+                plan.vip_cidr(f): [plan.lb_host(i) for i in lbs] + others
+                for f, (lbs, others) in seen.items()
+            }
+            entry: dict[str, Any] = {
+                "host": host,
+                "namespace": self.netns(host),
+                "addresses": [plan.gateway_router_cidr(f, router) for f in state.spec.families],
+                "bird": name,
+                "running": bool(name and self._gateway_running(state, router)),
+                "routes": routes,
+                "routes_over": [
+                    plan.lb_host(i) for i in sorted({i for lbs, _ in seen.values() for i in lbs})
+                ],
+                "sessions": [],
+            }
+            if entry["running"]:
+                report = self._gateway_sessions(state, router)
+                entry["sessions"] = report.get("sessions", [])
+                if "error" in report:
+                    entry["error"] = report["error"]
+            for row in rows:
+                if row["name"] == name:
+                    row["sessions"] = len(entry["sessions"])
+                    row["established"] = sum(1 for s in entry["sessions"] if s["established"])
+            routers.append(entry)
+        first = routers[0]
+        return {
+            "namespace": first["namespace"],
+            "addresses": first["addresses"],
+            "routing": state.routing,
+            "routes_over": first["routes_over"],
+            "routes": first["routes"],
+            "routers": routers,
         }
 
     def _addresses(self, state: LabState, proc: Process) -> list[str]:
@@ -654,6 +1020,9 @@ class Lab:
             return [plan.primary_address("node", index)]
         if proc.role == "target":
             return [plan.primary_address("target", index)]
+        if proc.role == "gateway":
+            router = plan.gateway_router_from_name(proc.name) or 1
+            return [plan.gateway_router_cidr(f, router) for f in state.spec.families]
         return [plan.hostport(plan.VIPS[f], plan.PORT) for f in state.spec.families]
 
     def log_file(self, name: str) -> Path:
@@ -720,6 +1089,11 @@ def _index(name: str) -> int:
 
 def _instance_dir(name: str) -> bool:
     kind, _, number = name.partition("-")
-    if name in ("nsp", "ipam"):
+    if name in ("nsp", "ipam") or re.fullmatch(r"bird-gw(-\d+)?", name):
         return True
     return kind in ("lb", "proxy", "target", "server") and number.isdigit()
+
+
+def _gateway_host(host: str) -> bool:
+    """``gw`` or another gateway router (``gw-N``)."""
+    return re.fullmatch(r"gw(-\d+)?", host) is not None

@@ -1,10 +1,16 @@
 """What the lab is made of, decided without touching the host: names, addresses, placement,
-scaling, the gateway's routes, the NSP's configuration and every daemon's command line.
+scaling, the gateway's routes and BIRD configuration, the NSP's configuration and every
+daemon's command line.
 
 The lab, in network namespaces named ``<prefix><host>`` (prefix ``mlab-``)::
 
-  gw       the external host: gateway and traffic client. Bridge ``ext`` with 192.0.2.1/24 and
-           fd00:e::1/64; the VIPs are routed over the LBs' external addresses (ECMP, L4 hash).
+  gw       the external host: gateway router and traffic client. Bridge ``ext`` with
+           192.0.2.1/24 and fd00:e::1/64; the VIPs are routed over the LBs' external addresses
+           (ECMP, L4 hash): learned by BGP from the LBs (routing ``bgp``, BIRD ``bird-gw``),
+           static routes over every possible LB supervised by BFD (``static-bfd``, BIRD too),
+           or static routes the lab edits itself (``static``).
+  gw-2     a second gateway router (``--gateways 2``): ``eth1``, a port of ``ext``, with
+           192.0.2.2/24 and fd00:e::2/64, forwarding; BIRD ``bird-gw-2`` as in ``gw``.
   lb-N     ``meridiod --role=lb``. ``eth1`` is a port of the gateway's bridge; the LB makes its
            external interface ``ext0`` on it (macvlan, or VLAN 100) with 192.0.2.(10+N)/24 and
            fd00:e::(10+N)/64, or uses ``eth1`` itself (external kind ``veth``).
@@ -48,14 +54,33 @@ IPAM_PORT = 7777
 LB_CONNECT_PORT = 7779
 PROXY_CONNECT_PORT = 7781
 VLAN_ID = 100
+EXTERNAL_BRIDGE_MAC = "02:00:c0:00:02:01"
+"""The MAC address of the gateway's bridge ``ext`` (192.0.2.1), set so that it stays: a bridge
+otherwise takes the lowest address of its ports and changes it as LBs come and go, and the
+LBs' packets to the gateway (BFD, BGP, replies) go astray until their ARP entries age."""
 FAMILIES = {"dualstack": (4, 6), "ipv4": (4,), "ipv6": (6,)}
 MECHANISMS = ("veth", "vxlan")
 LB_MODES = ("first-packet", "kernel", "nfqueue")
 EXTERNAL_KINDS = ("macvlan", "veth", "vlan")
-LIMITS = {"lbs": (1, 16), "proxies": (1, 16), "targets": (0, MAX_TARGETS)}
+ROUTINGS = ("bgp", "static-bfd", "static")
+"""How the gateways learn where the VIPs are: BGP from the LBs; static routes over every
+possible LB, each next hop supervised by BFD; or static routes the lab edits itself."""
+DYNAMIC_ROUTINGS = ("bgp", "static-bfd")
+"""The routings in which the gateways run BIRD and the LBs get their gateways from the NSP."""
+LIMITS = {"lbs": (1, 16), "proxies": (1, 16), "targets": (0, MAX_TARGETS), "gateways": (1, 2)}
 FIXED_HOSTS = ("gw", "pri", "nsp", "ipam")
 # Role daemons and what runs beside them, in the order they start (and the reverse of stop).
-ROLE_ORDER = ("nsp", "ipam", "lb", "proxy", "target", "server")
+ROLE_ORDER = ("gateway", "nsp", "ipam", "lb", "proxy", "target", "server")
+# The attractor of the NSP configuration (bgp and static-bfd routing), and the gateways'
+# protocol settings (Meridio's defaults for ports and AS numbers).
+ATTRACTOR = "attractor-a"
+BGP_PORT = 10179
+LB_ASN = 8103
+GATEWAY_ASN = 4248829953
+HOLD_TIME = 3
+BFD_MIN_TX = 100
+BFD_MIN_RX = 100
+BFD_MULTIPLIER = 3
 
 
 class PlanError(ValueError):
@@ -78,11 +103,25 @@ class LabSpec:
     external: str = "macvlan"
     """How each LB meets the gateway: ``macvlan`` or ``vlan`` made by the LB on ``eth1``, or
     ``veth`` (``eth1`` itself is the external interface)."""
+    routing: str = "bgp"
+    """``bgp``, ``static-bfd`` or ``static`` (see ``ROUTINGS``)."""
+    gateways: int = 1
+    """Gateway routers: 1 (``gw``) or 2 (``gw`` and ``gw-2``)."""
     prefix: str = PREFIX
 
     @property
     def families(self) -> tuple[int, ...]:
         return FAMILIES[self.ip_family]
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the gateways run BIRD (``bgp``, ``static-bfd``)."""
+        return self.routing in DYNAMIC_ROUTINGS
+
+    @property
+    def routers(self) -> tuple[int, ...]:
+        """The gateway routers' numbers (1: ``gw``, 2: ``gw-2``)."""
+        return tuple(range(1, self.gateways + 1))
 
     def check(self) -> None:
         for name, (low, high) in LIMITS.items():
@@ -94,6 +133,7 @@ class LabSpec:
             "mechanism": (self.mechanism, MECHANISMS),
             "lb-mode": (self.lb_mode, LB_MODES),
             "external": (self.external, EXTERNAL_KINDS),
+            "routing": (self.routing, ROUTINGS),
         }
         for option, (value, allowed) in choices.items():
             if value not in allowed:
@@ -131,7 +171,7 @@ def lab_netns_pattern(prefix: str) -> re.Pattern[str]:
     """Matches exactly the namespace names a lab with ``prefix`` makes (so that the default
     lab never takes the namespaces of a lab with a longer prefix for its own)."""
     hosts = "|".join(FIXED_HOSTS)
-    return re.compile(rf"{re.escape(prefix)}(?:{hosts}|(?:lb|node|target)-\d+)")
+    return re.compile(rf"{re.escape(prefix)}(?:{hosts}|(?:lb|node|target|gw)-\d+)")
 
 
 def is_lab_netns(prefix: str, name: str) -> bool:
@@ -151,6 +191,37 @@ def external_port_name(lb_index: int) -> str:
 def external_interface(external: str) -> str:
     """The LB's interface toward the gateway: the one it makes, or ``eth1`` itself."""
     return "eth1" if external == "veth" else "ext0"
+
+
+def gateway_host(router: int) -> str:
+    """Gateway router ``router``'s host: ``gw`` (1, also the traffic client) or ``gw-N``."""
+    return "gw" if router == 1 else f"gw-{router}"
+
+
+def gateway_instance(router: int) -> str:
+    """The name of gateway router ``router``'s BIRD: ``bird-gw``, ``bird-gw-2``."""
+    return f"bird-{gateway_host(router)}"
+
+
+def gateway_port_name(router: int) -> str:
+    """The bridge ``ext``'s port toward gateway router ``router`` (2 and up)."""
+    return f"x-{gateway_host(router)}"
+
+
+def gateway_interface(external: str, router: int) -> str:
+    """Gateway router ``router``'s interface on the external network: the bridge ``ext`` in
+    ``gw``, ``eth1`` (its port) in ``gw-N``; their VLAN 100 with VLAN external interfaces."""
+    base = "ext" if router == 1 else "eth1"
+    return f"{base}.{VLAN_ID}" if external == "vlan" else base
+
+
+def gateway_router_from_name(name: str) -> int | None:
+    """The router number a user means by ``gateway``, ``gateway-N``, ``gw``, ``gw-N``,
+    ``bird-gw`` or ``bird-gw-N``; None for anything else."""
+    match = re.fullmatch(r"(?:gateway|(?:bird-)?gw)(?:-(\d+))?", name)
+    if match is None:
+        return None
+    return int(match.group(1)) if match.group(1) else 1
 
 
 # --- addresses ---------------------------------------------------------------------------------
@@ -183,6 +254,32 @@ def external_address(family: int, lb_index: int) -> str:
 
 def gateway_address(family: int) -> str:
     return external_address(family, 0).split("/")[0]
+
+
+def gateway_router_cidr(family: int, router: int) -> str:
+    """Gateway router ``router``'s address on the external network (1: 192.0.2.1/24,
+    fd00:e::1/64; 2: 192.0.2.2/24, fd00:e::2/64)."""
+    network = EXTERNAL[family]
+    return f"{network.network_address + router}/{network.prefixlen}"
+
+
+def gateway_router_address(family: int, router: int) -> str:
+    return gateway_router_cidr(family, router).split("/")[0]
+
+
+def lb_of_external_address(address: str) -> int | None:
+    """The LB index whose external address ``address`` is (without prefix length); None when
+    it is no LB's."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    network = EXTERNAL[ip.version]
+    if ip not in network:
+        return None
+    index = int(ip) - int(network.network_address) - 10
+    low, high = LIMITS["lbs"]
+    return index if low <= index <= high else None
 
 
 def vip_cidr(family: int) -> str:
@@ -291,15 +388,154 @@ def gateway_route(lbs: Iterable[int], family: int) -> list[str]:
     return [*head, "replace", vip_cidr(family), *via]
 
 
+def gateway_bird_config(spec: LabSpec, router: int) -> str:
+    """BIRD 2's configuration of gateway router ``router`` (1: ``gw``, 2: ``gw-2``) in the
+    ``bgp`` or ``static-bfd`` routing of ``spec``.
+
+    Both: BFD on the external interface (100 ms x 3), and per family of the lab a kernel
+    protocol that installs, with ``merge paths`` (ECMP over the LBs), only what the LBs are
+    the next hops of, importing nothing from the kernel.
+
+    - ``bgp``: passive BGP with dynamic neighbours from the external network (an LB, AS 8103,
+      connects to port 10179; the gateway is AS 4248829953), BFD and a hold time of 3 s; the
+      VIP routes the LBs announce go to the kernel; a default route (``unreachable`` here, so
+      never in the gateway's own table) goes to the LBs only, with the gateway as next hop.
+    - ``static-bfd``: one multipath route per VIP over every LB address there may be (all of
+      ``LIMITS["lbs"]``, so that scaling never changes the gateway), each next hop supervised
+      by BFD: an LB is a next hop while its BFD session is up.
+    """
+    if not spec.dynamic:
+        raise PlanError(f"routing {spec.routing!r} runs no BIRD on the gateways")
+    iface = gateway_interface(spec.external, router)
+    host = gateway_host(router)
+    lines = [
+        f"# {gateway_instance(router)}: the lab's gateway router {host}, {spec.routing} routing",
+        "log stderr all;",
+        f"router id {gateway_router_address(4, router)};",
+        "timeformat protocol iso long;",
+        "",
+        "protocol device {",
+        "}",
+        "",
+        "protocol bfd {",
+        f'  interface "{iface}" {{',
+        f"    min rx interval {BFD_MIN_RX} ms;",
+        f"    min tx interval {BFD_MIN_TX} ms;",
+        f"    multiplier {BFD_MULTIPLIER};",
+        "  };",
+        "}",
+    ]
+    for family in spec.families:
+        channel = f"ipv{family}"
+        learned = "source = RTS_BGP" if spec.routing == "bgp" else f'proto = "VIP{family}"'
+        lines += [
+            "",
+            f"protocol kernel K{family} {{",
+            f"  {channel} {{ import none; export where {learned}; }};",
+            "  merge paths on;",
+            "}",
+        ]
+        if spec.routing == "bgp":
+            default = "0.0.0.0/0" if family == 4 else "::/0"
+            local = gateway_router_address(family, router)
+            lines += [
+                "",
+                f"protocol static DEF{family} {{",
+                f"  {channel};",
+                f"  route {default} unreachable;",
+                "}",
+                "",
+                f"template bgp LB{family} {{",
+                f"  local {local} port {BGP_PORT} as {GATEWAY_ASN};",
+                "  passive on;",
+                "  bfd on;",
+                f"  hold time {HOLD_TIME};",
+                "  direct;",
+                f"  {channel} {{",
+                "    import all;",
+                f'    export where proto = "DEF{family}";',
+                "    next hop self;",
+                "  };",
+                f'  dynamic name "lb{family}_";',
+                "}",
+                "",
+                f"protocol bgp LBS{family} from LB{family} {{",
+                f"  neighbor range {EXTERNAL[family]} port {BGP_PORT} as {LB_ASN};",
+                "}",
+            ]
+        else:
+            low, high = LIMITS["lbs"]
+            hops = gateway_next_hops(range(low, high + 1), family)
+            lines += [
+                "",
+                f"protocol static VIP{family} {{",
+                f"  {channel};",
+                f"  route {vip_cidr(family)}",
+                *(f"    via {hop} bfd" for hop in hops),
+                "  ;",
+                "}",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def vip_next_hop_lbs(nexthops: Iterable[str]) -> tuple[list[int], list[str]]:
+    """The LB indexes a route's next hops are the external addresses of, and the next hops
+    that are no LB's."""
+    lbs: set[int] = set()
+    others: list[str] = []
+    for hop in nexthops:
+        index = lb_of_external_address(hop)
+        if index is None:
+            others.append(hop)
+        else:
+            lbs.add(index)
+    return sorted(lbs), others
+
+
 # --- the NSP's configuration ------------------------------------------------------------------
 
 
-def nsp_configuration(families: Iterable[int]) -> dict[str, Any]:
+def gateway_name(family: int, router: int = 1) -> str:
+    """The name of gateway router ``router`` for ``family`` in the NSP's configuration:
+    ``gateway-v4``, ``gateway-v6``, ``gateway-2-v4``..."""
+    return f"gateway-v{family}" if router == 1 else f"gateway-{router}-v{family}"
+
+
+def nsp_gateway(family: int, router: int, routing: str) -> dict[str, Any]:
+    """One item of ``gateways`` (Meridio's format): the gateway router's address of
+    ``family``, with BFD, and BGP (Meridio's ports and AS numbers, written out) or static."""
+    item: dict[str, Any] = {
+        "name": gateway_name(family, router),
+        "address": gateway_router_address(family, router),
+        "ip-family": f"ipv{family}",
+        "protocol": "bgp" if routing == "bgp" else "static",
+        "bfd": True,
+        "min-tx": BFD_MIN_TX,
+        "min-rx": BFD_MIN_RX,
+        "multiplier": BFD_MULTIPLIER,
+    }
+    if routing == "bgp":
+        item |= {
+            "hold-time": HOLD_TIME,
+            "local-asn": LB_ASN,
+            "remote-asn": GATEWAY_ASN,
+            "local-port": BGP_PORT,
+            "remote-port": BGP_PORT,
+        }
+    item["trench"] = TRENCH
+    return item
+
+
+def nsp_configuration(
+    families: Iterable[int], *, routing: str = "static", gateways: int = 1
+) -> dict[str, Any]:
     """The trench in Meridio's configuration format: one conduit, one stream, one flow for the
-    VIPs of the lab's families (TCP, UDP and SCTP to port 5000)."""
+    VIPs of the lab's families (TCP, UDP and SCTP to port 5000); with ``bgp`` or
+    ``static-bfd`` routing also the attractor ``attractor-a`` with those VIPs and a gateway
+    per family and gateway router (the LBs take both from it)."""
     fams = sorted(set(families))
     vips = [{"name": f"vip{f}", "address": vip_cidr(f), "trench": TRENCH} for f in fams]
-    return {
+    config: dict[str, Any] = {
         "trench": {"name": TRENCH},
         "conduits": {"items": [{"name": CONDUIT, "trench": TRENCH}]},
         "streams": {"items": [{"name": STREAM, "conduit": CONDUIT, "max-targets": MAX_TARGETS}]},
@@ -316,6 +552,29 @@ def nsp_configuration(families: Iterable[int]) -> dict[str, Any]:
             ]
         },
     }
+    if routing in DYNAMIC_ROUTINGS:
+        items = [
+            nsp_gateway(family, router, routing)
+            for router in range(1, gateways + 1)
+            for family in fams
+        ]
+        config["gateways"] = {"items": items}
+        config["attractors"] = {
+            "items": [
+                {
+                    "name": ATTRACTOR,
+                    "vips": [v["name"] for v in vips],
+                    "gateways": [g["name"] for g in items],
+                    "trench": TRENCH,
+                }
+            ]
+        }
+    return config
+
+
+def spec_nsp_configuration(spec: LabSpec) -> dict[str, Any]:
+    """``nsp_configuration`` of a lab."""
+    return nsp_configuration(spec.families, routing=spec.routing, gateways=spec.gateways)
 
 
 # --- command lines -----------------------------------------------------------------------------
@@ -358,6 +617,19 @@ def nsp_config_path(state_dir: Path) -> Path:
     return role_dir(state_dir, "nsp") / "meridio-configuration.yaml"
 
 
+def bird_config_path(state_dir: Path, name: str) -> Path:
+    return role_dir(state_dir, name) / "bird.conf"
+
+
+def bird_socket(state_dir: Path, name: str) -> Path:
+    """A BIRD's control socket (``birdc -s``)."""
+    return run_dir(state_dir, name) / "bird.ctl"
+
+
+def bird_pid_path(state_dir: Path, name: str) -> Path:
+    return run_dir(state_dir, name) / "bird.pid"
+
+
 def _common(state_dir: Path, name: str) -> list[str]:
     return [f"--instance={name}", f"--run-dir={run_dir(state_dir, name)}", "--log-format=json"]
 
@@ -386,12 +658,34 @@ def ipam_args(state_dir: Path, families: Iterable[int]) -> list[str]:
     ]
 
 
+def gateway_bird_args(state_dir: Path, router: int, bird: str = "bird") -> list[str]:
+    """BIRD of gateway router ``router``, in the foreground (``-f``: the lab supervises it),
+    with its own configuration, control socket and pid file."""
+    name = gateway_instance(router)
+    return [
+        bird,
+        "-f",
+        "-c",
+        str(bird_config_path(state_dir, name)),
+        "-s",
+        str(bird_socket(state_dir, name)),
+        "-P",
+        str(bird_pid_path(state_dir, name)),
+    ]
+
+
 def lb_args(state_dir: Path, spec: LabSpec, index: int) -> list[str]:
+    """The LB's command line: with ``bgp`` or ``static-bfd`` routing it takes its gateways
+    and VIPs from the NSP's attractor; with ``static`` it is given the gateways' addresses."""
     name = lb_host(index)
     external = [
         f"--external-addresses={','.join(external_address(f, index) for f in spec.families)}",
-        f"--gateways={','.join(gateway_address(f) for f in spec.families)}",
     ]
+    if spec.dynamic:
+        external.append(f"--attractor={ATTRACTOR}")
+    else:
+        gateways = [gateway_router_address(f, r) for r in spec.routers for f in spec.families]
+        external.append(f"--gateways={','.join(gateways)}")
     if spec.external == "veth":
         external.append("--external-interface=eth1")
     else:

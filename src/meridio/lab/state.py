@@ -41,6 +41,11 @@ class LabState(msgspec.Struct, kw_only=True):
     mechanism: str = "veth"
     lb_mode: str = "first-packet"
     external: str = "macvlan"
+    routing: str = "static"
+    """``bgp``, ``static-bfd`` or ``static``. A state file without it is of a lab from before
+    the gateways ran BIRD, so ``static``; ``from_spec`` always sets it."""
+    gateways: int = 1
+    """Gateway routers (1: ``gw``; 2: ``gw`` and ``gw-2``)."""
     prefix: str = "mlab-"
     phase: str = "building"
     """``building`` until ``up`` has finished, then ``up``."""
@@ -48,6 +53,9 @@ class LabState(msgspec.Struct, kw_only=True):
     lb_indexes: list[int] = msgspec.field(default_factory=list)
     """LBs made (in the gateway's route once ready: ``gateway_lbs``)."""
     gateway_lbs: list[int] = msgspec.field(default_factory=list)
+    """The LBs the gateway ``gw`` routes the VIPs over: set by the lab itself with ``static``
+    routing; with ``bgp`` and ``static-bfd`` what the lab last saw in ``gw``'s kernel (``lab
+    status`` reads the kernel)."""
     node_indexes: list[int] = msgspec.field(default_factory=list)
     targets: dict[str, int] = msgspec.field(default_factory=dict)
     """Target index (as text: JSON keys) -> node index."""
@@ -63,6 +71,8 @@ class LabState(msgspec.Struct, kw_only=True):
             mechanism=spec.mechanism,
             lb_mode=spec.lb_mode,
             external=spec.external,
+            routing=spec.routing,
+            gateways=spec.gateways,
             prefix=spec.prefix,
         )
 
@@ -76,6 +86,8 @@ class LabState(msgspec.Struct, kw_only=True):
             mechanism=self.mechanism,
             lb_mode=self.lb_mode,
             external=self.external,
+            routing=self.routing,
+            gateways=self.gateways,
             prefix=self.prefix,
         )
 

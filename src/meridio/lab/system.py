@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpclib
 import grpclib.client
@@ -72,6 +76,21 @@ def netns_list() -> list[str]:
 def netns_pids(name: str) -> list[int]:
     out = run("ip", "netns", "pids", name, check=False).stdout
     return [int(pid) for pid in out.split() if pid.isdigit()]
+
+
+def process_name(pid: int) -> str | None:
+    """``/proc/<pid>/comm`` (e.g. ``bird``), None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def netns_processes(name: str, command: str | None = None) -> list[int]:
+    """The pids of the processes in namespace ``name`` (only those whose command name is
+    ``command``, when given): e.g. an LB's BIRD."""
+    pids = netns_pids(name)
+    return [p for p in pids if command is None or process_name(p) == command]
 
 
 def delete_netns(name: str) -> None:
@@ -259,6 +278,172 @@ def tail(path: Path | str, lines: int = 15) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+# --- routes ------------------------------------------------------------------------------------
+
+
+def route_next_hops(netns: str, family: int, prefix: str) -> list[str]:
+    """The next hops (gateway addresses) of the route to exactly ``prefix`` in ``netns``'s
+    main table: one per path of a multipath route; empty when there is none (or it has no
+    gateway)."""
+    out = run(
+        "ip", "-n", netns, f"-{family}", "-j", "route", "show", "exact", prefix, check=False
+    ).stdout
+    try:
+        routes = json.loads(out or "[]")
+    except json.JSONDecodeError:
+        return []
+    return route_gateways(routes)
+
+
+def route_gateways(routes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The gateways of ``ip -j route`` entries (``gateway``, or ``nexthops[].gateway``)."""
+    hops: list[str] = []
+    for route in routes:
+        if isinstance(route.get("gateway"), str):
+            hops.append(str(route["gateway"]))
+        nexthops = route.get("nexthops")
+        if isinstance(nexthops, list):
+            hops += [str(h["gateway"]) for h in nexthops if isinstance(h, dict) and "gateway" in h]
+    return hops
+
+
+# --- BIRD --------------------------------------------------------------------------------------
+
+BIRD_PATHS = ("/usr/sbin/bird", "/usr/local/sbin/bird")
+
+
+def find_bird() -> str | None:
+    """BIRD 2's daemon (``bird``), None when it is not installed."""
+    found = shutil.which("bird")
+    if found:
+        return found
+    return next((p for p in BIRD_PATHS if os.access(p, os.X_OK)), None)
+
+
+class BirdError(LabError):
+    """BIRD did not answer, or answered with an error."""
+
+
+def bird_query(sock: Path | str, command: str, timeout: float = 2.0) -> list[tuple[int, str]]:
+    """One command over a BIRD control socket (what ``birdc -s SOCK COMMAND`` does): the
+    reply's lines as (code, text), continuation lines with the code of the line they
+    continue. Raises BirdError when BIRD cannot be reached or replies with an error."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(str(sock))
+            with conn.makefile("rwb") as stream:
+                hello = read_bird_reply(stream)
+                if not hello or hello[0][0] != 1:
+                    raise BirdError(f"{sock}: not a BIRD control socket: {hello}")
+                stream.write(command.encode() + b"\n")
+                stream.flush()
+                reply = read_bird_reply(stream)
+    except OSError as exc:
+        raise BirdError(f"BIRD at {sock}: {exc}") from None
+    if reply and reply[-1][0] >= 8000:
+        raise BirdError(f"BIRD at {sock}: {command}: {reply[-1][1]}")
+    return reply
+
+
+def read_bird_reply(stream: Iterable[bytes]) -> list[tuple[int, str]]:
+    """Read one reply of BIRD's control protocol: lines ``NNNN-text`` (more follow), `` text``
+    (continuing the previous code) and the last one ``NNNN text``."""
+    lines: list[tuple[int, str]] = []
+    code = 0
+    for raw in stream:
+        line = raw.decode(errors="replace").rstrip("\n")
+        if len(line) >= 5 and line[:4].isdigit() and line[4] in "- ":
+            code = int(line[:4])
+            lines.append((code, line[5:]))
+            if line[4] == " ":
+                return lines
+        elif len(line) == 4 and line.isdigit():
+            lines.append((int(line), ""))
+            return lines
+        else:
+            lines.append((code, line[1:] if line.startswith(" ") else line))
+    raise BirdError("BIRD closed its control socket in the middle of a reply")
+
+
+@dataclass(frozen=True)
+class BirdProtocol:
+    """One line of ``show protocols`` (with ``all``: the BGP neighbour's address too)."""
+
+    name: str
+    proto: str
+    table: str
+    state: str
+    since: str
+    info: str
+    neighbor: str = ""
+    bgp_state: str = ""
+
+
+def parse_bird_protocols(reply: Sequence[tuple[int, str]]) -> list[BirdProtocol]:
+    """The protocols of a ``show protocols [all]`` reply (``timeformat protocol iso long``:
+    the time is two words, date and time)."""
+    found: list[BirdProtocol] = []
+    current: dict[str, str] | None = None
+
+    def close() -> None:
+        if current is not None:
+            found.append(BirdProtocol(**current))
+
+    for code, text in reply:
+        if code == 1002:
+            close()
+            words = text.split(maxsplit=6)
+            if len(words) < 4:
+                current = None
+                continue
+            since = " ".join(words[4:6])
+            current = {
+                "name": words[0],
+                "proto": words[1],
+                "table": words[2],
+                "state": words[3],
+                "since": since,
+                "info": words[6].strip() if len(words) > 6 else "",
+            }
+        elif code == 1006 and current is not None:
+            key, _, value = text.strip().partition(":")
+            if key == "Neighbor address":
+                current["neighbor"] = value.strip()
+            elif key == "BGP state":
+                current["bgp_state"] = value.strip()
+    close()
+    return found
+
+
+@dataclass(frozen=True)
+class BfdSession:
+    address: str
+    interface: str
+    state: str
+    since: str
+
+
+def parse_bfd_sessions(reply: Sequence[tuple[int, str]]) -> list[BfdSession]:
+    """The sessions of a ``show bfd sessions`` reply (times as two words)."""
+    sessions: list[BfdSession] = []
+    for code, text in reply:
+        words = text.split()
+        if code != 1020 or len(words) < 5 or words[0] == "IP" or words[0].endswith(":"):
+            continue
+        sessions.append(BfdSession(words[0], words[1], words[2], " ".join(words[3:5])))
+    return sessions
+
+
+def bird_ready(sock: Path | str) -> bool:
+    """Whether a BIRD answers on its control socket."""
+    try:
+        bird_query(sock, "show status", timeout=1.0)
+    except BirdError:
+        return False
+    return True
 
 
 # --- asking the daemons ------------------------------------------------------------------------
