@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 
 import pytest
 import trio
@@ -77,3 +78,48 @@ async def test_ensure_helpers_are_idempotent(aio_loop: object, netns: object) ->
         assert not [r for r in await manager.rules(socket.AF_INET) if r.get("FRA_FWMARK") == 5001]
     finally:
         manager.close()
+
+
+async def test_lean_dumps_read_what_iproute2_reads(aio_loop: object, netns: object) -> None:
+    """Rules and routes of every table, many of them, parsed from the raw dump."""
+    ns = netns.name  # type: ignore[attr-defined]
+    lines = [
+        "link add mt-a type veth peer name mt-b",
+        "link set mt-a up",
+        "link set mt-b up",
+        "addr add 198.18.0.1/16 dev mt-a",
+        "route add default table 4096 nexthop via 198.18.0.3 nexthop via 198.18.0.4",
+        "route add blackhole default table 4096 metric 65535",
+    ]
+    v6 = ["addr add fd00:20::1/64 dev mt-a nodad", "rule add from 2001:db8::1 lookup 4096 pref 200"]
+    for i in range(1, 401):  # more than one receive buffer's worth of messages
+        lines += [
+            f"rule add fwmark {5000 + i} lookup {5000 + i} pref 100",
+            f"route add default via 198.18.{i // 250}.{i % 250 + 2} table {5000 + i}",
+        ]
+        v6 += [
+            f"rule add fwmark {5000 + i} lookup {5000 + i} pref 100",
+            f"route add default via fd00:20::{i + 1:x} table {5000 + i}",
+        ]
+    for family, batch in (("-4", lines), ("-6", v6)):
+        subprocess.run(
+            ["ip", "-n", ns, family, "-batch", "-"], input="\n".join(batch), text=True, check=True
+        )
+    manager = NetlinkManager(EventBus(), ns)
+    try:
+        rules = await manager.rule_list()
+        routes = await manager.route_list()
+        rules_v4 = await manager.rule_list(socket.AF_INET)
+    finally:
+        manager.close()
+    marked = {(r.family, r.fwmark, r.table, r.priority) for r in rules if r.fwmark}
+    assert len(marked) == 800 and (socket.AF_INET6, 5400, 5400, 100) in marked
+    assert all(r.family == socket.AF_INET for r in rules_v4)
+    assert any(r.src == "2001:db8::1/128" and r.table == 4096 for r in rules)
+    defaults = {(r.family, r.table): r for r in routes if r.dst is None and r.type == 1}
+    assert defaults[(socket.AF_INET, 5001)].gateways == ("198.18.0.3",)
+    assert defaults[(socket.AF_INET6, 5400)].gateways == ("fd00:20::191",)
+    assert defaults[(socket.AF_INET, 4096)].gateways == ("198.18.0.3", "198.18.0.4")
+    blackholes = [r for r in routes if r.table == 4096 and r.type == 6]
+    assert blackholes and blackholes[0].priority == 65535
+    assert any(r.dst == "198.18.0.0/16" and r.table == 254 for r in routes)

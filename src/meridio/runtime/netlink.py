@@ -38,6 +38,7 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from meridio.core import rtnl
 from meridio.runtime.bus import EventBus
 from meridio.runtime.logs import get_logger
 
@@ -167,6 +168,20 @@ def open_event_socket(netns: str | None) -> socket.socket:
     return sock
 
 
+def open_dump_socket(netns: str | None) -> socket.socket:
+    """A netlink route socket in ``netns`` for the lean dumps of :mod:`meridio.core.rtnl`
+    (call in a thread: another namespace forks a helper)."""
+    if netns is None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    else:
+        from pyroute2.netns import create_socket
+
+        sock = create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE, flags=0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    sock.bind((0, 0))
+    return sock
+
+
 def _family(address: str) -> int:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
@@ -185,6 +200,9 @@ class NetlinkManager:
         # and several tasks (reconcile, connect endpoint) share this manager.
         self._lock = trio.Lock()
         self.events_running = False
+        self._dump_socket: trio.socket.SocketType | None = None
+        self._dump_lock = trio.Lock()
+        self._dump_seq = 0
 
     async def open(self) -> None:
         async def aio_open() -> Any:
@@ -198,6 +216,45 @@ class NetlinkManager:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._dump_socket is not None:
+            self._dump_socket.close()
+            self._dump_socket = None
+
+    async def _lean_dump(self, kind: str, family: int) -> list[bytes]:
+        """The payloads of one rule or route dump, read on a socket of our own (no pyroute2
+        parsing: see :mod:`meridio.core.rtnl`)."""
+        async with self._dump_lock:
+            if self._dump_socket is None:
+                sock = await trio.to_thread.run_sync(open_dump_socket, self.netns)
+                self._dump_socket = trio.socket.from_stdlib_socket(sock)
+            self._dump_seq = (self._dump_seq + 1) & 0xFFFFFFFF or 1
+            seq = self._dump_seq
+            try:
+                await self._dump_socket.send(rtnl.dump_request(kind, family, seq))
+                payloads: list[bytes] = []
+                while True:
+                    data = await self._dump_socket.recv(1 << 20)
+                    for msg_type, payload in rtnl.messages(data, seq):
+                        if msg_type == rtnl.NLMSG_DONE:
+                            return payloads
+                        payloads.append(payload)
+            except BaseException:
+                # a dump cut short leaves the rest of it in the socket: start afresh next time
+                self._dump_socket.close()
+                self._dump_socket = None
+                raise
+
+    async def rule_list(self, family: int | None = None) -> list[rtnl.Rule]:
+        """Every rule of ``family`` (both when None), lean: see :mod:`meridio.core.rtnl`."""
+        families = [family] if family else [socket.AF_INET, socket.AF_INET6]
+        return [rtnl.parse_rule(p) for fam in families for p in await self._lean_dump("rule", fam)]
+
+    async def route_list(self, family: int | None = None) -> list[rtnl.Route]:
+        """Every route of every table of ``family`` (both when None), in one dump each."""
+        families = [family] if family else [socket.AF_INET, socket.AF_INET6]
+        return [
+            rtnl.parse_route(p) for fam in families for p in await self._lean_dump("route", fam)
+        ]
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         async with self._lock:
