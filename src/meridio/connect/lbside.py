@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import grpclib
@@ -158,7 +159,14 @@ class LbPolicy:
 class LbConnect:
     """The LB's connect endpoint and its FRONTEND announcement, run beside the LB's data path."""
 
-    def __init__(self, runtime: Any, settings: LbConnectSettings, trench: str, conduit_name: str):
+    def __init__(
+        self,
+        runtime: Any,
+        settings: LbConnectSettings,
+        trench: str,
+        conduit_name: str,
+        takes_replies: Callable[[], bool] = lambda: True,
+    ):
         self.runtime = runtime
         self.settings = settings
         self.log = runtime.log
@@ -183,7 +191,10 @@ class LbConnect:
         )
         self.policy.endpoint = self.endpoint
         self.vxlan = "vxlan" in mechanisms and bool(self.primary)
+        self.takes_replies = takes_replies
         self._stop = trio.Event()
+        self._wake = trio.Event()
+        self._announced: TargetStatus | None = None
         self._announce_done = trio.Event()
         self._announcing = False
         self._withdrawn = False
@@ -239,19 +250,35 @@ class LbConnect:
         else:
             await netlink.ensure_rule_absent(**rule)
 
+    def replies_changed(self) -> None:
+        """Whether this LB can take replies may have changed: if so, announce it now, not at
+        the next keepalive."""
+        want = TargetStatus.ENABLED if self.takes_replies() else TargetStatus.DISABLED
+        if want != self._announced:
+            self._wake.set()
+
     async def _announce(self, check: Any) -> None:
+        """Keep the announcement alive: ENABLED while the LB can take the targets' replies
+        (its egress toward the gateways is up), DISABLED (connected, but no replies) while
+        not, e.g. a new LB whose BGP sessions are still coming up."""
         self._announcing = True
         try:
-            enabled = False
             while not self._stop.is_set():
+                self._wake = trio.Event()
+                want = TargetStatus.ENABLED if self.takes_replies() else TargetStatus.DISABLED
                 try:
-                    await self._register(TargetStatus.ENABLED)
-                    if not enabled:
+                    await self._register(want)
+                    if want == TargetStatus.ENABLED and self._announced != want:
                         # NSP stores a target it did not know as disabled: enable it (one it
                         # knew, e.g. after a restart of this LB, stays enabled throughout)
                         await self._register(TargetStatus.ENABLED)
-                        self.log.info("conduit endpoint announced", connect=self.advertise)
-                    enabled = True
+                    if self._announced != want:
+                        self.log.info(
+                            "conduit endpoint announced",
+                            connect=self.advertise,
+                            replies=want == TargetStatus.ENABLED,
+                        )
+                    self._announced = want
                     check.set(True)
                     wait = self.settings.announce_interval
                 except (grpclib.GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
@@ -263,7 +290,7 @@ class LbConnect:
                 except Exception as exc:
                     self.log.error("restoring the underlay rule failed", error=str(exc))
                 with trio.move_on_after(wait):
-                    await self._stop.wait()
+                    await self._wake.wait()
         finally:
             self._announce_done.set()
 
@@ -273,6 +300,7 @@ class LbConnect:
 
     async def _stop_announcing(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._announcing:
             await self._announce_done.wait()  # no registration in flight after this
 

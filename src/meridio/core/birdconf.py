@@ -255,6 +255,11 @@ def _render_peer(peer: Peer, iface: str, announcing: bool) -> list[str]:
         "  direct;",
         f"  local port {peer.local_port} as {peer.local_asn};",
         f"  neighbor {peer.address} port {peer.remote_port} as {peer.remote_asn};",
+        # BIRD waits 5 s before the first connect and 60-300 s after an error (a gateway that
+        # restarted, a BFD flap): an LB must be attracted again within seconds
+        "  connect delay time 1;",
+        "  connect retry time 5;",
+        "  error wait time 1, 10;",
     ]
     if peer.bfd:
         body.append(f"  bfd {{ {peer.bfd.render()} }};")

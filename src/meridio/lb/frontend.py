@@ -212,6 +212,10 @@ class Frontend:
     def any_gateway_up(self) -> bool:
         return self.running and any(g.up for g in self.gateways)
 
+    def egress_up(self) -> bool:
+        """A gateway is up and gave us a route: replies from the VIPs can leave."""
+        return self.running and any(g.up and g.routes_received > 0 for g in self.gateways)
+
     async def withdraw(self) -> None:
         """Announce nothing from now on, and return once BIRD has taken it (or is gone)."""
         if self.desired is None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ from meridio.api.nsp.v1 import (
     Vip,
 )
 from meridio.connect.lbside import LbConnect, LbConnectSettings, check_connect_settings
-from meridio.core import birdconf, maglev
+from meridio.core import birdconf, lbplan, maglev
 from meridio.core.classifier import Classifier
 from meridio.core.jhash import flow_key, nft_bucket
 from meridio.core.lbstate import (
@@ -73,7 +72,6 @@ from meridio.core.lbstate import (
     StreamSpec,
     TargetSpec,
     desired_state,
-    plan,
 )
 from meridio.core.packet import MalformedPacket, five_tuple
 from meridio.lb import iptables
@@ -420,8 +418,7 @@ class LbRole(Role):
         self.hit_counters: dict[StreamKey, HitCounters] = {}
         self.retry_soon = False
         self._tables: dict[tuple[StreamKey, int, tuple[int, ...]], maglev.MaglevTable] = {}
-        self._installed_rules: set[RuleSpec] = set()
-        self._installed_routes: set[RouteSpec] = set()
+        self._installed = lbplan.Observed(frozenset(), frozenset())
         self._nft_structure: Any = None
         self._nft_entries: dict[StreamKey, tuple[int, ...]] = {}
         self._iptables: dict[int, str] = {}
@@ -518,61 +515,20 @@ class LbRole(Role):
             self.log.warning("target left out", problem=problem)
         self.offsets = {k: s.offset for k, s in desired.streams.items()}
         netlink = await self.runtime.netlink()
-        # Make before break: new targets become routable before the tables point at them,
-        # and removed ones stay routable until the tables no longer do.
-        if check_drift:
-            current_rules, current_routes = await self._read_routing(netlink)
-        else:
-            current_rules, current_routes = self._installed_rules, self._installed_routes
-        add_routes, del_routes = plan(current_routes, desired.routes)
-        add_rules, del_rules = plan(current_rules, desired.rules)
-        failed: list[RouteSpec] = []
-        for route in add_routes:
-            try:
-                # a new target may have an address a removed one had: forget its old MAC
-                await netlink.forget_neighbour(route.gateway)
-                await netlink.ensure_route(
-                    "default", table=route.table, gateway=route.gateway, family=route.family
-                )
-            except NetlinkError as exc:
-                # e.g. the target's subnet is not reachable yet (its proxy still connecting):
-                # the other targets go ahead, this one is retried at the next reconcile
-                failed.append(route)
-                self.log.warning("route not installed yet", route=str(route), error=str(exc))
-        unroutable = {(r.family, r.table) for r in failed}
-        add_rules = [r for r in add_rules if (r.family, r.table) not in unroutable]
-        for rule in add_rules:
-            await netlink.ensure_rule(
-                family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
-            )
-        self._installed_rules |= set(add_rules)
-        self._installed_routes |= set(add_routes) - set(failed)
-        await self._reconcile_datapath(path, check_drift)
-        self.datapath = path  # Show/Which and the readers see the new tables from here on
-        for rule in del_rules:
-            await netlink.ensure_rule_absent(
-                family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
-            )
-        kept_tables = {(r.family, r.table) for r in desired.routes}
-        for route in del_routes:
-            if (route.family, route.table) not in kept_tables:  # else replaced by an add
-                await netlink.ensure_route_absent("default", table=route.table, family=route.family)
-        if add_rules or del_rules or add_routes or del_routes:
-            self.log.info(
-                "routing reconciled",
-                rules_added=len(add_rules),
-                rules_removed=len(del_rules),
-                routes_added=len(add_routes),
-                routes_removed=len(del_routes),
-                drift=check_drift,
-            )
-        self._installed_rules = {r for r in desired.rules if (r.family, r.table) not in unroutable}
-        self._installed_routes = set(desired.routes) - set(failed)
+        observed = await self._read_routing(netlink) if check_drift else self._installed
+        steps = lbplan.plan(
+            desired.rules,
+            desired.routes,
+            observed,
+            forget_connections=self.mode == "first-packet",
+        )
+        failed = await self._execute(steps, netlink, path, check_drift)
+        changes = lbplan.routing_changes(steps)
+        if any(changes.values()):
+            self.log.info("routing reconciled", **changes, failed=len(failed), drift=check_drift)
+        self._installed = lbplan.installed_after(desired.rules, desired.routes, failed, observed)
         # routes that could not be installed are tried again in a second, not at the next resync
         self.retry_soon = bool(failed)
-        gone = {r.fwmark for r in del_rules} - {r.fwmark for r in desired.rules}
-        if self.mode == "first-packet" and gone:
-            await self._forget_connections(gone)
         self.desired = desired
         for key, stream in path.streams.items():
             TARGETS.labels(*key).set(len(stream.targets))
@@ -580,6 +536,53 @@ class LbRole(Role):
         # send traffic this LB cannot deliver yet
         self.datapath_check.set(not failed)
         self._update_attraction()
+
+    async def _execute(
+        self, steps: list[lbplan.Step], netlink: Any, path: DataPath, check_drift: bool
+    ) -> list[RouteSpec]:
+        """Run a plan's steps in order; the routes that could not be installed (their rules
+        are skipped, so no rule points at a table without its route)."""
+        failed: list[RouteSpec] = []
+        blocked: set[tuple[int, int]] = set()
+        for step in steps:
+            if isinstance(step, lbplan.AddRoute):
+                route = step.route
+                try:
+                    # a new target may have an address a removed one had: forget its old MAC
+                    await netlink.forget_neighbour(route.gateway)
+                    await netlink.ensure_route(
+                        "default", table=route.table, gateway=route.gateway, family=route.family
+                    )
+                except NetlinkError as exc:
+                    # e.g. the target's subnet is not reachable yet (its proxy still
+                    # connecting): the others go ahead, this one is retried soon
+                    failed.append(route)
+                    blocked.add((route.family, route.table))
+                    self.log.warning("route not installed yet", route=str(route), error=str(exc))
+            elif isinstance(step, lbplan.AddRule):
+                rule = step.rule
+                if (rule.family, rule.table) not in blocked:
+                    await netlink.ensure_rule(
+                        family=rule.family,
+                        priority=rule.priority,
+                        table=rule.table,
+                        fwmark=rule.fwmark,
+                    )
+            elif isinstance(step, lbplan.InstallDatapath):
+                await self._reconcile_datapath(path, check_drift)
+                self.datapath = path  # Show/Which and the readers see the new tables from here
+            elif isinstance(step, lbplan.DeleteRule):
+                rule = step.rule
+                await netlink.ensure_rule_absent(
+                    family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
+                )
+            elif isinstance(step, lbplan.DeleteRoute):
+                await netlink.ensure_route_absent(
+                    "default", table=step.route.table, family=step.route.family
+                )
+            elif isinstance(step, lbplan.ForgetConnections):
+                await self._forget_connections(set(step.marks))
+        return failed
 
     async def _forget_connections(self, marks: set[int]) -> None:
         """Drop conntrack entries that still carry a removed target's mark.
@@ -602,29 +605,23 @@ class LbRole(Role):
         low = self.lb.identifier_offset
         return priority == self.lb.rule_priority and mark is not None and mark > low
 
-    async def _read_routing(self, netlink: Any) -> tuple[set[RuleSpec], set[RouteSpec]]:
-        rules: set[RuleSpec] = set()
-        for msg in await netlink.rules():
-            mark = msg.get("FRA_FWMARK")
-            priority = msg.get("FRA_PRIORITY")
-            table = msg.get("FRA_TABLE") or msg["table"]
-            if self._ours(mark, priority):
-                rules.add(RuleSpec(msg["family"], mark, table, priority))
-        routes: set[RouteSpec] = set()
-        tables = {r.table for r in self._installed_routes} | {r.table for r in rules}
+    async def _read_routing(self, netlink: Any) -> lbplan.Observed:
+        """Our rules and the default routes of their tables, in one lean dump per kind and
+        family (a thousand targets cost milliseconds, not a dump per table)."""
+        rules = frozenset(
+            RuleSpec(r.family, r.fwmark, r.table, r.priority)
+            for r in await netlink.rule_list()
+            if r.fwmark is not None and self._ours(r.fwmark, r.priority)
+        )
+        tables = {r.table for r in self._installed.routes} | {r.table for r in rules}
         if self.desired is not None:
             tables |= {r.table for r in self.desired.routes}
-        for table in sorted(tables):
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for msg in await netlink.routes(table, family):
-                    gateway = msg.get("RTA_GATEWAY")
-                    if (
-                        msg["dst_len"] == 0
-                        and gateway
-                        and (msg.get("RTA_TABLE") or msg["table"]) == table
-                    ):
-                        routes.add(RouteSpec(family, table, gateway))
-        return rules, routes
+        routes = frozenset(
+            RouteSpec(r.family, r.table, r.gateways[0])
+            for r in await netlink.route_list()
+            if r.dst is None and r.table in tables and len(r.gateways) == 1
+        )
+        return lbplan.Observed(rules, routes)
 
     async def _reconcile_datapath(self, path: DataPath, check_drift: bool) -> None:
         for family in (4, 6):
@@ -691,20 +688,15 @@ class LbRole(Role):
     async def cleanup(self) -> None:
         """Remove every rule, route, chain, table and map this LB installed."""
         netlink = await self.runtime.netlink()
-        for rule in sorted(self._installed_rules):
+        # what this instance installed, and what a previous, killed one left behind
+        observed = await self._read_routing(netlink)
+        for rule in sorted(observed.rules | self._installed.rules):
             await netlink.ensure_rule_absent(
                 family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
             )
-        for route in sorted(self._installed_routes):
+        for route in sorted(observed.routes | self._installed.routes):
             await netlink.ensure_route_absent("default", table=route.table, family=route.family)
-        # rules a previous, killed instance left behind are ours too
-        rules, routes = await self._read_routing(netlink)
-        for rule in rules:
-            await netlink.ensure_rule_absent(
-                family=rule.family, priority=rule.priority, table=rule.table, fwmark=rule.fwmark
-            )
-        for route in routes:
-            await netlink.ensure_route_absent("default", table=route.table, family=route.family)
+        self._installed = lbplan.Observed(frozenset(), frozenset())
         for family in (4, 6):
             await iptables.remove(family)
         if self.mode == "kernel":
@@ -930,6 +922,8 @@ class LbRole(Role):
         if frontend is None:
             return
         self.gateways_check.set(frontend.any_gateway_up())
+        if self.connect is not None:
+            self.connect.replies_changed()
         ANNOUNCED.labels(self.lb.trench, self.lb.attractor).set(len(frontend.announced))
 
     # --- the external side (gateways; see meridio.lb.external) --------------------------------
@@ -981,7 +975,16 @@ class LbRole(Role):
         """
         if not self.lb.connect_listen:
             return
-        self.connect = LbConnect(self.runtime, self.lb, self.lb.trench, self.lb.conduit)
+        self.connect = LbConnect(
+            self.runtime,
+            self.lb,
+            self.lb.trench,
+            self.lb.conduit,
+            # with an attractor, replies wait for a gateway route (BGP takes seconds)
+            takes_replies=lambda: (
+                not self.lb.attractor or (self.frontend is not None and self.frontend.egress_up())
+            ),
+        )
         await nursery.start(self.connect.run, nsp)
 
     async def _drain_connect(self) -> None:
