@@ -423,6 +423,33 @@ def kill(ctx: click.Context, name: str, netns: bool) -> None:
 )
 @click.option("--ipv4", "families", flag_value=4, multiple=True, help="Only the IPv4 VIP.")
 @click.option("--ipv6", "families", flag_value=6, multiple=True, help="Only the IPv6 VIP.")
+@click.argument("probe_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def probe(ctx: click.Context, families: tuple[int, ...], probe_args: tuple[str, ...]) -> None:
+    """Open new connections to the lab's VIPs at a fixed rate, from the external host.
+
+    Every other option goes to `meridioctl traffic probe`: e.g. -r RATE, -d SECONDS, --udp,
+    -o json. The report says how many failed and over which window (a failover's cost).
+    """
+    if "--help" in probe_args or "-h" in probe_args:
+        click.echo(ctx.get_help())
+        return
+    try:
+        argv = _lab(ctx).traffic_argv(probe_args, families or None, command="probe")
+    except LabError as exc:
+        raise _fail(exc) from None
+    try:
+        sys.exit(subprocess.call(argv))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@lab.command(
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    add_help_option=False,
+)
+@click.option("--ipv4", "families", flag_value=4, multiple=True, help="Only the IPv4 VIP.")
+@click.option("--ipv6", "families", flag_value=6, multiple=True, help="Only the IPv6 VIP.")
 @click.argument("client_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def traffic(ctx: click.Context, families: tuple[int, ...], client_args: tuple[str, ...]) -> None:

@@ -378,6 +378,23 @@ class Lab:
         self._save(state)
         return proc
 
+    def restart_gateway(self, router: int) -> None:
+        """Start gateway router ``router``'s BIRD again after it died (its configuration is
+        where the lab wrote it); nothing when it runs."""
+        state = self.load()
+        name = plan.gateway_instance(router)
+        proc = state.processes.get(name)
+        if proc is None or router not in state.spec.routers:
+            raise LabError(f"no gateway router {router} in this lab")
+        if system.alive(proc):
+            return
+        bird = system.find_bird()
+        if bird is None:
+            raise LabError("BIRD 2 is not installed (Debian package bird2)")
+        argv = plan.gateway_bird_args(self.state_dir, router, bird)
+        self._start(state, name, "gateway", plan.gateway_host(router), argv, program=[])
+        self._wait_ready(state, [name], "gateway router")
+
     def _start_gateways(self, state: LabState, bird: str) -> None:
         """BIRD on every gateway router, and wait until each answers on its socket."""
         names = []
@@ -1034,9 +1051,15 @@ class Lab:
 
     # -- traffic
 
-    def traffic_argv(self, args: Sequence[str], families: Iterable[int] | None = None) -> list[str]:
-        """The traffic client's command line, run in the gateway namespace against the VIPs
-        (of ``families``, default all of the lab's) unless ``args`` name addresses."""
+    def traffic_argv(
+        self,
+        args: Sequence[str],
+        families: Iterable[int] | None = None,
+        command: str = "client",
+    ) -> list[str]:
+        """The traffic client's (or ``command``'s: ``probe``) command line, run in the gateway
+        namespace against the VIPs (of ``families``, default all of the lab's) unless
+        ``args`` name addresses."""
         state = self.load()
         fams = sorted(set(families) if families is not None else state.spec.families)
         for family in fams:
@@ -1052,16 +1075,18 @@ class Lab:
             "exec",
             self.netns("gw"),
             *traffic_tool(),
-            "client",
+            command,
             *addresses,
             *args,
         ]
 
     def start_traffic(
-        self, args: Sequence[str], families: Iterable[int] | None = None
+        self, args: Sequence[str], families: Iterable[int] | None = None, command: str = "client"
     ) -> TrafficRun:
-        """Start a traffic client (JSON report) in the background."""
-        argv = self.traffic_argv(["--output", "json", "--progress", "none", *args], families)
+        """Start a traffic client (or ``probe``; JSON report) in the background."""
+        argv = self.traffic_argv(
+            ["--output", "json", "--progress", "none", *args], families, command
+        )
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
