@@ -163,6 +163,11 @@ def netns_inode(path: str) -> int:
     return os.stat(path).st_ino
 
 
+def pid_netns_path() -> str:
+    """This process's network namespace, as a path another process can open."""
+    return f"/proc/{os.getpid()}/ns/net"
+
+
 def own_netns_inode() -> int:
     return netns_inode("/proc/self/ns/net")
 
@@ -180,18 +185,36 @@ async def create_veth(
     """A veth pair: ``name`` here and ``peer`` created directly in the namespace at
     ``netns_path``. The namespace file is open only during the call, so the namespace goes
     away with its last process as it should."""
-    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        await netlink.ensure_link(
-            name, "veth", mtu=mtu, peer={"ifname": peer, "net_ns_fd": fd, "mtu": mtu}
-        )
-    except RuntimeError as exc:  # EEXIST for the peer's name: the link never appeared here
-        raise LinkError(
-            f"cannot create veth {name}: is there already an interface {peer} "
-            f"in the client's namespace?"
-        ) from exc
-    finally:
-        os.close(fd)
+    for attempt in (1, 2):
+        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await netlink.ensure_link(
+                name, "veth", mtu=mtu, peer={"ifname": peer, "net_ns_fd": fd, "mtu": mtu}
+            )
+            return
+        except RuntimeError as exc:  # EEXIST for the peer's name: the link never appeared here
+            # ``name`` is not here, so a ``peer`` in the client's namespace is the other end of
+            # a pair whose first end is elsewhere: an earlier instance of this endpoint (its
+            # namespace gone, or going, with sockets still holding it). The names are ours.
+            if attempt == 1 and await _remove_in(netns_path, peer):
+                continue
+            raise LinkError(
+                f"cannot create veth {name}: is there already an interface {peer} "
+                f"in the client's namespace?"
+            ) from exc
+        finally:
+            os.close(fd)
+
+
+async def _remove_in(netns_path: str, ifname: str) -> bool:
+    """Delete ``ifname`` in the namespace at ``netns_path``; True when it was there."""
+    result = await trio.run_process(
+        ["nsenter", f"--net={netns_path}", "ip", "link", "del", ifname],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    return result.returncode == 0
 
 
 def vxlan_attrs(vni: int, local: str, remote: str, port: int) -> dict[str, Any]:

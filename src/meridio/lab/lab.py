@@ -251,6 +251,10 @@ class Lab:
         lines = ["link set lo up", "link add pri type bridge", "link set pri up"] if first else []
         for host in primary:
             port = plan.port_name(host)
+            if not first:
+                # a namespace just deleted lives on (with this port's peer) until its last
+                # process is gone: the port of the host it replaces may still be here
+                system.run("ip", "-n", self.netns("pri"), "link", "del", port, check=False)
             lines += [
                 f"link add {port} type veth peer name eth0 netns {self.netns(host)}",
                 f"link set {port} master pri",
@@ -349,6 +353,7 @@ class Lab:
         """The LB's ``eth1``: a port of the gateway's bridge (the LB makes ``ext0`` on it, or
         uses it as it is)."""
         port = plan.external_port_name(lb)
+        system.run("ip", "-n", self.netns("gw"), "link", "del", port, check=False)  # see above
         system.ip_batch(
             [
                 f"link add {port} type veth peer name eth1 netns {self.netns(plan.lb_host(lb))}",

@@ -458,14 +458,15 @@ def run_async(coro: Awaitable[T]) -> T:
 CLIENT_ERRORS = (OSError, TimeoutError, grpclib.GRPCError, StreamTerminatedError)
 
 
-async def readiness(socket: Path, timeout: float = 1.0) -> bool:
-    """Whether the daemon behind ``socket`` (its health.sock) says Readiness is SERVING."""
+async def readiness(socket: Path, timeout: float = 1.0, service: str = "Readiness") -> bool:
+    """Whether the daemon behind ``socket`` (its health.sock) says Readiness (or another
+    health service, e.g. a sub-check) is SERVING."""
     if not socket.exists():
         return False
     channel = grpclib.client.Channel(path=str(socket))
     try:
         reply = await HealthStub(channel).check(
-            HealthCheckRequest(service="Readiness"), timeout=timeout
+            HealthCheckRequest(service=service), timeout=timeout
         )
         return bool(reply.status == HealthCheckResponseServingStatus.SERVING)
     except CLIENT_ERRORS:
