@@ -223,6 +223,23 @@ def test_vips_follow_the_targets_and_bird_follows_the_lb(
     assert status.bird == "running" and status.router_id == LB_EXT4
     assert sorted(status.announced) == sorted([f"{VIP4}/32", f"{VIP6}/128"])
     assert all(g.routes_announced == 1 and g.routes_received == 1 for g in status.gateways)
+    # the same through the command line, as an operator reads it
+    shown = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "meridioctl"),
+            "lb",
+            "gateways",
+            f"--lb=unix://{ext.topo.lb_socket}",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (listed,) = json.loads(shown.stdout)
+    assert {(g["gateway"], g["state"], g["bfd"]) for g in listed["gateways"]} == expected
+    assert listed["attractor"] == ATTRACTOR and listed["bird"] == "running"
     assert ext.topo.lb is not None
     assert run_async(health_status(ext.topo.lb.health_socket, "Gateways")) == SERVING
 
