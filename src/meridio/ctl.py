@@ -7,7 +7,9 @@ and exit. Listings print a table by default, or ``-o json`` / ``-o yaml`` for ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -58,13 +60,17 @@ def open_channel(target: str) -> grpclib.client.Channel:
     return grpclib.client.Channel(endpoint.host, endpoint.port, codec=LimitedCodec())
 
 
-def run_client(target: str, body: Callable[[grpclib.client.Channel], Awaitable[T]]) -> T:
+def run_client(
+    target: str,
+    body: Callable[[grpclib.client.Channel], Awaitable[T]],
+    timeout: float | None = 10,
+) -> T:
     """Run ``body(channel)`` to completion; connection problems become one clear line."""
 
     async def main() -> T:
         channel = open_channel(target)
         try:
-            return await asyncio.wait_for(body(channel), 10)
+            return await asyncio.wait_for(body(channel), timeout)
         finally:
             channel.close()
 
@@ -443,6 +449,174 @@ def lb_gateways(lb_addr: str, output: str) -> None:
         click.echo(f"error: {reply.error}")
     columns = ["gateway", "address", "protocol", "state", "bfd", "since", "announced"]
     render(rows, [*columns, "received", "info"], output, "")
+
+
+# --- tap --------------------------------------------------------------------------------------
+
+
+@main.group()
+def tap() -> None:
+    """A target's TAPA (ambassador.v1.Tap): open, close and watch its streams."""
+
+
+def _tap_socket(value: str | None) -> str:
+    text = value or os.environ.get("MERIDIO_SOCKET") or "/run/meridio/target/ambassador.sock"
+    return text if "://" in text or text.startswith("unix:") else f"unix://{text}"
+
+
+TAP_SOCKET = click.option(
+    "--socket",
+    "socket_path",
+    help="The target's TAPA socket [default: $MERIDIO_SOCKET, else "
+    "/run/meridio/target/ambassador.sock].",
+)
+
+
+def _tap_stream(required: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for name in ("stream", "conduit", "trench"):
+            if required:
+                fn = click.option(f"--{name}", required=True, help=f"The {name}.")(fn)
+            else:
+                fn = click.option(f"--{name}", default="", help=f"Only this {name}.")(fn)
+        return fn
+
+    return decorate
+
+
+def _tap_message(trench: str, conduit: str, stream: str) -> Any:
+    from meridio.api.ambassador.v1 import Conduit as TapConduit
+    from meridio.api.ambassador.v1 import Stream as TapStream
+    from meridio.api.ambassador.v1 import Trench as TapTrench
+
+    return TapStream(name=stream, conduit=TapConduit(name=conduit, trench=TapTrench(name=trench)))
+
+
+def _tap_rows(reply: Any) -> list[dict[str, Any]]:
+    from meridio.api.ambassador.v1 import StreamStatusStatus
+
+    return [
+        {
+            "trench": s.stream.conduit.trench.name,
+            "conduit": s.stream.conduit.name,
+            "stream": s.stream.name,
+            "status": StreamStatusStatus(s.status).name,
+        }
+        for s in reply.stream_status
+    ]
+
+
+TAP_COLUMNS = ["trench", "conduit", "stream", "status"]
+
+
+@tap.command("open")
+@TAP_SOCKET
+@_tap_stream(required=True)
+@click.option(
+    "--wait",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Then wait this many seconds for the stream to be OPEN (exit status 1 if not).",
+)
+def tap_open(socket_path: str | None, trench: str, conduit: str, stream: str, wait: float) -> None:
+    """Open a stream: the target joins the trench and the conduit if needed, and registers."""
+    from meridio.api.ambassador.v1 import StreamStatusStatus, TapStub
+
+    target = _tap_socket(socket_path)
+    message = _tap_message(trench, conduit, stream)
+
+    async def ask(channel: grpclib.client.Channel) -> None:
+        await TapStub(channel).open(message)
+
+    run_client(target, ask)
+    if wait <= 0:
+        return
+
+    async def until_open(channel: grpclib.client.Channel) -> str:
+        last = "not listed"
+        try:
+            async with asyncio.timeout(wait):
+                async for reply in TapStub(channel).watch(message):
+                    for row in _tap_rows(reply):
+                        last = row["status"]
+                    if last == StreamStatusStatus.OPEN.name:
+                        return last
+        except TimeoutError:
+            pass
+        return last
+
+    status = run_client(target, until_open, timeout=wait + 10)
+    if status != "OPEN":
+        click.echo(f"stream {stream} not OPEN within {wait:g}s: {status}", err=True)
+        sys.exit(1)
+
+
+@tap.command("close")
+@TAP_SOCKET
+@_tap_stream(required=True)
+def tap_close(socket_path: str | None, trench: str, conduit: str, stream: str) -> None:
+    """Close a stream: the target unregisters, then leaves the conduit and trench if unused."""
+    from meridio.api.ambassador.v1 import TapStub
+
+    message = _tap_message(trench, conduit, stream)
+
+    async def ask(channel: grpclib.client.Channel) -> None:
+        await TapStub(channel).close(message)
+
+    run_client(_tap_socket(socket_path), ask)
+
+
+@tap.command("list")
+@TAP_SOCKET
+@_tap_stream(required=False)
+@OUTPUT
+def tap_list(socket_path: str | None, trench: str, conduit: str, stream: str, output: str) -> None:
+    """The open streams and their status (OPEN, PENDING, UNAVAILABLE, UNDEFINED)."""
+    from meridio.api.ambassador.v1 import TapStub
+
+    target = _tap_socket(socket_path)
+    message = _tap_message(trench, conduit, stream)
+
+    async def ask(channel: grpclib.client.Channel) -> list[dict[str, Any]]:
+        async for reply in TapStub(channel).watch(message):
+            return _tap_rows(reply)
+        return []
+
+    render(run_client(target, ask), TAP_COLUMNS, output, f"streams of {target}")
+
+
+@tap.command("watch")
+@TAP_SOCKET
+@_tap_stream(required=False)
+@click.option("--count", type=int, default=0, help="Stop after this many updates (0: never).")
+@OUTPUT
+def tap_watch(
+    socket_path: str | None, trench: str, conduit: str, stream: str, count: int, output: str
+) -> None:
+    """Print the open streams' statuses now and on every change (-o json: one line each)."""
+    from meridio.api.ambassador.v1 import TapStub
+
+    target = _tap_socket(socket_path)
+    message = _tap_message(trench, conduit, stream)
+
+    async def follow(channel: grpclib.client.Channel) -> None:
+        seen = 0
+        async for reply in TapStub(channel).watch(message):
+            rows = _tap_rows(reply)
+            if output == "json":
+                click.echo(json.dumps(rows))
+            elif output == "yaml":
+                click.echo("---\n" + yaml.safe_dump(rows, sort_keys=False), nl=False)
+            else:
+                render(rows, TAP_COLUMNS, output, f"streams of {target}")
+            sys.stdout.flush()
+            seen += 1
+            if count and seen >= count:
+                return
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_client(target, follow, timeout=None)
 
 
 @main.command()

@@ -9,15 +9,21 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 import trio
 
-from meridio import __version__
+from meridio import __version__, lean
 from meridio.roles.base import Role, load_role
-from meridio.runtime import Runtime, logs, open_runtime, systemd
 from meridio.settings import CommonSettings, SettingsError, load_settings, parse_flag_args
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
+
+# The runtime (trio-asyncio, grpclib, pyroute2, structlog) is imported once a role is about to
+# run, after meridio.lean has had its say: importing this module stays cheap, and
+# `meridiod --version` answers at once.
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -31,6 +37,8 @@ async def supervise(
     role: Role, runtime: Runtime, settings: CommonSettings, started: trio.Event | None = None
 ) -> None:
     """Run the role, react to signals, and shut down gracefully on SIGTERM/SIGINT."""
+    from meridio.runtime import logs
+
     log = runtime.log
     with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
         async with trio.open_nursery() as role_nursery:
@@ -38,6 +46,7 @@ async def supervise(
             if started is not None:
                 started.set()
             log.info("role started", version=__version__, health=str(runtime.health_socket))
+            lean.trim()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("reload requested")
@@ -59,6 +68,8 @@ async def supervise(
 
 
 async def run_role(role_cls: type[Role], settings: CommonSettings) -> None:
+    from meridio.runtime import open_runtime, systemd
+
     notifier = systemd.Notifier.from_environ(os.environ)  # None unless run as Type=notify
     async with open_runtime(role_cls.name, settings) as runtime:
         started = trio.Event()
@@ -88,6 +99,8 @@ def cli(ctx: click.Context, role: str | None, config_file: str | None) -> None:
         role_cls = load_role(role)
     except LookupError as exc:
         fail(str(exc))
+    from meridio.runtime import logs
+
     try:
         flags = parse_flag_args(list(ctx.args))
         settings = load_settings(
@@ -106,6 +119,7 @@ def cli(ctx: click.Context, role: str | None, config_file: str | None) -> None:
 
 
 def main() -> None:
+    lean.install()
     cli(prog_name="meridiod")
 
 

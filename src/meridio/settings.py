@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-import yaml
 
 ENV_PREFIX = "MERIDIOD_"
 # Variables that choose what runs rather than configure it.
@@ -55,6 +54,8 @@ def _normalise(key: str) -> str:
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import yaml  # only when there is a file: a role started from flags does not load it
+
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:

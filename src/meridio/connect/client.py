@@ -33,13 +33,13 @@ from meridio.api.meridio.connect.v1 import (
     Vxlan,
 )
 from meridio.connect import kernel
-from meridio.connect.endpoint import Signal
 from meridio.connect.kernel import LinkError
 from meridio.core import conduit
 from meridio.core.conduit import CLIENT_ALIAS, VETH, VXLAN
 from meridio.runtime.bus import Lagged
 from meridio.runtime.grpc import Endpoint
 from meridio.runtime.netlink import LinkEvent, NetlinkManager
+from meridio.runtime.notify import Signal
 
 CALL_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 3.0
@@ -251,6 +251,11 @@ class ConnectClient:
             self._channels[endpoint] = channel
         return ConnectStub(channel, timeout=CALL_TIMEOUT)
 
+    def _forget_channel(self, endpoint: str) -> None:
+        channel = self._channels.pop(endpoint, None)
+        if channel is not None:
+            channel.close()
+
     def _set(self, conn: ClientConnection, **changes: Any) -> None:
         before = (conn.established, conn.reply and bytes(conn.reply), conn.error)
         for key, value in changes.items():
@@ -278,7 +283,12 @@ class ConnectClient:
                         conn.attempt, conn.vni = conn.attempt + 1, 0
                         wait = 0
                         self._failed(conn, log, str(exc))
-                    except (LinkError, *TRANSPORT_ERRORS) as exc:
+                    except TRANSPORT_ERRORS as exc:
+                        # A half-open connection (the endpoint's host gone without a reset)
+                        # times out every call and is never closed: start a new one.
+                        self._forget_channel(conn.spec.endpoint)
+                        self._failed(conn, log, f"{type(exc).__name__}: {exc}")
+                    except LinkError as exc:
                         self._failed(conn, log, f"{type(exc).__name__}: {exc}")
                     except Exception as exc:  # e.g. the kernel refused a change: retry
                         log.error("configuring the connection failed", exc_info=True)

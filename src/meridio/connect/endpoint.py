@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,7 +37,7 @@ from meridio.api.meridio.connect.v1 import (
     Vxlan,
 )
 from meridio.connect import kernel
-from meridio.connect.kernel import LinkError, LinkInfo
+from meridio.connect.kernel import LinkError, LinkInfo, pid_netns_path
 from meridio.core import conduit
 from meridio.core.conduit import (
     ENDPOINT_ALIAS,
@@ -50,26 +49,10 @@ from meridio.core.conduit import (
 )
 from meridio.runtime.bus import Lagged
 from meridio.runtime.netlink import LinkEvent, NetlinkManager, NetlinkOverrun
+from meridio.runtime.notify import Signal
 
 #: How long a gRPC handler waits for the endpoint task to answer its request.
 HANDLER_TIMEOUT = 20.0
-
-
-class Signal:
-    """A version counter trio tasks can wait on (level-triggered change notification)."""
-
-    def __init__(self) -> None:
-        self.version = 0
-        self._event = trio.Event()
-
-    def bump(self) -> None:
-        self.version += 1
-        event, self._event = self._event, trio.Event()
-        event.set()
-
-    async def wait_past(self, seen: int) -> None:
-        while self.version == seen:
-            await self._event.wait()
 
 
 class VniTaken(Exception):
@@ -609,11 +592,6 @@ class ConnectService(ConnectBase):  # type: ignore[misc]  # generated code is un
             lambda f: _Close(close_request.network_service, close_request.connection_id, f)
         )
         return result
-
-
-def pid_netns_path() -> str:
-    """This process's network namespace, as a path another process can open."""
-    return f"/proc/{os.getpid()}/ns/net"
 
 
 __all__ = [

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, ClassVar
+import importlib
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import trio
 
@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from meridio.runtime import Runtime
 
 ENTRY_POINT_GROUP = "meridio.roles"
+BUILTIN_ROLES: Final = {
+    "ipam": "meridio.roles.ipam:IpamRole",
+    "nsp": "meridio.roles.nsp:NspRole",
+    "lb": "meridio.roles.lb:LbRole",
+    "proxy": "meridio.roles.proxy:ProxyRole",
+    "target": "meridio.roles.target:TargetRole",
+}
+"""The roles this package registers in the entry point group (pyproject.toml; a test keeps the
+two equal). They load without reading the installed distributions' metadata, which costs a
+daemon about 6 MB (``importlib.metadata``); other names are looked up among the entry points."""
 
 
 class Role(abc.ABC):
@@ -48,16 +58,21 @@ class Role(abc.ABC):
 
 def available_roles() -> dict[str, object]:
     """Role name -> entry point, for every installed plugin."""
+    from importlib.metadata import entry_points
+
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def load_role(name: str) -> type[Role]:
-    roles = available_roles()
-    if name not in roles:
-        raise LookupError(
-            f"unknown role {name!r}; available roles: {', '.join(sorted(roles)) or 'none'}"
-        )
-    cls = roles[name].load()  # type: ignore[attr-defined]
+    if name in BUILTIN_ROLES:
+        module, _, attr = BUILTIN_ROLES[name].partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    else:
+        roles = available_roles()
+        if name not in roles:
+            known = sorted({*roles, *BUILTIN_ROLES})
+            raise LookupError(f"unknown role {name!r}; available roles: {', '.join(known)}")
+        cls = roles[name].load()  # type: ignore[attr-defined]
     if not (isinstance(cls, type) and issubclass(cls, Role)):
         raise LookupError(f"entry point for role {name!r} is not a meridio Role class")
     return cls

@@ -11,7 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio_asyncio
@@ -20,9 +20,12 @@ from meridio.runtime.bus import EventBus
 from meridio.runtime.grpc import Endpoint, GrpcServer, GrpcStack
 from meridio.runtime.health import Health, HealthService
 from meridio.runtime.logs import get_logger
-from meridio.runtime.metrics import REGISTRY, start_metrics_server
+from meridio.runtime.metrics import registry, start_metrics_server
 from meridio.runtime.netlink import NetlinkManager
 from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["Runtime", "open_runtime"]
 
@@ -36,11 +39,15 @@ class Runtime:
         self.bus = EventBus()
         self.health = Health()
         self.grpc = GrpcStack(settings.max_message_bytes)
-        self.metrics = REGISTRY
         self.log = get_logger(f"meridio.{role}")
         self._nursery = nursery
         self._netlink: dict[str | None, NetlinkManager] = {}
         self.health_server: GrpcServer | None = None
+
+    @property
+    def metrics(self) -> CollectorRegistry:
+        """The process-wide Prometheus registry (prometheus-client is loaded on first use)."""
+        return registry()
 
     @property
     def health_socket(self) -> Path:

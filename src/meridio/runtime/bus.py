@@ -16,18 +16,28 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import trio
-from prometheus_client import Counter
 
-from meridio.runtime.metrics import REGISTRY
+from meridio.runtime import metrics
 
 E = TypeVar("E")
 
-DROPPED = Counter(
-    "meridio_bus_dropped_events",
-    "Events dropped because a bus subscriber was too slow",
-    ["topic"],
-    registry=REGISTRY,
-)
+_dropped: Any = None
+
+
+def dropped_counter() -> Any:
+    """``meridio_bus_dropped_events_total``, made on the first drop (so that prometheus-client
+    is loaded only by roles that use it)."""
+    global _dropped
+    if _dropped is None:
+        from prometheus_client import Counter
+
+        _dropped = Counter(
+            "meridio_bus_dropped_events",
+            "Events dropped because a bus subscriber was too slow",
+            ["topic"],
+            registry=metrics.registry(),
+        )
+    return _dropped
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class Subscription(Generic[E]):
             self._queue.popleft()
             self._missed += 1
             self.dropped += 1
-            DROPPED.labels(self.topic.__name__).inc()
+            dropped_counter().labels(self.topic.__name__).inc()
         self._queue.append(event)
         self._wakeup.set()
 

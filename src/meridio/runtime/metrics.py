@@ -1,11 +1,35 @@
-"""The process-wide Prometheus registry and its optional HTTP endpoint (off by default)."""
+"""The process-wide Prometheus registry and its optional HTTP endpoint (off by default).
+
+prometheus-client is loaded on first use of :data:`REGISTRY` (a role that defines metrics, or
+the endpoint), so a role without metrics of its own (the target) does not pay for it.
+"""
 
 from __future__ import annotations
 
-import prometheus_client
-from prometheus_client import CollectorRegistry
+from typing import TYPE_CHECKING, Any
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    REGISTRY: CollectorRegistry
+
+_registry: CollectorRegistry | None = None
+
+
+def registry() -> CollectorRegistry:
+    """The process-wide registry (also importable as ``REGISTRY``)."""
+    global _registry
+    if _registry is None:
+        from prometheus_client import CollectorRegistry
+
+        _registry = CollectorRegistry(auto_describe=True)
+    return _registry
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REGISTRY":
+        return registry()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def split_hostport(listen: str, default_host: str = "::") -> tuple[str, int]:
@@ -19,5 +43,7 @@ def split_hostport(listen: str, default_host: str = "::") -> tuple[str, int]:
 
 def start_metrics_server(listen: str) -> None:
     """Serve ``/metrics`` on ``listen`` from a daemon thread (prometheus-client's own server)."""
+    import prometheus_client
+
     host, port = split_hostport(listen)
-    prometheus_client.start_http_server(port, addr=host, registry=REGISTRY)
+    prometheus_client.start_http_server(port, addr=host, registry=registry())

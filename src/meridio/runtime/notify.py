@@ -1,4 +1,5 @@
-"""A change counter that asyncio-side gRPC stream handlers can wait on.
+"""Change counters: :class:`Changes` for asyncio-side gRPC stream handlers, :class:`Signal` for
+trio tasks.
 
 State lives on the trio thread and handlers run in the trio-asyncio loop on that same thread,
 so handlers read state directly; they only need to sleep until it changes.
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import betterproto
+import trio
 
 from meridio.runtime.grpc import Encoded
 
@@ -34,6 +36,23 @@ class Changes:
                 await event.wait()
             finally:
                 self._waiters.discard(event)
+
+
+class Signal:
+    """A version counter trio tasks can wait on (level-triggered change notification)."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = trio.Event()
+
+    def bump(self) -> None:
+        self.version += 1
+        event, self._event = self._event, trio.Event()
+        event.set()
+
+    async def wait_past(self, seen: int) -> None:
+        while self.version == seen:
+            await self._event.wait()
 
 
 async def watch_changes(

@@ -1,0 +1,106 @@
+"""Before ``meridiod`` imports its libraries: load only what a role uses.
+
+A target runs beside every application, so what the daemon holds counts. Three libraries load
+much more than meridio uses when imported the ordinary way; :func:`install` (the first thing
+``meridiod`` does, before a role is loaded) changes how, and nothing else:
+
+* **pyroute2**: the package's ``__init__`` imports every part of pyroute2 (IPDB, NDB with
+  sqlite3, wireless, WireGuard, ...: about 5 MB). The package is made importable without running
+  it: its modules import as usual, ``pyroute2.AsyncIPRoute`` (what meridio uses) comes straight
+  from its module, and the first use of any other name the ``__init__`` defines runs it then.
+* **rich**: structlog uses it, when installed, for pretty tracebacks on a terminal; daemon logs
+  do not need it (about 2 MB). It stays importable in other programs (``meridioctl``).
+* **betterproto** reads its own version from the installed distributions' metadata, which loads
+  ``importlib.metadata`` (email, csv, zipfile: about 6 MB); the version is read from the name
+  of its ``dist-info`` directory instead.
+
+``meridio.roles.base`` does its part: the built-in roles load without reading entry points.
+Once the role has started, :func:`trim` hands the memory freed while starting (imports leave
+much garbage) back to the system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+
+def _pyroute2() -> None:
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+    ran = False
+
+    def __getattr__(name: str) -> Any:
+        nonlocal ran
+        if name == "AsyncIPRoute":
+            from pyroute2.iproute.linux import AsyncIPRoute
+
+            return AsyncIPRoute
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:  # a module of the package (``from pyroute2 import config``)
+            return importlib.import_module(f"pyroute2.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"pyroute2.{name}":
+                raise
+        if not ran:  # a name of the package's own: run its __init__ now, as usual
+            ran = True
+            loader.exec_module(package)
+            return getattr(package, name)
+        raise AttributeError(f"module 'pyroute2' has no attribute {name!r}")
+
+    package.__getattr__ = __getattr__  # type: ignore[method-assign]
+    sys.modules["pyroute2"] = package
+    importlib.import_module("pyroute2.config.log")  # the logger set-up the __init__ does
+
+
+def _no_rich() -> None:
+    if "rich" not in sys.modules and "structlog" not in sys.modules:
+        sys.modules["rich"] = None  # type: ignore[assignment]  # import rich: ImportError
+
+
+def _betterproto_version() -> None:
+    name = "betterproto._version"
+    if name in sys.modules or "betterproto" in sys.modules:
+        return
+    spec = importlib.util.find_spec("betterproto")
+    version = "unknown"
+    if spec is not None and spec.origin:
+        site = Path(spec.origin).parent.parent
+        found = sorted(site.glob("betterproto-*.dist-info"))
+        if found:
+            version = found[-1].name[len("betterproto-") : -len(".dist-info")]
+    module = types.ModuleType(name)
+    module.__version__ = version  # type: ignore[attr-defined]
+    sys.modules[name] = module
+
+
+def trim() -> None:
+    """Collect garbage and return free heap pages to the system (glibc's ``malloc_trim``)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+def install() -> None:
+    """For the daemon's process only (other programs keep their imports as they are)."""
+    _pyroute2()
+    _no_rich()
+    _betterproto_version()
