@@ -304,6 +304,7 @@ def lb_daemon(ns: Netns, workdir: Path, nsp: Daemon, mode: str, *args: str) -> L
         f"--conduit={CONDUIT}",
         f"--mode={mode}",
         "--resync-period=1",
+        "--withdraw-grace=0.2",  # the tests stop LBs often; the lab keeps the default
         *args,
     )
 

@@ -195,7 +195,7 @@ def test_the_bgp_gateway_config() -> None:
         assert f"protocol static DEF{family} {{ {channel}; route {default} unreachable; }}" in flat
         assert (
             f"template bgp LB{family} {{ local {local} port 10179 as 4248829953; passive on; "
-            f"bfd on; hold time 3; direct; {channel} {{ import all; export where proto = "
+            f"bfd on; hold time 3; error wait time 1, 10; direct; {channel} {{ import all; export where proto = "
             f'"DEF{family}"; next hop self; }}; dynamic name "lb{family}_"; }}'
         ) in flat
         assert (

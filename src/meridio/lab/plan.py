@@ -450,6 +450,9 @@ def gateway_bird_config(spec: LabSpec, router: int) -> str:
                 "  passive on;",
                 "  bfd on;",
                 f"  hold time {HOLD_TIME};",
+                # after an error (an LB crashed, BFD down) BIRD waits 60 s or more before it
+                # takes a session from that address again: an LB replaced must rejoin at once
+                "  error wait time 1, 10;",
                 "  direct;",
                 f"  {channel} {{",
                 "    import all;",

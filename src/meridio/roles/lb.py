@@ -84,6 +84,9 @@ from meridio.runtime.metrics import REGISTRY
 from meridio.settings import CommonSettings
 
 MODES = ("kernel", "nfqueue", "first-packet")
+# What a reconcile pass may meet and retry: the kernel refusing a change for now (netlink), a
+# tool failing (nft, iptables, conntrack), a socket or file error.
+RECONCILE_ERRORS = (NetlinkError, OSError, nft.NftError, iptables.IptablesError)
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 ANNOUNCED = Gauge(
@@ -808,7 +811,9 @@ class LbRole(Role):
             self.dirty = trio.Event()
             try:
                 await self.reconcile(check_drift=drift)
-            except Exception as exc:
+            except RECONCILE_ERRORS as exc:
+                # what the kernel or its tools may refuse for a while; anything else is a bug
+                # and crashes the daemon, for its supervisor to restart it
                 self.datapath_check.set(False)
                 self._update_attraction()
                 self.log.error("reconcile failed, retrying", error=str(exc), exc_info=True)
@@ -816,15 +821,18 @@ class LbRole(Role):
                 self.dirty.set()
 
     async def drain(self) -> None:
-        # Withdraw first: the gateways move the flows to the other LBs (which build the same
-        # tables) while this one still forwards what is on its way.
+        """Withdraw, let the gateways move the flows, then stop taking replies.
+
+        Readiness is already off. With a frontend the VIPs are withdrawn first; either way the
+        LB keeps forwarding for ``withdraw-grace`` (the other LBs build the same tables, so
+        flows keep their targets when they move), then tells the proxies to send their
+        replies elsewhere; the data path goes only after that, when the role stops.
+        """
+        self.draining = True
         if self.frontend is not None:
-            self.draining = True
             await self.frontend.withdraw()
-            await trio.sleep(self.lb.withdraw_grace)
+        await trio.sleep(self.lb.withdraw_grace)
         await self._drain_connect()
-        # Readiness is already off; give the gateway's health checks a moment to move traffic.
-        await trio.sleep(0)
 
     # --- attraction (BIRD; see meridio.lb.frontend) -------------------------------------------
 
