@@ -12,6 +12,8 @@ links an earlier instance left for connections nobody wants any more are removed
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import grpclib.client
 import trio
 from grpclib.const import Status
 from grpclib.exceptions import ProtocolError, StreamTerminatedError
+from pyroute2.netlink.exceptions import NetlinkError
 
 from meridio.api.meridio.connect.v1 import (
     CloseRequest,
@@ -251,6 +254,17 @@ class ConnectClient:
             self._channels[endpoint] = channel
         return ConnectStub(channel, timeout=CALL_TIMEOUT)
 
+    async def _forget_neighbour(self, endpoint: str) -> None:
+        host = Endpoint.parse(endpoint).host
+        if self._netlink is None or not host:
+            return
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return  # a name: its address is the resolver's business
+        with contextlib.suppress(NetlinkError, OSError):
+            await self._netlink.forget_neighbour(host)
+
     def _forget_channel(self, endpoint: str) -> None:
         channel = self._channels.pop(endpoint, None)
         if channel is not None:
@@ -285,8 +299,11 @@ class ConnectClient:
                         self._failed(conn, log, str(exc))
                     except TRANSPORT_ERRORS as exc:
                         # A half-open connection (the endpoint's host gone without a reset)
-                        # times out every call and is never closed: start a new one.
+                        # times out every call and is never closed: start a new one, and
+                        # forget the endpoint's MAC address (a host replaced under the same
+                        # address has another one; a socket stuck on a failed entry waits).
                         self._forget_channel(conn.spec.endpoint)
+                        await self._forget_neighbour(conn.spec.endpoint)
                         self._failed(conn, log, f"{type(exc).__name__}: {exc}")
                     except LinkError as exc:
                         self._failed(conn, log, f"{type(exc).__name__}: {exc}")

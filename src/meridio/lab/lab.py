@@ -266,11 +266,11 @@ class Lab:
         for host in primary:
             kind, _, index = host.partition("-")
             address = plan.primary_cidr(kind, int(index) if index else 0)
+            self._sysctls(host)  # first: arp_notify must be on when eth0 comes up
             system.ip_batch(
                 ["link set lo up", f"addr add {address} dev eth0", "link set eth0 up"],
                 self.netns(host),
             )
-            self._sysctls(host)
         for host in hosts:
             if host.startswith("lb-"):
                 self._attach_external(int(host.split("-")[1]))
@@ -281,6 +281,10 @@ class Lab:
             "net.ipv6.conf.default.accept_dad": "0",
             "net.ipv4.conf.all.rp_filter": "0",
             "net.ipv4.conf.default.rp_filter": "0",
+            # a host replaced under the same address (an LB or a target back after a crash)
+            # tells its neighbours its new MAC address when its interfaces come up
+            "net.ipv4.conf.all.arp_notify": "1",
+            "net.ipv6.conf.all.ndisc_notify": "1",
         }
         if host.startswith("lb-"):
             values |= {
