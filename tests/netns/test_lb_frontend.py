@@ -202,7 +202,11 @@ def test_vips_follow_the_targets_and_bird_follows_the_lb(
     front: tuple[ExternalTopology, Gateway],
 ) -> None:
     ext, gw = front
-    ext.start_lb(*LB_ARGS, f"--external-addresses={LB_EXT4}/24,{LB_EXT6}/64")
+    ext.start_lb(
+        *LB_ARGS,
+        f"--external-addresses={LB_EXT4}/24,{LB_EXT6}/64",
+        "--metrics-listen=127.0.0.1:9101",
+    )
     # announced once ready with targets; the gateway routes both VIPs over the LB
     wait_until(lambda: gw.next_hops(VIP4) == {LB_EXT4}, 15, "IPv4 VIP route at the gateway")
     wait_until(lambda: gw.next_hops(VIP6) == {LB_EXT6}, 15, "IPv6 VIP route at the gateway")
@@ -240,6 +244,20 @@ def test_vips_follow_the_targets_and_bird_follows_the_lb(
     (listed,) = json.loads(shown.stdout)
     assert {(g["gateway"], g["state"], g["bfd"]) for g in listed["gateways"]} == expected
     assert listed["attractor"] == ATTRACTOR and listed["bird"] == "running"
+    # and as Prometheus scrapes it
+    scraped = ext.lb_ns.run(
+        sys.executable,
+        "-c",
+        "import urllib.request;"
+        "print(urllib.request.urlopen('http://127.0.0.1:9101/metrics').read().decode())",
+    ).stdout
+    for line in (
+        'meridio_lb_gateway_up{gateway="gateway-v4",protocol="bgp"} 1.0',
+        'meridio_lb_gateway_bfd_up{gateway="gateway-v6"} 1.0',
+        'meridio_lb_gateway_routes_announced{gateway="gateway-v4"} 1.0',
+        'meridio_lb_vips_announced{attractor="attractor-a",trench="trench-a"} 2.0',
+    ):
+        assert line in scraped, scraped
     assert ext.topo.lb is not None
     assert run_async(health_status(ext.topo.lb.health_socket, "Gateways")) == SERVING
 
