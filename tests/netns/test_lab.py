@@ -44,9 +44,9 @@ LONG = ("--connections", "40", "--rate", "200")
 
 
 def reap_stale_labs() -> None:
-    """Namespaces of test labs whose process is gone (``mlab-t<pid>-``)."""
+    """Namespaces of test labs whose process is gone (``mlab-t<pid>-``, ``mlab-t<pid>a-``...)."""
     for name in system.netns_list():
-        match = re.fullmatch(r"mlab-t(\d+)-.*", name)
+        match = re.fullmatch(r"mlab-t(\d+)[a-z]?-.*", name)
         if match and not Path(f"/proc/{match.group(1)}").exists():
             system.delete_netns(name)
 
@@ -171,6 +171,12 @@ def test_single_family_labs_recover_from_a_crash_and_leave_nothing(tmp_path: Pat
             assert_clean(report, {"target-1", "target-2"}, lab, f"ipv4 {proto}")
         status = json.loads(meridioctl(lab, "status", "-o", "json").stdout)
         assert all(row["ready"] for row in status["instances"]), status
+        # the lab opened each target's stream through its TAPA
+        streams = {r["name"]: r["streams"] for r in status["instances"] if r["role"] == "target"}
+        opened = [{"trench": "trench-a", "conduit": "conduit-a", "stream": "stream-a"}]
+        assert streams == {
+            t: [{**s, "status": "OPEN"} for s in opened] for t in ("target-1", "target-2")
+        }, streams
 
         # a crash in the middle: processes killed, the state file gone with the rest
         state = lab.load()

@@ -47,10 +47,18 @@ def test_every_address_of_the_biggest_lab_is_in_the_allowed_ranges_and_unique() 
     primary += [plan.primary_address("lb", i) for i in range(1, lbs + 1)]
     primary += [plan.primary_address("node", i) for i in range(1, nodes + 1)]
     primary += [plan.primary_address("target", i) for i in range(1, targets + 1)]
-    external = [plan.external_address(f, i) for f in (4, 6) for i in range(1, lbs + 1)]
+    # conduit-b's LBs and proxies (a namespace each)
+    primary += [plan.primary_address("lbb", i) for i in range(1, lbs + 1)]
+    primary += [plan.primary_address("nodeb", i) for i in range(1, nodes + 1)]
+    external = [
+        plan.external_address(f, i, c)
+        for f in (4, 6)
+        for i in range(1, lbs + 1)
+        for c in plan.CONDUITS
+    ]
     routers = plan.LIMITS["gateways"][1]
     external += [plan.gateway_router_cidr(f, r) for f in (4, 6) for r in range(1, routers + 1)]
-    others = [*plan.VIPS.values(), *plan.IPAM_PREFIXES.values()]
+    others = [*plan.VIPS.values(), *plan.CONDUIT_B.vips.values(), *plan.IPAM_PREFIXES.values()]
     for address in [*primary, *external]:
         assert allowed(address), address
     for prefix in others:
@@ -90,8 +98,137 @@ def test_addresses_and_names() -> None:
         plan.primary_address("lb", 255)
 
 
+def test_the_second_conduit_s_names_and_addresses() -> None:
+    b = plan.CONDUIT_B
+    assert (plan.lb_host(2, b), plan.node_host(2, b), plan.proxy_instance(2, b)) == (
+        "lbb-2",
+        "nodeb-2",
+        "proxyb-2",
+    )
+    assert (plan.lb_host(2), plan.node_host(2), plan.proxy_instance(2)) == (
+        "lb-2",
+        "node-2",
+        "proxy-2",
+    )
+    assert plan.lb_from_name("lbb-3") == (b, 3) and plan.lb_from_name("lb-3") == (plan.CONDUIT_A, 3)
+    assert plan.proxy_from_name("proxyb-1") == (b, 1)
+    for other in ("lb-x", "lbb", "proxy-1x", "target-1", "nsp"):
+        assert plan.lb_from_name(other) is None and plan.proxy_from_name(other) is None, other
+    assert plan.primary_cidr("lbb", 2) == "198.19.4.2/16"
+    assert plan.primary_address("nodeb", 16) == "198.19.5.16"
+    assert plan.external_address(4, 1, b) == "192.0.2.41/24"
+    assert plan.external_address(6, 16, b) == "fd00:e::38/64"
+    assert plan.lb_name_of_address("192.0.2.41") == "lbb-1"
+    assert plan.lb_name_of_address("fd00:e::c") == "lb-2"
+    assert plan.lb_name_of_address("192.0.2.30") is None
+    # conduit-a's LB numbers only, as before
+    assert plan.lb_of_external_address("192.0.2.41") is None
+    assert plan.vip_next_hop_lbs(["192.0.2.41", "192.0.2.11"], b) == ([1], ["192.0.2.11"])
+    assert plan.vip_cidr(4, b) == "203.0.113.2/32" and plan.vip_cidr(6, b) == "2001:db8::2/128"
+    assert plan.proxy_address(3, b) == "198.19.5.3:7781"
+    assert plan.external_port_name(16, b) == "x-lbb-16"
+    assert all(len(plan.port_name(plan.node_host(i, b))) <= 15 for i in range(1, 17))
+    assert plan.conduit_plan("conduit-b") is b
+    with pytest.raises(PlanError, match="no conduit"):
+        plan.conduit_plan("conduit-x")
+
+
+def test_the_streams_of_the_lab_and_who_opens_them() -> None:
+    names = {
+        (streams, conduits): [
+            s.name for s in LabSpec(streams=streams, conduits=conduits).stream_plans
+        ]
+        for streams in (1, 2)
+        for conduits in (1, 2)
+    }
+    assert names == {
+        (1, 1): ["stream-a"],
+        (2, 1): ["stream-a", "stream-b"],
+        (1, 2): ["stream-a", "stream-c"],
+        (2, 2): ["stream-a", "stream-b", "stream-c"],
+    }
+
+    def opened(spec: LabSpec, targets: int = 8) -> dict[int, list[str]]:
+        return {i: [s.name for s in plan.target_streams(spec, i)] for i in range(1, targets + 1)}
+
+    # the default lab: stream-a everywhere
+    assert set(map(tuple, opened(LabSpec()).values())) == {("stream-a",)}
+    assert opened(LabSpec(streams=2)) == {
+        1: ["stream-a"], 2: ["stream-a", "stream-b"], 3: ["stream-a"], 4: ["stream-b"],
+        5: ["stream-a"], 6: ["stream-a", "stream-b"], 7: ["stream-a"], 8: ["stream-b"],
+    }  # fmt: skip
+    assert opened(LabSpec(streams=2, conduits=2), 4) == {
+        1: ["stream-a", "stream-c"],
+        2: ["stream-a", "stream-b"],
+        3: ["stream-a", "stream-c"],
+        4: ["stream-b"],
+    }
+    spec = LabSpec(streams=2, conduits=2)
+    assert plan.stream_targets(spec, plan.STREAM_B, range(1, 5)) == [2, 4]
+    assert plan.stream_targets(spec, plan.STREAM_C, [3, 1, 2]) == [1, 3]
+    # each stream has a target of its own, and some target has two
+    for s in spec.stream_plans:
+        assert plan.stream_targets(spec, s, range(1, 5))
+    # the servers listen on every stream's port
+    assert plan.server_ports(LabSpec()) == [5000]
+    assert plan.server_ports(spec) == [5000, 6000]
+    assert plan.server_args(2, [6000, 5000]) == [
+        "server", "--name", "target-2", "--address", "[::]:5000", "--address", "[::]:6000",
+    ]  # fmt: skip
+    assert plan.vip_endpoints([4, 6], plan.STREAM_B) == [
+        "203.0.113.1:6000",
+        "[2001:db8::1]:6000",
+    ]
+    assert plan.vip_endpoints([4], plan.STREAM_C) == ["203.0.113.2:5000"]
+
+
+def test_streams_named_to_lab_tap() -> None:
+    assert plan.resolve_stream("stream-b") == ("conduit-a", "stream-b")
+    assert plan.resolve_stream("stream-c") == ("conduit-b", "stream-c")
+    assert plan.resolve_stream("conduit-x/stream-z") == ("conduit-x", "stream-z")
+    for bad in ("stream-z", "/stream-a", "conduit-a/", ""):
+        with pytest.raises(PlanError):
+            plan.resolve_stream(bad)
+
+
+def test_what_an_lb_s_table_should_hold() -> None:
+    opened = {
+        1: [("conduit-a", "stream-a"), ("conduit-b", "stream-c")],
+        2: [("conduit-a", "stream-a"), ("conduit-a", "stream-b")],
+        3: [("conduit-a", "stream-a"), ("conduit-a", "stream-a")],  # listed twice: once
+        4: [],
+    }
+    spec = LabSpec(streams=2, conduits=2)
+    want = plan.table_want(spec, plan.CONDUIT_A, opened)
+    assert want == {"stream-a": 3, "stream-b": 1}
+    assert plan.table_want(spec, plan.CONDUIT_B, opened) == {"stream-c": 1}
+    assert plan.table_want(spec, plan.CONDUIT_B, {}) == {"stream-c": 0}
+    # streams the lab does not define are opened in vain (UNDEFINED): no LB holds them
+    assert plan.table_want(LabSpec(), plan.CONDUIT_A, opened) == {"stream-a": 3}
+    odd = {1: [("conduit-a", "stream-z"), ("conduit-x", "stream-a")]}
+    assert plan.table_want(spec, plan.CONDUIT_A, odd) == {"stream-a": 0, "stream-b": 0}
+    done = plan.TableCheck(want=want, have={"stream-a": 3, "stream-b": 1}, routable=4)
+    assert done.done and done.entries == 4 and done.text("lb-1") == "lb-1:4/4"
+    # in the table but not routed yet; a stream short of a target; routed, stale table
+    assert not plan.TableCheck(want=want, have={"stream-a": 3, "stream-b": 1}, routable=3).done
+    assert not plan.TableCheck(want=want, have={"stream-a": 3}, routable=4).done
+    assert not plan.TableCheck(want=want, have={"stream-a": 4, "stream-b": 1}, routable=4).done
+    # an LB that does not answer holds nothing
+    assert not plan.TableCheck(want=want, have={}, routable=0).done
+    assert plan.TableCheck(want={"stream-a": 0}, have={}, routable=0).done
+
+
 def test_only_the_lab_s_own_namespaces_are_taken_for_it() -> None:
-    for name in ("mlab-gw", "mlab-gw-2", "mlab-pri", "mlab-lb-1", "mlab-node-16", "mlab-target-64"):
+    for name in (
+        "mlab-gw",
+        "mlab-gw-2",
+        "mlab-pri",
+        "mlab-lb-1",
+        "mlab-node-16",
+        "mlab-target-64",
+        "mlab-lbb-2",
+        "mlab-nodeb-16",
+    ):
         assert plan.is_lab_netns("mlab-", name), name
     for name in ("mlab-t123-gw", "mlab-probe-1-2", "mlab-lb-x", "mtest-1-lb", "xmlab-gw"):
         assert not plan.is_lab_netns("mlab-", name), name
@@ -154,6 +291,9 @@ def test_the_gateway_route_follows_the_lbs() -> None:
         "-6", "route", "replace", "2001:db8::1/128", "via", "fd00:e::c",
     ]  # fmt: skip
     assert plan.gateway_route([], 4) == ["-4", "route", "del", "203.0.113.1/32"]
+    assert plan.gateway_route([1], 4, plan.CONDUIT_B) == [
+        "-4", "route", "replace", "203.0.113.2/32", "via", "192.0.2.41",
+    ]  # fmt: skip
 
 
 def test_gateway_routers_names_and_interfaces() -> None:
@@ -195,8 +335,8 @@ def test_the_bgp_gateway_config() -> None:
         assert f"protocol static DEF{family} {{ {channel}; route {default} unreachable; }}" in flat
         assert (
             f"template bgp LB{family} {{ local {local} port 10179 as 4248829953; passive on; "
-            f"bfd on; hold time 3; error wait time 1, 10; direct; {channel} {{ import all; export where proto = "
-            f'"DEF{family}"; next hop self; }}; dynamic name "lb{family}_"; }}'
+            f"bfd on; hold time 3; error wait time 1, 10; direct; {channel} {{ import all; "
+            f'export where proto = "DEF{family}"; next hop self; }}; dynamic name "lb{family}_"; }}'
         ) in flat
         assert (
             f"protocol bgp LBS{family} from LB{family} {{ neighbor range {network} port 10179 "
@@ -225,6 +365,14 @@ def test_the_static_bfd_gateway_config_covers_every_possible_lb() -> None:
     assert f"protocol static VIP6 {{ ipv6; route 2001:db8::1/128 {hops6} ; }}" in flat
     assert 'export where proto = "VIP4";' in flat and 'export where proto = "VIP6";' in flat
     assert "protocol bgp" not in flat and "merge paths on" in flat
+    assert "203.0.113.2" not in flat
+    # the second conduit's VIPs over every LB that conduit may have
+    two = " ".join(plan.gateway_bird_config(LabSpec(routing="static-bfd", conduits=2), 1).split())
+    hops_b = " ".join(f"via 192.0.2.{40 + i} bfd" for i in range(low, high + 1))
+    assert (
+        f"protocol static VIP4 {{ ipv4; route 203.0.113.1/32 {hops4} ; "
+        f"route 203.0.113.2/32 {hops_b} ; }}" in two
+    )
     with pytest.raises(PlanError):
         plan.gateway_bird_config(LabSpec(routing="static"), 1)
 
@@ -236,6 +384,7 @@ def test_the_static_bfd_gateway_config_covers_every_possible_lb() -> None:
         LabSpec(routing="static-bfd", gateways=2),
         LabSpec(ip_family="ipv6", external="vlan"),
         LabSpec(ip_family="ipv4", routing="static-bfd"),
+        LabSpec(routing="static-bfd", conduits=2, gateways=2),
     ],
 )
 def test_bird_accepts_the_gateway_configs(spec: LabSpec, tmp_path: Path) -> None:
@@ -270,6 +419,37 @@ def test_the_nsp_configuration_is_valid_meridio_configuration(family: str) -> No
     assert config.streams[0].max_targets == plan.MAX_TARGETS
     # static routing: no attractor, no gateway (the LBs are given the gateways' addresses)
     assert not config.attractors and not config.gateways
+
+
+@pytest.mark.parametrize("routing", ["static", "bgp"])
+@pytest.mark.parametrize("family", ["dualstack", "ipv4", "ipv6"])
+def test_the_nsp_configuration_with_two_streams_and_two_conduits(routing: str, family: str) -> None:
+    families = plan.FAMILIES[family]
+    spec = LabSpec(routing=routing, ip_family=family, streams=2, conduits=2)
+    config = parse_config(plan.spec_nsp_configuration(spec))
+    assert [c.name for c in config.conduits] == ["conduit-a", "conduit-b"]
+    streams = {s.name: s.conduit.name for s in config.streams}
+    assert streams == {"stream-a": "conduit-a", "stream-b": "conduit-a", "stream-c": "conduit-b"}
+    flows = {f.name: f for f in config.flows}
+    assert sorted(flows) == ["flow-a", "flow-b", "flow-c"]
+    vips_a = [plan.vip_cidr(f) for f in families]
+    vips_b = [plan.vip_cidr(f, plan.CONDUIT_B) for f in families]
+    for name, stream, port, vips in (
+        ("flow-a", "stream-a", "5000", vips_a),
+        ("flow-b", "stream-b", "6000", vips_a),
+        ("flow-c", "stream-c", "5000", vips_b),
+    ):
+        flow = flows[name]
+        assert flow.stream.name == stream and list(flow.destination_port_ranges) == [port]
+        assert [v.address for v in flow.vips] == vips
+        assert sorted(p.lower() for p in flow.protocols) == ["sctp", "tcp", "udp"]
+    if routing == "static":
+        assert not config.attractors
+    else:
+        attractors = {a.name: [v.address for v in a.vips] for a in config.attractors}
+        assert attractors == {"attractor-a": vips_a, "attractor-b": vips_b}
+    # the default lab's configuration is as it always was
+    assert plan.spec_nsp_configuration(LabSpec()) == plan.nsp_configuration((4, 6), routing="bgp")
 
 
 @pytest.mark.parametrize("routing", ["bgp", "static-bfd"])
@@ -317,6 +497,8 @@ def test_the_nsp_configuration_has_the_attractor_and_gateways(routing: str, fami
         LabSpec(routing="static-bfd", gateways=2),
         LabSpec(routing="static"),
         LabSpec(routing="static", gateways=2, ip_family="ipv4"),
+        LabSpec(streams=2, conduits=2),
+        LabSpec(streams=2, conduits=2, routing="static", mechanism="vxlan"),
     ],
 )
 def test_every_command_line_is_settings_its_role_takes(spec: LabSpec, tmp_path: Path) -> None:
@@ -330,7 +512,13 @@ def test_every_command_line_is_settings_its_role_takes(spec: LabSpec, tmp_path: 
         "proxy": plan.proxy_args(tmp_path, spec, 1),
         "target": plan.target_args(tmp_path, spec, 3, 1),
     }
-    for role, argv in lines.items():
+    if spec.conduits == 2:
+        lines |= {
+            "lbb": plan.lb_args(tmp_path, spec, 2, plan.CONDUIT_B),
+            "proxyb": plan.proxy_args(tmp_path, spec, 1, plan.CONDUIT_B),
+        }
+    for key, argv in lines.items():
+        role = key.removesuffix("b") if key in ("lbb", "proxyb") else key
         assert argv[0] == f"--role={role}"
         cls = load_role(role)
         settings = load_settings(cls.Settings, flags=parse_flag_args(argv[1:]))
@@ -347,6 +535,21 @@ def test_every_command_line_is_settings_its_role_takes(spec: LabSpec, tmp_path: 
         assert "--external-interface=eth1" in lb
     else:
         assert f"--external-kind={spec.external}" in lb
+    # the target serves TAPA on its own socket and opens nothing by itself
+    target = lines["target"]
+    assert f"--socket={tmp_path / 'target-3' / 'run' / 'ambassador.sock'}" in target
+    assert not [a for a in target if a.startswith(("--streams", "--trench", "--conduit="))]
+    proxies = "conduit-a=198.19.2.1:7781"
+    if spec.conduits == 2:
+        proxies += ",conduit-b=198.19.5.1:7781"
+        assert "--conduit=conduit-b" in lines["lbb"] and "--conduit=conduit-b" in lines["proxyb"]
+        assert "--connect-listen=198.19.4.2:7779" in lines["lbb"]
+        assert "--instance=proxyb-1" in lines["proxyb"]
+        # both proxies of a node name the node alike: the target tells them the same
+        assert "--node=node-1" in lines["proxyb"] and "--node=node-1" in lines["proxy"]
+        if spec.dynamic:
+            assert "--attractor=attractor-b" in lines["lbb"]
+    assert f"--proxies={proxies}" in target and "--node=node-1" in target
 
 
 def test_lab_specs_are_checked() -> None:
@@ -363,6 +566,9 @@ def test_lab_specs_are_checked() -> None:
         LabSpec(gateways=0),
         LabSpec(gateways=3),
         LabSpec(prefix="lab-"),
+        LabSpec(streams=3),
+        LabSpec(streams=0),
+        LabSpec(conduits=3),
     ):
         with pytest.raises(PlanError):
             bad.check()
@@ -370,19 +576,32 @@ def test_lab_specs_are_checked() -> None:
 
 def test_the_state_file_round_trips(tmp_path: Path) -> None:
     state = LabState.from_spec(
-        LabSpec(targets=3, ip_family="ipv6", routing="static-bfd", gateways=2)
+        LabSpec(
+            targets=3, ip_family="ipv6", routing="static-bfd", gateways=2, streams=2, conduits=2
+        )
     )
     state.targets = {"1": 1, "2": 2}
+    state.lb_indexes, state.lbb_indexes = [1, 2], [1]
+    state.set_routed_lbs_of(plan.CONDUIT_B, [1])
     save(tmp_path, state)
     again = load(tmp_path)
     assert again is not None and again.spec == state.spec and again.target_nodes == {1: 1, 2: 2}
     assert again.routing == "static-bfd" and again.gateways == 2
+    assert (again.spec.streams, again.spec.conduits) == (2, 2)
+    assert again.lbs_of(plan.CONDUIT_A) == [1, 2] and again.lbs_of(plan.CONDUIT_B) == [1]
+    assert again.routed_lbs_of(plan.CONDUIT_B) == [1] and again.routed_lbs_of(plan.CONDUIT_A) == []
     # a state file from before the gateways ran BIRD is a static lab with one gateway
     text = (tmp_path / "lab.json").read_text()
     text = text.replace('"routing": "static-bfd",', "").replace('"gateways": 2,', "")
     (tmp_path / "lab.json").write_text(text)
     old = load(tmp_path)
     assert old is not None and old.routing == "static" and old.gateways == 1
+    # a state file from before TAPA: one stream, one conduit
+    text = (tmp_path / "lab.json").read_text()
+    text = text.replace('"streams": 2,', "").replace('"conduits": 2,', "")
+    (tmp_path / "lab.json").write_text(text)
+    older = load(tmp_path)
+    assert older is not None and (older.streams, older.conduits) == (1, 1)
     (tmp_path / "lab.json").write_text("{not json")
     assert load(tmp_path) is None
     assert load(tmp_path / "nowhere") is None
@@ -396,8 +615,17 @@ def test_the_traffic_client_runs_on_the_gateway_against_the_vips(tmp_path: Path)
     assert argv[-6:] == ["client", "--address", "[2001:db8::1]:5000", "--udp", "-c", "5"]
     own = lab.traffic_argv(["-a", "[2001:db8::1]:7"])
     assert own[-3:] == ["client", "-a", "[2001:db8::1]:7"]
+    with pytest.raises(LabError, match="no stream 'stream-b'"):
+        lab.traffic_argv([], stream="stream-b")
     with pytest.raises(LabError, match="no IPv4"):
         lab.traffic_argv([], families=[4])
+    save(tmp_path, LabState.from_spec(LabSpec(streams=2, conduits=2, prefix="mlab-x-")))
+    b = lab.traffic_argv(["-d", "2"], stream="stream-b", command="probe")
+    assert b[-7:] == [
+        "probe", "--address", "203.0.113.1:6000", "--address", "[2001:db8::1]:6000", "-d", "2",
+    ]  # fmt: skip
+    c = lab.traffic_argv([], families=[6], stream="stream-c")
+    assert c[-3:] == ["client", "--address", "[2001:db8::2]:5000"]
     with pytest.raises(LabError, match="no lab here"):
         Lab(tmp_path / "none").traffic_argv([])
 
@@ -498,3 +726,50 @@ def test_route_next_hops_from_ip_json() -> None:
     assert system.route_gateways(multipath) == ["192.0.2.11", "192.0.2.12"]
     assert system.route_gateways(single) == ["fd00:e::c"]
     assert system.route_gateways([{"dst": "203.0.113.1", "type": "blackhole"}]) == []
+
+
+def test_what_lbs_and_taps_answer_is_read() -> None:
+    from meridio.api.ambassador.v1 import StreamResponse, StreamStatus, StreamStatusStatus
+    from meridio.api.meridio.admin.v1 import LbStream, LbTarget, ShowResponse
+
+    show = ShowResponse(
+        streams=[
+            LbStream(
+                name="stream-a",
+                digest="d-a",
+                targets=[LbTarget(identifier=1, ips=["198.18.0.2/32"]), LbTarget(identifier=2)],
+            ),
+            LbStream(name="stream-b", digest="d-b", targets=[]),
+        ]
+    )
+    assert system.lb_stream_counts(show) == {"stream-a": 2, "stream-b": 0}
+    assert system.lb_digests(show) == {"stream-a": "d-a", "stream-b": "d-b"}
+    assert system.lb_stream_counts(None) == {} and system.lb_digests(None) == {}
+    reply = StreamResponse(
+        stream_status=[
+            StreamStatus(
+                status=StreamStatusStatus.UNAVAILABLE,
+                stream=system.tap_stream("trench-a", "conduit-b", "stream-c"),
+            ),
+            StreamStatus(
+                status=StreamStatusStatus.OPEN,
+                stream=system.tap_stream("trench-a", "conduit-a", "stream-a"),
+            ),
+        ]
+    )
+    assert system.tap_rows(reply) == [
+        {
+            "trench": "trench-a",
+            "conduit": "conduit-b",
+            "stream": "stream-c",
+            "status": "UNAVAILABLE",
+        },
+        {"trench": "trench-a", "conduit": "conduit-a", "stream": "stream-a", "status": "OPEN"},
+    ]
+
+
+def test_a_tap_that_is_not_there(tmp_path: Path) -> None:
+    assert system.run_async(system.tap_list(tmp_path / "none.sock")) is None
+    stream = system.tap_stream("trench-a", "conduit-a", "stream-a")
+    with pytest.raises(LabError, match="no TAPA"):
+        system.run_async(system.tap_call(tmp_path / "none.sock", "open", stream, timeout=1))

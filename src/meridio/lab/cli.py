@@ -166,6 +166,23 @@ def _lab(ctx: click.Context, reporter: RichReporter | None = None) -> Lab:
     show_default=True,
     help="Gateway routers: 1 (gw) or 2 (gw and gw-2, on the same external network).",
 )
+@click.option(
+    "--streams",
+    type=click.IntRange(*plan.LIMITS["streams"]),
+    default=1,
+    show_default=True,
+    help="Streams of conduit-a: 1 (stream-a, port 5000) or 2 (and stream-b, port 6000: the "
+    "even targets open it, and all but every fourth keep stream-a).",
+)
+@click.option(
+    "--conduits",
+    type=click.IntRange(*plan.LIMITS["conduits"]),
+    default=1,
+    show_default=True,
+    help="Conduits: 1 (conduit-a) or 2 (and conduit-b: stream-c on the VIPs 203.0.113.2 and "
+    "2001:db8::2, port 5000, opened by the odd targets; its own LBs lbb-N and proxies "
+    "proxyb-N).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary.")
 @click.pass_context
 def up(
@@ -179,6 +196,8 @@ def up(
     external: str,
     routing: str,
     gateways: int,
+    streams: int,
+    conduits: int,
     quiet: bool,
 ) -> None:
     """Build the lab and wait until every role is ready (a lab already here is removed first)."""
@@ -196,6 +215,8 @@ def up(
             routing=routing,
             gateways=gateways,
             prefix=prefix,
+            streams=streams,
+            conduits=conduits,
         )
         spec.check()
     except (PlanError, LabError) as exc:
@@ -233,7 +254,7 @@ def print_summary(status: dict[str, Any], seconds: float, *, hints: bool = True)
         f"({', '.join(gateway['addresses'])}), VIPs routed over {', '.join(gateway['routes_over'])}"
     )
     _print_gateways(console, status)
-    console.print(f"VIPs: {', '.join(status['vips'])} (TCP, UDP and SCTP to port {plan.PORT})")
+    _print_streams(console, status)
     if not hints:
         return
     console.print("\nTry:", highlight=False)
@@ -242,10 +263,39 @@ def print_summary(status: dict[str, Any], seconds: float, *, hints: bool = True)
         "meridioctl lab traffic --udp -c 50 -r 500",
         "meridioctl lab scale --targets 5         # and --lbs N",
         "meridioctl lab kill lb-2                 # an LB crashes; `scale --lbs 2` replaces it",
+        "meridioctl lab tap target-1 close stream-a   # the application leaves a stream (TAPA)",
+        "meridioctl lab restart nsp --kill        # the NSP crashes and comes back",
         "meridioctl lab status | logs lb-1 | down",
         f"ip netns exec {gateway['namespace']} bash  # a shell on the external host",
     ):
         console.print(f"  {line}", highlight=False)
+
+
+def _print_streams(console: Console, status: dict[str, Any]) -> None:
+    """Each stream: its conduit and where it is reached (TCP, UDP and SCTP)."""
+    for stream in status.get("streams", []):
+        console.print(
+            f"{stream['name']} ({stream['conduit']}): {', '.join(stream['endpoints'])} "
+            "(TCP, UDP and SCTP)",
+            highlight=False,
+        )
+
+
+def _streams_text(row: dict[str, Any]) -> str:
+    """A target's streams (``stream-a OPEN``) or an LB's (``stream-a 4``)."""
+    streams = row.get("streams")
+    if streams is None:
+        return "TAPA not answering" if row["role"] == "target" and row["running"] else ""
+    if isinstance(streams, dict):
+        return ", ".join(f"{name} {count}" for name, count in streams.items())
+    if not streams:
+        return "no stream open"
+    return ", ".join(
+        f"{s['stream']} {s['status']}"
+        if s["status"] == "OPEN"
+        else f"{s['stream']} [red]{s['status']}[/]"
+        for s in streams
+    )
 
 
 def _instances_table(status: dict[str, Any]) -> Table:
@@ -262,6 +312,9 @@ def _instances_table(status: dict[str, Any]) -> Table:
             state += f", BIRD pid {' '.join(map(str, row['bird']))}"
         if "node" in row and row["role"] == "target":
             state += f", on {row['node']}"
+        streams = _streams_text(row)
+        if streams:
+            state += f"; {streams}"
         table.add_row(
             row["name"],
             row["role"],
@@ -344,9 +397,10 @@ def status(ctx: click.Context, output: str) -> None:
         console.print(_instances_table(report))
         gateway = report["gateway"]
         console.print(
-            f"VIPs {', '.join(report['vips'])} routed by {gateway['namespace']} over "
+            f"VIPs routed by {gateway['namespace']} over "
             f"{', '.join(gateway['routes_over']) or 'nothing'}"
         )
+        _print_streams(console, report)
         _print_gateways(console, report)
     if not all(row["ready"] for row in report["instances"]):
         sys.exit(1)
@@ -358,7 +412,8 @@ def status(ctx: click.Context, output: str) -> None:
 @click.option("-n", "--lines", type=int, default=0, help="Only the last N lines.")
 @click.pass_context
 def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
-    """The log of one instance: nsp, ipam, lb-N, proxy-N, target-N, server-N or bird-gw(-2)."""
+    """The log of one instance: nsp, ipam, lb-N, lbb-N, proxy-N, proxyb-N, target-N, server-N
+    or bird-gw(-2)."""
     try:
         path = _lab(ctx).log_file(name)
     except LabError as exc:
@@ -407,14 +462,115 @@ def scale(ctx: click.Context, targets: int | None, lbs: int | None, quiet: bool)
 @click.pass_context
 def kill(ctx: click.Context, name: str, netns: bool) -> None:
     """Kill an instance at once with SIGKILL: target-N (its namespace goes too, as when a
-    pod dies), lb-N (the LB process crashes; its namespace stays unless --netns), or
-    gateway-N (the gateway router's BIRD: gateway-1 is gw's, gateway-2 gw-2's). `scale`
-    replaces a killed target or LB."""
+    pod dies), lb-N or lbb-N (the LB process crashes; its namespace stays unless --netns),
+    gateway-N (the gateway router's BIRD: gateway-1 is gw's, gateway-2 gw-2's), or nsp,
+    ipam, proxy-N, proxyb-N (the process crashes). `scale` replaces a killed target or LB;
+    `restart` starts the others again."""
     try:
         _lab(ctx).kill(name, netns=netns)
     except LabError as exc:
         raise _fail(exc) from None
     click.echo(f"{name} killed" + (" and its namespace removed" if netns else ""))
+
+
+@lab.command()
+@click.argument("name")
+@click.option("--kill", is_flag=True, help="SIGKILL (a crash) instead of SIGTERM.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.pass_context
+def restart(ctx: click.Context, name: str, kill: bool, quiet: bool) -> None:
+    """Stop an instance (SIGTERM, or SIGKILL with --kill) if it runs and start it again in its
+    namespace: nsp, ipam, lb-N, lbb-N, proxy-N, proxyb-N, target-N (the sidecar: it reopens
+    its streams by itself) or gateway-N; then wait until it is ready and the LBs' tables are
+    whole again."""
+    try:
+        if quiet:
+            _lab(ctx).restart(name, kill=kill)
+        else:
+            with RichReporter(err_console()) as reporter:
+                _lab(ctx, reporter).restart(name, kill=kill)
+    except LabError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{name} restarted")
+
+
+TAP_ACTIONS = ("open", "close", "list", "watch")
+
+
+@lab.command()
+@click.argument("target")
+@click.argument("action", type=click.Choice(TAP_ACTIONS))
+@click.argument("streams", nargs=-1)
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="open, close: return once the target took the request, without waiting for OPEN "
+    "and for the LBs' tables.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+)
+@click.pass_context
+def tap(
+    ctx: click.Context,
+    target: str,
+    action: str,
+    streams: tuple[str, ...],
+    no_wait: bool,
+    output: str,
+) -> None:
+    """Drive target TARGET's TAPA (ambassador.v1.Tap) as its application would.
+
+    \b
+    meridioctl lab tap target-3 close stream-a     # and open; several streams at once too
+    meridioctl lab tap target-3 list [-o json]     # its open streams and their status
+    meridioctl lab tap target-3 watch              # every change (meridioctl tap watch)
+
+    A stream is one of the lab's (stream-a, stream-b, stream-c: the conduit is known) or
+    CONDUIT/STREAM. open waits until the stream is OPEN, and both until every LB's tables
+    hold exactly the targets with the stream open.
+    """
+    try:
+        if action == "list":
+            rows = _lab(ctx).tap_list(target)
+        elif action == "watch":
+            sock = _lab(ctx).tap_socket(target)
+        else:
+            _lab(ctx).tap(target, action, streams, wait=not no_wait)
+    except LabError as exc:
+        raise _fail(exc) from None
+    if action == "list":
+        if output == "json":
+            click.echo(json.dumps(rows, indent=2))
+        elif output == "yaml":
+            click.echo(yaml.safe_dump(rows, sort_keys=False), nl=False)
+        else:
+            table = Table(title=None)
+            for column in ("trench", "conduit", "stream", "status"):
+                table.add_column(column)
+            for row in rows:
+                table.add_row(row["trench"], row["conduit"], row["stream"], row["status"])
+            out_console().print(table)
+    elif action == "watch":
+        argv = [sys.executable, "-m", "meridio.ctl", "tap", "watch", "--socket", str(sock)]
+        argv += ["-o", output]
+        try:
+            sys.exit(subprocess.call(argv))
+        except KeyboardInterrupt:
+            sys.exit(0)
+    else:
+        click.echo(f"{target}: {action} {' '.join(streams)}")
+
+
+STREAM_OPTION = click.option(
+    "--stream",
+    default=None,
+    help="Against this stream's VIPs and port (default stream-a's: port 5000 of conduit-a's VIPs).",
+)
 
 
 @lab.command(
@@ -423,9 +579,15 @@ def kill(ctx: click.Context, name: str, netns: bool) -> None:
 )
 @click.option("--ipv4", "families", flag_value=4, multiple=True, help="Only the IPv4 VIP.")
 @click.option("--ipv6", "families", flag_value=6, multiple=True, help="Only the IPv6 VIP.")
+@STREAM_OPTION
 @click.argument("probe_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def probe(ctx: click.Context, families: tuple[int, ...], probe_args: tuple[str, ...]) -> None:
+def probe(
+    ctx: click.Context,
+    families: tuple[int, ...],
+    stream: str | None,
+    probe_args: tuple[str, ...],
+) -> None:
     """Open new connections to the lab's VIPs at a fixed rate, from the external host.
 
     Every other option goes to `meridioctl traffic probe`: e.g. -r RATE, -d SECONDS, --udp,
@@ -435,7 +597,7 @@ def probe(ctx: click.Context, families: tuple[int, ...], probe_args: tuple[str, 
         click.echo(ctx.get_help())
         return
     try:
-        argv = _lab(ctx).traffic_argv(probe_args, families or None, command="probe")
+        argv = _lab(ctx).traffic_argv(probe_args, families or None, "probe", stream)
     except LabError as exc:
         raise _fail(exc) from None
     try:
@@ -450,9 +612,15 @@ def probe(ctx: click.Context, families: tuple[int, ...], probe_args: tuple[str, 
 )
 @click.option("--ipv4", "families", flag_value=4, multiple=True, help="Only the IPv4 VIP.")
 @click.option("--ipv6", "families", flag_value=6, multiple=True, help="Only the IPv6 VIP.")
+@STREAM_OPTION
 @click.argument("client_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def traffic(ctx: click.Context, families: tuple[int, ...], client_args: tuple[str, ...]) -> None:
+def traffic(
+    ctx: click.Context,
+    families: tuple[int, ...],
+    stream: str | None,
+    client_args: tuple[str, ...],
+) -> None:
     """Run the traffic client on the external host against the lab's VIPs.
 
     Every other option goes to `meridioctl traffic client` (see `meridioctl traffic client
@@ -462,7 +630,7 @@ def traffic(ctx: click.Context, families: tuple[int, ...], client_args: tuple[st
         click.echo(ctx.get_help())
         return
     try:
-        argv = _lab(ctx).traffic_argv(client_args, families or None)
+        argv = _lab(ctx).traffic_argv(client_args, families or None, stream=stream)
     except LabError as exc:
         raise _fail(exc) from None
     try:

@@ -1,4 +1,5 @@
-"""The lab's operations: up, down, scale, kill, status and traffic.
+"""The lab's operations: up, down, scale, kill, restart, tap (a target's TAPA), status and
+traffic.
 
 Every operation loads the state file, changes the host step by step (saving the state after
 each step), and waits for what it started to report ready. ``up`` over a lab that exists, in
@@ -10,6 +11,10 @@ With ``bgp`` and ``static-bfd`` routing the gateway routers (``gw``, and ``gw-2`
 run BIRD (instances ``bird-gw``, ``bird-gw-2``), started and stopped by the lab like its
 other processes; the lab never edits their routes, it waits until their kernel tables route
 the VIPs over the LBs it expects and reads them back for ``status``.
+
+The targets' sidecars open no stream by themselves: the lab opens each target's streams
+(``plan.target_streams``) through its TAPA socket, as an application would, and reads them back
+from it to know what every LB's tables should hold.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ STOP_TIMEOUT = 10.0
 GATEWAY_TIMEOUT = 30.0
 """How long ``up`` and ``scale`` wait for the gateways to route the VIPs over the LBs (a BGP
 session takes about 5 s to come up)."""
+OTHERS = ("nsp", "ipam", "proxy")
+"""Roles ``kill`` crashes without their namespace (``restart`` starts them again)."""
 EXTERNAL_SUPPORT = {
     "vlan": "802.1Q VLAN support (CONFIG_VLAN_8021Q, module 8021q)",
     "macvlan": "macvlan support (CONFIG_MACVLAN, module macvlan)",
@@ -165,21 +172,26 @@ class Lab:
     def up(self, spec: LabSpec) -> LabState:
         """Build the lab and wait until every role is ready (a lab already there goes first)."""
         state = self.up_network(spec)
-        lbs, nodes = list(state.lb_indexes), list(state.node_indexes)
+        nodes = list(state.node_indexes)
         self._start_control(state)
-        for i in lbs:
-            self._start_lb(state, i)
-        for i in nodes:
-            args = plan.proxy_args(self.state_dir, spec, i)
-            self._start(state, f"proxy-{i}", "proxy", plan.node_host(i), args)
-        names = [plan.lb_host(i) for i in lbs] + [f"proxy-{i}" for i in nodes]
+        names = []
+        for conduit in spec.conduit_plans:
+            for i in state.lbs_of(conduit):
+                self._start_lb(state, i, conduit)
+                names.append(plan.lb_host(i, conduit))
+        for conduit in spec.conduit_plans:
+            for i in nodes:
+                self._start_proxy(state, i, conduit)
+                names.append(plan.proxy_instance(i, conduit))
         self._wait_ready(state, names, "load balancers and proxies")
         if not spec.dynamic:
-            self._route_gateway(state, lbs)
+            for conduit in spec.conduit_plans:
+                self._route_gateway(state, state.lbs_of(conduit), conduit)
         self._start_targets(state, state.target_nodes)
         self._wait_tables(state)
         if spec.dynamic:
-            self._wait_gateway_routes(state, lbs, "gateways route the VIPs over the LBs")
+            want = self._gateway_want(state, state.lb_indexes)
+            self._wait_gateway_routes(state, want, "gateways route the VIPs over the LBs")
         state.phase = "up"
         self._save(state)
         return state
@@ -202,12 +214,14 @@ class Lab:
         nodes = list(range(1, spec.proxies + 1))
         placement = plan.place_targets({}, range(1, spec.targets + 1), nodes)
         lbs = list(range(1, spec.lbs + 1))
-        hosts = [plan.lb_host(i) for i in lbs] + [plan.node_host(i) for i in nodes]
+        hosts = [plan.lb_host(i, c) for c in spec.conduit_plans for i in lbs]
+        hosts += [plan.node_host(i, c) for c in spec.conduit_plans for i in nodes]
         hosts += [plan.target_host(i) for i in placement]
 
         step = self.reporter.step("namespaces and links", 1)
         self._make_network(state, hosts, first=True)
         state.lb_indexes, state.node_indexes = lbs, nodes
+        state.lbb_indexes = list(lbs) if spec.conduits == 2 else []
         state.targets = {str(i): n for i, n in placement.items()}
         self._save(state)
         step.update(1)
@@ -272,8 +286,9 @@ class Lab:
                 self.netns(host),
             )
         for host in hosts:
-            if host.startswith("lb-"):
-                self._attach_external(int(host.split("-")[1]))
+            lb = plan.lb_from_name(host)
+            if lb is not None:
+                self._attach_external(lb[1], lb[0])
 
     def _sysctls(self, host: str) -> None:
         values = {
@@ -286,7 +301,7 @@ class Lab:
             "net.ipv4.conf.all.arp_notify": "1",
             "net.ipv6.conf.all.ndisc_notify": "1",
         }
-        if host.startswith("lb-"):
+        if plan.lb_from_name(host) is not None:
             values |= {
                 "net.ipv4.ip_forward": "1",
                 "net.ipv6.conf.all.forwarding": "1",
@@ -307,11 +322,11 @@ class Lab:
             }
         system.write_sysctls(self.netns(host), values)
 
-    def _routable_targets(self, state: LabState, lb: int) -> int:
-        """How many targets LB ``lb`` has a ``fwmark`` rule for in every family of the lab (it
-        installs one only once it can route to the target, i.e. once the target's proxy is
-        connected to it)."""
-        netns = self.netns(plan.lb_host(lb))
+    def _routable_targets(self, state: LabState, lb: str) -> int:
+        """How many targets (of every stream: one per target and stream) LB ``lb`` has a
+        ``fwmark`` rule for in every family of the lab (it installs one only once it can route
+        to the target, i.e. once the target's proxy is connected to it)."""
+        netns = self.netns(lb)
         counts = []
         for family in state.spec.families:
             out = system.run("ip", "-n", netns, f"-{family}", "-j", "rule", "show", check=False)
@@ -353,14 +368,15 @@ class Lab:
             system.ip_batch(lines, self.netns(host))
             self._sysctls(host)
 
-    def _attach_external(self, lb: int) -> None:
+    def _attach_external(self, lb: int, conduit: plan.ConduitPlan = plan.CONDUIT_A) -> None:
         """The LB's ``eth1``: a port of the gateway's bridge (the LB makes ``ext0`` on it, or
         uses it as it is)."""
-        port = plan.external_port_name(lb)
+        port = plan.external_port_name(lb, conduit)
+        netns = self.netns(plan.lb_host(lb, conduit))
         system.run("ip", "-n", self.netns("gw"), "link", "del", port, check=False)  # see above
         system.ip_batch(
             [
-                f"link add {port} type veth peer name eth1 netns {self.netns(plan.lb_host(lb))}",
+                f"link add {port} type veth peer name eth1 netns {netns}",
                 f"link set {port} master ext",
                 f"link set {port} up",
             ],
@@ -427,20 +443,95 @@ class Lab:
         )
         self._wait_ready(state, ["nsp", "ipam"], "control plane (NSP, IPAM)")
 
-    def _start_lb(self, state: LabState, index: int) -> None:
-        args = plan.lb_args(self.state_dir, state.spec, index)
-        self._start(state, plan.lb_host(index), "lb", plan.lb_host(index), args)
+    def _start_lb(
+        self, state: LabState, index: int, conduit: plan.ConduitPlan = plan.CONDUIT_A
+    ) -> None:
+        args = plan.lb_args(self.state_dir, state.spec, index, conduit)
+        host = plan.lb_host(index, conduit)
+        self._start(state, host, "lb", host, args)
+
+    def _start_proxy(
+        self, state: LabState, index: int, conduit: plan.ConduitPlan = plan.CONDUIT_A
+    ) -> None:
+        args = plan.proxy_args(self.state_dir, state.spec, index, conduit)
+        name = plan.proxy_instance(index, conduit)
+        self._start(state, name, "proxy", plan.node_host(index, conduit), args)
 
     def _start_targets(self, state: LabState, placement: dict[int, int]) -> None:
+        """Start the targets (sidecar and traffic server), wait until they are ready, then
+        open each one's streams through its TAPA and wait until every one is ``OPEN``."""
         names = []
+        ports = plan.server_ports(state.spec)
         for index, node in sorted(placement.items()):
             host = plan.target_host(index)
             args = plan.target_args(self.state_dir, state.spec, index, node)
             self._start(state, host, "target", host, args)
-            self._start(state, f"server-{index}", "server", host, plan.server_args(index))
+            server = plan.server_args(index, ports)
+            self._start(state, f"server-{index}", "server", host, server)
             names += [host, f"server-{index}"]
         if names:
             self._wait_ready(state, names, "targets and their traffic servers")
+            system.run_async(self._open_streams(state, sorted(placement)))
+
+    async def _open_streams(self, state: LabState, indexes: Sequence[int]) -> None:
+        """Open the streams the plan gives targets ``indexes`` (``plan.target_streams``)
+        through their TAPA, and wait until each is ``OPEN``."""
+        spec = state.spec
+        wanted = {i: plan.target_streams(spec, i) for i in indexes}
+        total = sum(len(streams) for streams in wanted.values())
+        step = self.reporter.step("streams opened through TAPA", total)
+        calls = [
+            system.tap_call(
+                plan.tap_socket(self.state_dir, plan.target_host(i)),
+                "open",
+                system.tap_stream(plan.TRENCH, stream.conduit.name, stream.name),
+            )
+            for i, streams in wanted.items()
+            for stream in streams
+        ]
+        await asyncio.gather(*calls)
+        names = {plan.target_host(i): {s.name for s in streams} for i, streams in wanted.items()}
+        await self._await_open(state, names, step)
+
+    async def _await_open(
+        self, state: LabState, names: dict[str, set[str]], step: Step | None = None
+    ) -> None:
+        """Wait until every target of ``names`` lists those streams ``OPEN`` in its TAPA."""
+        total = sum(len(streams) for streams in names.values())
+        step = step or self.reporter.step("streams OPEN", total)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            for name in names:
+                proc = state.processes[name]
+                if not system.alive(proc):
+                    raise LabError(
+                        f"{name} exited; the end of {proc.log}:\n{system.tail(proc.log)}"
+                    )
+            lists = await asyncio.gather(
+                *(system.tap_list(plan.tap_socket(self.state_dir, n)) for n in names)
+            )
+            pending = []
+            for (name, streams), rows in zip(names.items(), lists, strict=True):
+                status = {r["stream"]: r["status"] for r in rows or ()}
+                pending += [
+                    f"{name}/{s}:{status.get(s, 'closed')}"
+                    for s in sorted(streams)
+                    if status.get(s) != "OPEN"
+                ]
+            step.update(total - len(pending), " ".join(pending[:4]))
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                late = sorted({p.split("/")[0] for p in pending})
+                detail = "\n".join(
+                    f"--- {n}: {state.processes[n].log}\n{system.tail(state.processes[n].log)}"
+                    for n in late
+                )
+                raise LabError(
+                    f"streams not OPEN within {READY_TIMEOUT:g}s: {', '.join(pending)}\n{detail}"
+                )
+            await asyncio.sleep(0.1)
+        step.finish()
 
     def _wait_ready(self, state: LabState, names: Sequence[str], title: str) -> None:
         system.run_async(self._await_ready(state, names, title))
@@ -482,48 +573,95 @@ class Lab:
         return await system.readiness(plan.health_socket(self.state_dir, name))
 
     def _wait_tables(self, state: LabState, title: str = "load balancer tables") -> None:
-        """Wait until every LB's table holds exactly the running targets (by number: their
-        addresses come from the IPAM)."""
+        """Wait until every LB's table holds exactly the running targets of each stream of its
+        conduit (by number: their addresses come from the IPAM), as their TAPA lists their
+        open streams, and routes to each."""
         system.run_async(self._await_tables(state, title))
 
+    def _lb_names(self, state: LabState) -> list[str]:
+        """Every LB of the lab, conduit-a's first."""
+        return [plan.lb_host(i, c) for c in state.spec.conduit_plans for i in state.lbs_of(c)]
+
+    async def _open_streams_now(self, state: LabState) -> dict[int, list[tuple[str, str]]]:
+        """Per running target, the streams its TAPA lists open, as (conduit, stream)."""
+        running = self._running_targets(state)
+        lists = await asyncio.gather(
+            *(
+                system.tap_list(plan.tap_socket(self.state_dir, plan.target_host(i)))
+                for i in running
+            )
+        )
+        spec = state.spec
+        return {
+            # a TAPA that does not answer (yet): what the lab opens on it
+            i: [(r["conduit"], r["stream"]) for r in rows]
+            if rows is not None
+            else [(s.conduit.name, s.name) for s in plan.target_streams(spec, i)]
+            for i, rows in zip(running, lists, strict=True)
+        }
+
+    def _running_lb_names(self, state: LabState) -> list[str]:
+        return [
+            plan.lb_host(i, c)
+            for c in state.spec.conduit_plans
+            for i in self._running_lbs(state, c)
+        ]
+
+    async def _table_checks(
+        self, state: LabState, open_streams: dict[int, list[tuple[str, str]]]
+    ) -> dict[str, plan.TableCheck]:
+        names = self._running_lb_names(state)
+        shows = await asyncio.gather(
+            *(system.lb_show(plan.lb_socket(self.state_dir, n)) for n in names)
+        )
+        checks = {}
+        for name, show in zip(names, shows, strict=True):
+            found = plan.lb_from_name(name)
+            assert found is not None
+            checks[name] = plan.TableCheck(
+                want=plan.table_want(state.spec, found[0], open_streams),
+                have=system.lb_stream_counts(show),
+                routable=self._routable_targets(state, name),
+            )
+        return checks
+
     async def _await_tables(self, state: LabState, title: str) -> None:
-        lbs = list(state.lb_indexes)
-        want = len(self._running_targets(state))
-        step = self.reporter.step(f"{title} ({want} targets)", len(lbs))
+        open_streams = await self._open_streams_now(state)
+        want = len(open_streams)
+        names = self._running_lb_names(state)
+        step = self.reporter.step(f"{title} ({want} targets)", len(names))
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
-            shows = await asyncio.gather(
-                *(system.lb_show(plan.lb_socket(self.state_dir, plan.lb_host(i))) for i in lbs)
-            )
-            counts = [len(system.lb_target_ips(show)) for show in shows]
-            routable = [self._routable_targets(state, i) for i in lbs]
-            done = sum(1 for c, r in zip(counts, routable, strict=True) if c == r == want)
-            step.update(
-                done,
-                " ".join(f"lb-{i}:{c}/{r}" for i, c, r in zip(lbs, counts, routable, strict=True)),
-            )
-            if done == len(lbs):
+            checks = await self._table_checks(state, open_streams)
+            done = sum(1 for c in checks.values() if c.done)
+            step.update(done, " ".join(c.text(n) for n, c in checks.items()))
+            if done == len(names):
                 break
             if time.monotonic() > deadline:
                 raise LabError(
                     f"the LBs do not route to {want} targets within {READY_TIMEOUT:g}s "
-                    "(in the table / routable): "
-                    + ", ".join(
-                        f"lb-{i} {c}/{r}" for i, c, r in zip(lbs, counts, routable, strict=True)
+                    "(per stream, wanted / in the table; fwmark rules): "
+                    + "; ".join(
+                        f"{n} {dict(c.want)} / {dict(c.have)}; {c.routable}"
+                        for n, c in checks.items()
+                        if not c.done
                     )
                 )
             await asyncio.sleep(0.1)
         step.finish()
 
-    def _route_gateway(self, state: LabState, lbs: Iterable[int]) -> None:
-        """``static`` routing: make the gateway routers route the VIPs over exactly ``lbs``."""
+    def _route_gateway(
+        self, state: LabState, lbs: Iterable[int], conduit: plan.ConduitPlan = plan.CONDUIT_A
+    ) -> None:
+        """``static`` routing: make the gateway routers route ``conduit``'s VIPs over exactly
+        ``lbs`` (of that conduit)."""
         chosen = sorted(set(lbs))
         for router in state.spec.routers:
             netns = self.netns(plan.gateway_host(router))
             for family in state.spec.families:
-                args = plan.gateway_route(chosen, family)
+                args = plan.gateway_route(chosen, family, conduit)
                 system.run("ip", "-n", netns, *args, check=bool(chosen))
-        state.gateway_lbs = chosen
+        state.set_routed_lbs_of(conduit, chosen)
         self._save(state)
 
     # -- the gateway routers
@@ -532,13 +670,15 @@ class Lab:
         proc = state.processes.get(plan.gateway_instance(router))
         return proc is not None and system.alive(proc)
 
-    def _route_lbs(self, state: LabState, router: int) -> dict[int, tuple[list[int], list[str]]]:
-        """Per family, the LBs gateway router ``router``'s kernel routes the VIP over, and the
-        next hops that are no LB's."""
+    def _route_lbs(
+        self, state: LabState, router: int, conduit: plan.ConduitPlan = plan.CONDUIT_A
+    ) -> dict[int, tuple[list[int], list[str]]]:
+        """Per family, the LBs (of ``conduit``) gateway router ``router``'s kernel routes the
+        conduit's VIP over, and the next hops that are not that conduit's LBs."""
         netns = self.netns(plan.gateway_host(router))
         return {
             family: plan.vip_next_hop_lbs(
-                system.route_next_hops(netns, family, plan.vip_cidr(family))
+                system.route_next_hops(netns, family, plan.vip_cidr(family, conduit)), conduit
             )
             for family in state.spec.families
         }
@@ -553,26 +693,47 @@ class Lab:
         self, lbs: Iterable[int] | None = None, timeout: float = GATEWAY_TIMEOUT
     ) -> None:
         """Wait until every running gateway router routes each VIP over exactly ``lbs``
-        (default: the running LBs)."""
+        (default: the running LBs; conduit-b's VIPs, with two conduits: over its running
+        LBs while a target has its stream open)."""
         state = self.load()
         want = self._running_lbs(state) if lbs is None else lbs
-        self._wait_gateway_routes(state, want, "gateways route the VIPs", timeout)
+        self._wait_gateway_routes(
+            state, self._gateway_want(state, want), "gateways route the VIPs", timeout
+        )
+
+    def _gateway_want(
+        self, state: LabState, lbs: Iterable[int]
+    ) -> dict[plan.ConduitPlan, list[int]]:
+        """Over which LBs the gateways should route each conduit's VIPs: conduit-a's over
+        ``lbs``; another conduit's over its running LBs, when a target has a stream of it open
+        (with ``bgp`` and ``static-bfd`` an LB announces only VIPs it has targets for)."""
+        want = {plan.CONDUIT_A: sorted(set(lbs))}
+        others = state.spec.conduit_plans[1:]
+        if not others:
+            return want
+        opened = system.run_async(self._open_streams_now(state))
+        serving = {c for streams in opened.values() for c, _ in streams}
+        for conduit in others:
+            has_targets = conduit.name in serving or not state.spec.dynamic
+            want[conduit] = self._running_lbs(state, conduit) if has_targets else []
+        return want
 
     def _wait_gateway_routes(
         self,
         state: LabState,
-        lbs: Iterable[int],
+        want: dict[plan.ConduitPlan, list[int]],
         title: str,
         timeout: float = GATEWAY_TIMEOUT,
     ) -> None:
-        want = sorted(set(lbs))
+        """Wait until every running gateway router routes each conduit's VIPs over exactly
+        the LBs ``want`` gives it."""
         routers = [r for r in state.spec.routers if self._gateway_running(state, r)]
         if state.spec.dynamic and not routers:
             raise LabError("no gateway router's BIRD is running")
         if not state.spec.dynamic:
             routers = list(state.spec.routers)
-        checks = [(r, f) for r in routers for f in state.spec.families]
-        names = ", ".join(plan.lb_host(i) for i in want) or "no LB"
+        checks = [(r, c, f) for r in routers for c in want for f in state.spec.families]
+        names = ", ".join(plan.lb_host(i, c) for c, lbs in want.items() for i in lbs) or "no LB"
         step = self.reporter.step(f"{title} ({names})", len(checks))
         deadline = time.monotonic() + timeout
         while True:
@@ -583,23 +744,25 @@ class Lab:
                     raise LabError(
                         f"{name} exited; the end of {proc.log}:\n{system.tail(proc.log)}"
                     )
-            seen = {r: self._route_lbs(state, r) for r in routers}
-            pending = [(r, f) for r, f in checks if seen[r][f][0] != want or seen[r][f][1]]
+            seen = {(r, c): self._route_lbs(state, r, c) for r in routers for c in want}
+            pending = [
+                (r, c, f) for r, c, f in checks if seen[r, c][f][0] != want[c] or seen[r, c][f][1]
+            ]
             step.update(
                 len(checks) - len(pending),
                 " ".join(
-                    f"{plan.gateway_host(r)}/v{f}:"
-                    + (",".join(plan.lb_host(i) for i in seen[r][f][0]) or "-")
-                    for r, f in pending[:4]
+                    f"{plan.gateway_host(r)}/{c.name}/v{f}:"
+                    + (",".join(plan.lb_host(i, c) for i in seen[r, c][f][0]) or "-")
+                    for r, c, f in pending[:4]
                 ),
             )
             if not pending:
                 break
             if time.monotonic() > deadline:
                 detail = "; ".join(
-                    f"{plan.gateway_host(r)} routes {plan.vip_cidr(f)} over "
-                    + (", ".join(map(plan.lb_host, seen[r][f][0])) or "nothing")
-                    for r, f in pending
+                    f"{plan.gateway_host(r)} routes {plan.vip_cidr(f, c)} over "
+                    + (", ".join(plan.lb_host(i, c) for i in seen[r, c][f][0]) or "nothing")
+                    for r, c, f in pending
                 )
                 sessions = "\n".join(
                     f"{plan.gateway_instance(r)}: {self._sessions_text(state, r)}"
@@ -612,8 +775,10 @@ class Lab:
                 )
             time.sleep(0.1)
         step.finish()
-        if 1 in seen:
-            state.gateway_lbs = sorted({i for lbs_, _ in seen[1].values() for i in lbs_})
+        if 1 in routers:
+            for conduit in want:
+                lbs = sorted({i for lbs_, _ in seen[1, conduit].values() for i in lbs_})
+                state.set_routed_lbs_of(conduit, lbs)
             self._save(state)
 
     def _sessions_text(self, state: LabState, router: int) -> str:
@@ -663,20 +828,22 @@ class Lab:
             else:
                 reply = system.bird_query(sock, "show bfd sessions")
                 for b in system.parse_bfd_sessions(reply):
-                    index = plan.lb_of_external_address(b.address)
-                    if b.state == "Up" or index in state.lb_indexes:
+                    found = plan.lb_of_address(b.address)
+                    ours = found is not None and found[1] in state.lbs_of(found[0])
+                    if b.state == "Up" or ours:
                         sessions.append(
                             self._session(b.address, "bfd", b.state, b.state == "Up", b.since)
                         )
         except system.BirdError as exc:
             return {"error": str(exc)}
         have = {s["neighbor"] for s in sessions}
-        for index in state.lb_indexes:
-            for family in state.spec.families:
-                address = plan.external_address(family, index).split("/")[0]
-                if address not in have:
-                    sessions.append(self._session(address, None, "none", False, None))
-        sessions.sort(key=lambda s: (s["index"] or 999, s["family"], s["neighbor"]))
+        for conduit in state.spec.conduit_plans:
+            for index in state.lbs_of(conduit):
+                for family in state.spec.families:
+                    address = plan.external_address(family, index, conduit).split("/")[0]
+                    if address not in have:
+                        sessions.append(self._session(address, None, "none", False, None))
+        sessions.sort(key=lambda s: (s["index"] or (999,), s["family"], s["neighbor"]))
         for s in sessions:
             del s["index"]
         return {"sessions": sessions}
@@ -685,10 +852,10 @@ class Lab:
     def _session(
         neighbor: str, protocol: str | None, state: str, established: bool, since: str | None
     ) -> dict[str, Any]:
-        index = plan.lb_of_external_address(neighbor)
+        found = plan.lb_of_address(neighbor)
         return {
-            "lb": plan.lb_host(index) if index is not None else None,
-            "index": index,
+            "lb": plan.lb_host(found[1], found[0]) if found is not None else None,
+            "index": (plan.CONDUITS.index(found[0]), found[1]) if found is not None else None,
             "neighbor": neighbor,
             "family": 6 if ":" in neighbor else 4,
             "protocol": protocol,
@@ -709,12 +876,15 @@ class Lab:
             )
         ]
 
-    def _running_lbs(self, state: LabState) -> list[int]:
-        return [
-            i
-            for i in state.lb_indexes
-            if plan.lb_host(i) in state.processes and system.alive(state.processes[plan.lb_host(i)])
-        ]
+    def _running_lbs(
+        self, state: LabState, conduit: plan.ConduitPlan = plan.CONDUIT_A
+    ) -> list[int]:
+        running = []
+        for i in state.lbs_of(conduit):
+            proc = state.processes.get(plan.lb_host(i, conduit))
+            if proc is not None and system.alive(proc):
+                running.append(i)
+        return running
 
     # -- down
 
@@ -793,6 +963,10 @@ class Lab:
             nodes = list(state.node_indexes)
             placement = plan.place_targets(state.target_nodes, change.add, nodes)
             hosts = [plan.target_host(i) for i in placement]
+            for host in hosts:
+                # a new target (a new pod): nothing of the one that had its number before
+                with contextlib.suppress(FileNotFoundError):
+                    plan.target_state_file(self.state_dir, host).unlink()
             step = self.reporter.step("namespaces and links", 1)
             self._make_network(state, hosts, first=False)
             for index, node in placement.items():
@@ -815,51 +989,62 @@ class Lab:
         self._save(state)
 
     def _scale_lbs(self, state: LabState, want: int) -> None:
-        running = self._running_lbs(state)
-        dead = [i for i in state.lb_indexes if i not in running]
-        change = plan.scale_plan(running, dead, want)
+        """Every conduit's LBs to ``want``."""
         state.lbs = want
         self._save(state)
+        for conduit in state.spec.conduit_plans:
+            self._scale_conduit_lbs(state, want, conduit)
+
+    def _scale_conduit_lbs(self, state: LabState, want: int, conduit: plan.ConduitPlan) -> None:
+        running = self._running_lbs(state, conduit)
+        made = state.lbs_of(conduit)
+        dead = [i for i in made if i not in running]
+        change = plan.scale_plan(running, dead, want)
         if change.empty:
             return
         keep = [i for i in running if i not in change.remove]
         dynamic = state.spec.dynamic
+        label = "load balancers" if conduit is plan.CONDUIT_A else f"{conduit.name} LBs"
         if change.remove or change.clear:
             if not dynamic:
                 # the gateway first: no new packet goes to a leaving LB, then it stops
-                self._route_gateway(state, keep)
+                self._route_gateway(state, keep, conduit)
             # bgp, static-bfd: on SIGTERM the LB withdraws from the gateways itself first
-            step = self.reporter.step("load balancers leaving", len(change.remove))
-            system.stop([state.processes[plan.lb_host(i)] for i in change.remove], STOP_TIMEOUT)
+            step = self.reporter.step(f"{label} leaving", len(change.remove))
+            leaving = [state.processes[plan.lb_host(i, conduit)] for i in change.remove]
+            system.stop(leaving, STOP_TIMEOUT)
             for done, index in enumerate([*change.remove, *change.clear], 1):
-                host = plan.lb_host(index)
+                host = plan.lb_host(index, conduit)
                 system.delete_netns(self.netns(host))
                 if self.netns(host) in state.namespaces:
                     state.namespaces.remove(self.netns(host))
                 state.processes.pop(host, None)
-                state.lb_indexes.remove(index)
+                made.remove(index)
                 self._save(state)
                 step.update(done)
             step.finish()
             if dynamic and not change.add:
-                self._wait_gateway_routes(state, keep, "gateways route the VIPs")
+                want_routes = self._gateway_want(state, self._running_lbs(state))
+                self._wait_gateway_routes(state, want_routes, "gateways route the VIPs")
         if change.add:
             step = self.reporter.step("namespaces and links", 1)
-            self._make_network(state, [plan.lb_host(i) for i in change.add], first=False)
-            state.lb_indexes = sorted({*state.lb_indexes, *change.add})
+            hosts = [plan.lb_host(i, conduit) for i in change.add]
+            self._make_network(state, hosts, first=False)
+            state.set_lbs_of(conduit, sorted({*state.lbs_of(conduit), *change.add}))
             self._save(state)
             step.update(1)
             step.finish()
             for index in change.add:
-                self._start_lb(state, index)
-            self._wait_ready(state, [plan.lb_host(i) for i in change.add], "load balancers")
+                self._start_lb(state, index, conduit)
+            self._wait_ready(state, hosts, label)
             self._wait_tables(state)
             if dynamic:
                 # the LB announces itself once it is ready; wait until the gateways route to it
-                self._wait_gateway_routes(state, [*keep, *change.add], "gateways route the VIPs")
+                want_routes = self._gateway_want(state, self._running_lbs(state))
+                self._wait_gateway_routes(state, want_routes, "gateways route the VIPs")
             else:
                 # ready, with every target in its table: now the gateway may send it traffic
-                self._route_gateway(state, [*keep, *change.add])
+                self._route_gateway(state, [*keep, *change.add], conduit)
 
     # -- kill
 
@@ -868,31 +1053,40 @@ class Lab:
 
         - ``target-N``: as a pod dies: its processes get SIGKILL and its network namespace
           (so its conduit link) goes.
-        - ``lb-N``: the LB process crashes: only it gets SIGKILL, its namespace stays with
-          whatever else runs there (an LB's BIRD must die with it, or it keeps attracting
-          traffic); with ``netns`` the namespace goes too, with everything in it (the pod is
-          gone: its link to the gateways goes down).
+        - ``lb-N`` (``lbb-N``: conduit-b's): the LB process crashes: only it gets SIGKILL, its
+          namespace stays with whatever else runs there (an LB's BIRD must die with it, or it
+          keeps attracting traffic); with ``netns`` the namespace goes too, with everything in
+          it (the pod is gone: its link to the gateways goes down).
         - ``gateway-N`` (``gateway``: ``gw``'s, ``gateway-2``: ``gw-2``'s): the gateway
           router's BIRD gets SIGKILL (its kernel routes stay, as BIRD leaves them); with
           ``netns`` (``gw-2`` only) the router's namespace goes.
+        - ``nsp``, ``ipam``, ``proxy-N``, ``proxyb-N``: the process crashes; its namespace
+          stays (``restart`` starts it again).
 
         ``scale`` replaces a killed target or LB.
         """
         state = self.load()
         router = plan.gateway_router_from_name(name)
         kind, _, number = name.partition("-")
+        lb = plan.lb_from_name(name)
         if router is not None:
             self._kill_gateway(state, router, netns=netns)
-        elif kind == "lb" and number.isdigit() and int(number) in state.lb_indexes:
-            self._kill_lb(state, int(number), netns=netns)
+        elif lb is not None and lb[1] in state.lbs_of(lb[0]):
+            self._kill_lb(state, lb[1], netns=netns, conduit=lb[0])
         elif kind == "target" and number.isdigit() and int(number) in state.target_nodes:
             self._kill_target(state, int(number))
+        elif name in self._restartable(state) and not netns:
+            system.send_signal(state.processes[name], signal.SIGKILL)
+            system.wait_gone([state.processes[name]], STOP_TIMEOUT)
         else:
             choices = [
                 *self._target_names(state),
-                *(plan.lb_host(i) for i in state.lb_indexes),
+                *self._lb_names(state),
                 *(f"gateway-{r}" for r in state.spec.routers if state.spec.dynamic),
+                *(n for n in self._restartable(state) if state.processes[n].role in OTHERS),
             ]
+            if netns and name in self._restartable(state):
+                raise LabError("--netns: only a target's, an LB's or gw-2's namespace can go")
             raise LabError(f"nothing named {name!r} to kill; there are {', '.join(choices)}")
 
     def _kill_target(self, state: LabState, index: int) -> None:
@@ -903,12 +1097,20 @@ class Lab:
                 system.send_signal(proc, signal.SIGKILL)
         self._delete_netns(state, name)
 
-    def _kill_lb(self, state: LabState, index: int, *, netns: bool) -> None:
-        proc = state.processes.get(plan.lb_host(index))
+    def _kill_lb(
+        self,
+        state: LabState,
+        index: int,
+        *,
+        netns: bool,
+        conduit: plan.ConduitPlan = plan.CONDUIT_A,
+    ) -> None:
+        host = plan.lb_host(index, conduit)
+        proc = state.processes.get(host)
         if proc is not None:
             system.send_signal(proc, signal.SIGKILL)
         if netns:
-            self._delete_netns(state, plan.lb_host(index))
+            self._delete_netns(state, host)
 
     def _kill_gateway(self, state: LabState, router: int, *, netns: bool) -> None:
         if router not in state.spec.routers:
@@ -934,6 +1136,130 @@ class Lab:
 
     def _target_names(self, state: LabState) -> list[str]:
         return [plan.target_host(i) for i in sorted(state.target_nodes)]
+
+    # -- restart
+
+    def _restartable(self, state: LabState) -> list[str]:
+        """What ``restart`` starts again in its namespace: the NSP, the IPAM, the LBs, the
+        proxies and the targets' sidecars."""
+        roles = ("nsp", "ipam", "lb", "proxy", "target")
+        procs = sorted(state.processes.values(), key=_order)
+        return [p.name for p in procs if p.role in roles]
+
+    def restart(self, name: str, *, kill: bool = False) -> None:
+        """Stop instance ``name`` if it runs (SIGTERM, gracefully; with ``kill`` SIGKILL, a
+        crash) and start it again in its namespace with the same command line, then wait until
+        it is ready: a target until the streams it reopens by itself (from its state file) are
+        ``OPEN``; for anything but the IPAM also until every LB's table holds every target
+        again. ``gateway-N``: the gateway router's BIRD."""
+        state = self.load()
+        router = plan.gateway_router_from_name(name)
+        if router is not None:
+            proc = state.processes.get(plan.gateway_instance(router))
+            if proc is not None and system.alive(proc):
+                self._stop_one(proc, kill=kill)
+            self.restart_gateway(router)
+            return
+        proc = state.processes.get(name)
+        if proc is None or name not in self._restartable(state):
+            choices = self._restartable(state)
+            raise LabError(f"nothing named {name!r} to restart; there are {', '.join(choices)}")
+        if proc.netns not in system.netns_list():
+            raise LabError(
+                f"{name}'s namespace {proc.netns} is gone: `meridioctl lab scale` replaces it"
+            )
+        if system.alive(proc):
+            self._stop_one(proc, kill=kill)
+        host = proc.netns.removeprefix(self.prefix)
+        self._start(state, name, proc.role, host, proc.argv, program=[])
+        self._wait_ready(state, [name], f"{name} started again")
+        if proc.role != "ipam":
+            # the targets reconnect (the NSP, a proxy) or reopen their streams (a target)
+            system.run_async(self._await_all_open(state))
+            self._wait_tables(state)
+        if proc.role == "lb" and state.spec.dynamic:
+            # it announces the VIPs again once it forwards
+            want = self._gateway_want(state, self._running_lbs(state))
+            self._wait_gateway_routes(state, want, "gateways route the VIPs")
+
+    async def _await_all_open(self, state: LabState) -> None:
+        """Wait until every running target lists the lab's streams it has open ``OPEN``."""
+        ours = {(s.conduit.name, s.name) for s in state.spec.stream_plans}
+        opened = await self._open_streams_now(state)
+        names = {
+            plan.target_host(i): {s for c, s in streams if (c, s) in ours}
+            for i, streams in opened.items()
+        }
+        await self._await_open(state, names)
+
+    @staticmethod
+    def _stop_one(proc: Process, *, kill: bool) -> None:
+        if kill:
+            system.send_signal(proc, signal.SIGKILL)
+            system.wait_gone([proc], STOP_TIMEOUT)
+        else:
+            system.stop([proc], STOP_TIMEOUT)
+
+    # -- TAPA
+
+    def _running_target(self, state: LabState, name: str) -> Process:
+        proc = state.processes.get(name)
+        if proc is None or proc.role != "target":
+            targets = ", ".join(self._target_names(state)) or "none"
+            raise LabError(f"no target {name!r}; the targets are {targets}")
+        if not system.alive(proc):
+            raise LabError(f"{name} is not running (`meridioctl lab scale` replaces it)")
+        return proc
+
+    def tap_socket(self, target: str) -> Path:
+        """Target ``target``'s TAPA socket (``meridioctl tap --socket``)."""
+        state = self.load()
+        self._running_target(state, target)
+        return plan.tap_socket(self.state_dir, target)
+
+    def tap(self, target: str, action: str, streams: Sequence[str], *, wait: bool = True) -> None:
+        """``open`` or ``close`` streams (``stream-b``, or ``conduit/stream``) on target
+        ``target`` through its TAPA. With ``wait``: after ``open`` until each stream the lab
+        defines is ``OPEN``; after either until every LB's tables hold exactly the targets
+        with each stream open."""
+        if action not in ("open", "close"):
+            raise LabError(f"tap {action!r}: open or close")
+        state = self.load()
+        self._running_target(state, target)
+        try:
+            refs = [plan.resolve_stream(s) for s in streams]
+        except plan.PlanError as exc:
+            raise LabError(str(exc)) from None
+        if not refs:
+            raise LabError(f"tap {action}: name the streams")
+        system.run_async(self._tap(state, target, action, refs, wait))
+
+    async def _tap(
+        self,
+        state: LabState,
+        target: str,
+        action: str,
+        refs: Sequence[tuple[str, str]],
+        wait: bool,
+    ) -> None:
+        sock = plan.tap_socket(self.state_dir, target)
+        for conduit, stream in refs:
+            await system.tap_call(sock, action, system.tap_stream(plan.TRENCH, conduit, stream))
+        if not wait:
+            return
+        if action == "open":
+            ours = {(s.conduit.name, s.name) for s in state.spec.stream_plans}
+            await self._await_open(state, {target: {s for c, s in refs if (c, s) in ours}})
+        await self._await_tables(state, "load balancer tables")
+
+    def tap_list(self, target: str) -> list[dict[str, str]]:
+        """The streams target ``target`` has open, with their status, from its TAPA."""
+        state = self.load()
+        self._running_target(state, target)
+        rows = system.run_async(system.tap_list(plan.tap_socket(self.state_dir, target)))
+        if rows is None:
+            raise LabError(f"{target}'s TAPA does not answer")
+        return rows
 
     # -- status
 
@@ -965,6 +1291,11 @@ class Lab:
             if running and proc.role == "lb":
                 show = await system.lb_show(plan.lb_socket(self.state_dir, name))
                 row["targets"] = len(system.lb_target_ips(show))
+                row["streams"] = system.lb_stream_counts(show)
+            if proc.role == "target":
+                # the streams it has open and their status, from its TAPA
+                sock = plan.tap_socket(self.state_dir, name)
+                row["streams"] = await system.tap_list(sock) if running else None
             if proc.role == "lb" and spec.dynamic:
                 # the LB's own BIRD (it must not outlive the LB)
                 row["bird"] = system.netns_processes(proc.netns, "bird")
@@ -983,6 +1314,15 @@ class Lab:
             "external": spec.external,
             "routing": spec.routing,
             "gateways": spec.gateways,
+            "conduits": [c.name for c in spec.conduit_plans],
+            "streams": [
+                {
+                    "name": st.name,
+                    "conduit": st.conduit.name,
+                    "endpoints": plan.vip_endpoints(spec.families, st),
+                }
+                for st in spec.stream_plans
+            ],
             "vips": plan.vip_endpoints(spec.families),
             "gateway": self._gateway_status(state, rows),
             "instances": rows,
@@ -997,11 +1337,18 @@ class Lab:
             host = plan.gateway_host(router)
             name = plan.gateway_instance(router) if state.spec.dynamic else None
             present = self.netns(host) in system.netns_list()
-            seen = self._route_lbs(state, router) if present else {}
+            conduits = state.spec.conduit_plans if present else ()
+            seen = {c: self._route_lbs(state, router, c) for c in conduits}
             routes = {
-                plan.vip_cidr(f): [plan.lb_host(i) for i in lbs] + others
-                for f, (lbs, others) in seen.items()
+                plan.vip_cidr(f, c): [plan.lb_host(i, c) for i in lbs] + others
+                for c, per_family in seen.items()
+                for f, (lbs, others) in per_family.items()
             }
+            over = [
+                plan.lb_host(i, c)
+                for c, per_family in seen.items()
+                for i in sorted({i for lbs, _ in per_family.values() for i in lbs})
+            ]
             entry: dict[str, Any] = {
                 "host": host,
                 "namespace": self.netns(host),
@@ -1009,9 +1356,7 @@ class Lab:
                 "bird": name,
                 "running": bool(name and self._gateway_running(state, router)),
                 "routes": routes,
-                "routes_over": [
-                    plan.lb_host(i) for i in sorted({i for lbs, _ in seen.values() for i in lbs})
-                ],
+                "routes_over": over,
                 "sessions": [],
             }
             if entry["running"]:
@@ -1038,18 +1383,21 @@ class Lab:
         index = _index(proc.name)
         if proc.role in ("nsp", "ipam"):
             return [plan.primary_address(proc.role)]
-        if proc.role == "lb":
-            return [plan.primary_address("lb", index)] + [
-                plan.external_address(f, index) for f in state.spec.families
+        lb = plan.lb_from_name(proc.name)
+        if proc.role == "lb" and lb is not None:
+            return [plan.primary_address(lb[0].lb_kind, index)] + [
+                plan.external_address(f, index, lb[0]) for f in state.spec.families
             ]
-        if proc.role == "proxy":
-            return [plan.primary_address("node", index)]
+        proxy = plan.proxy_from_name(proc.name)
+        if proc.role == "proxy" and proxy is not None:
+            return [plan.primary_address(proxy[0].node_kind, index)]
         if proc.role == "target":
             return [plan.primary_address("target", index)]
         if proc.role == "gateway":
             router = plan.gateway_router_from_name(proc.name) or 1
             return [plan.gateway_router_cidr(f, router) for f in state.spec.families]
-        return [plan.hostport(plan.VIPS[f], plan.PORT) for f in state.spec.families]
+        ports = plan.server_ports(state.spec)
+        return [plan.hostport(plan.VIPS[f], p) for f in state.spec.families for p in ports]
 
     def log_file(self, name: str) -> Path:
         state = self.load()
@@ -1065,18 +1413,26 @@ class Lab:
         args: Sequence[str],
         families: Iterable[int] | None = None,
         command: str = "client",
+        stream: str | None = None,
     ) -> list[str]:
         """The traffic client's (or ``command``'s: ``probe``) command line, run in the gateway
-        namespace against the VIPs (of ``families``, default all of the lab's) unless
-        ``args`` name addresses."""
+        namespace against the VIPs (of ``families``, default all of the lab's; of
+        ``stream``'s conduit, on its port, default ``stream-a``'s) unless ``args`` name
+        addresses."""
         state = self.load()
         fams = sorted(set(families) if families is not None else state.spec.families)
         for family in fams:
             if family not in state.spec.families:
                 raise LabError(f"the lab has no IPv{family} (it is {state.ip_family})")
+        chosen = plan.STREAM_A
+        if stream is not None:
+            known = {s.name: s for s in state.spec.stream_plans}
+            if stream not in known:
+                raise LabError(f"the lab has no stream {stream!r}; it has {', '.join(known)}")
+            chosen = known[stream]
         addresses: list[str] = []
         if not any(a in ("-a", "--address") or a.startswith("--address=") for a in args):
-            for endpoint in plan.vip_endpoints(fams):
+            for endpoint in plan.vip_endpoints(fams, chosen):
                 addresses += ["--address", endpoint]
         return [
             "ip",
@@ -1090,11 +1446,15 @@ class Lab:
         ]
 
     def start_traffic(
-        self, args: Sequence[str], families: Iterable[int] | None = None, command: str = "client"
+        self,
+        args: Sequence[str],
+        families: Iterable[int] | None = None,
+        command: str = "client",
+        stream: str | None = None,
     ) -> TrafficRun:
         """Start a traffic client (or ``probe``; JSON report) in the background."""
         argv = self.traffic_argv(
-            ["--output", "json", "--progress", "none", *args], families, command
+            ["--output", "json", "--progress", "none", *args], families, command, stream
         )
         proc = subprocess.Popen(
             argv,
@@ -1111,9 +1471,10 @@ class Lab:
         return self.start_traffic(args, families).result()
 
 
-def _order(proc: Process) -> tuple[int, int, str]:
+def _order(proc: Process) -> tuple[int, str, int, str]:
     kind = plan.ROLE_ORDER.index(proc.role) if proc.role in plan.ROLE_ORDER else 99
-    return (kind, _index(proc.name), proc.name)
+    # lb-N before lbb-N, proxy-N before proxyb-N
+    return (kind, proc.name.rpartition("-")[0], _index(proc.name), proc.name)
 
 
 def _index(name: str) -> int:
@@ -1125,7 +1486,8 @@ def _instance_dir(name: str) -> bool:
     kind, _, number = name.partition("-")
     if name in ("nsp", "ipam") or re.fullmatch(r"bird-gw(-\d+)?", name):
         return True
-    return kind in ("lb", "proxy", "target", "server") and number.isdigit()
+    kinds = ("target", "server", *(k for c in plan.CONDUITS for k in (c.lb_kind, c.proxy_kind)))
+    return kind in kinds and number.isdigit()
 
 
 def _gateway_host(host: str) -> bool:

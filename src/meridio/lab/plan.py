@@ -15,12 +15,18 @@ The lab, in network namespaces named ``<prefix><host>`` (prefix ``mlab-``)::
            external interface ``ext0`` on it (macvlan, or VLAN 100) with 192.0.2.(10+N)/24 and
            fd00:e::(10+N)/64, or uses ``eth1`` itself (external kind ``veth``).
   node-N   ``meridiod --role=proxy`` (the node's proxy), instance ``proxy-N``.
-  target-N ``meridiod --role=target`` (the sidecar) beside the traffic server, which answers on
-           the VIPs, port 5000, naming itself ``target-N``.
+  target-N ``meridiod --role=target`` (the sidecar, serving TAPA) beside the traffic server,
+           which answers on the VIPs, port 5000 (and 6000 with two streams), naming itself
+           ``target-N``. The lab opens each target's streams through its TAPA.
   nsp      ``meridiod --role=nsp``, 198.19.0.2:7778.
   ipam     ``meridiod --role=ipam``, 198.19.0.3:7777.
   pri      the primary network: bridge ``pri``, 198.19.0.0/16; every namespace above but ``gw``
            has ``eth0`` on it (LB N: 198.19.1.N, node N: 198.19.2.N, target N: 198.19.3.N).
+
+With two conduits (``--conduits 2``) conduit-b has LBs and proxies of its own, in namespaces
+of their own: ``lbb-N`` (198.19.4.N; external 192.0.2.(40+N), fd00:e::(40+N)) and ``nodeb-N``
+(proxy ``proxyb-N`` of node N, 198.19.5.N), its stream ``stream-c`` and its VIPs 203.0.113.2/32
+and 2001:db8::2/128.
 
 Conduit addresses come from the IPAM (198.18.0.0/16 and fd00:10::/48); the VIPs are
 203.0.113.1/32 and 2001:db8::1/128. Every address is in the ranges the project may use.
@@ -67,8 +73,17 @@ ROUTINGS = ("bgp", "static-bfd", "static")
 possible LB, each next hop supervised by BFD; or static routes the lab edits itself."""
 DYNAMIC_ROUTINGS = ("bgp", "static-bfd")
 """The routings in which the gateways run BIRD and the LBs get their gateways from the NSP."""
-LIMITS = {"lbs": (1, 16), "proxies": (1, 16), "targets": (0, MAX_TARGETS), "gateways": (1, 2)}
+LIMITS = {
+    "lbs": (1, 16),
+    "proxies": (1, 16),
+    "targets": (0, MAX_TARGETS),
+    "gateways": (1, 2),
+    "streams": (1, 2),
+    "conduits": (1, 2),
+}
 FIXED_HOSTS = ("gw", "pri", "nsp", "ipam")
+HOST_KINDS = ("lb", "lbb", "node", "nodeb", "target", "gw")
+"""The kinds of numbered hosts (``<kind>-N``)."""
 # Role daemons and what runs beside them, in the order they start (and the reverse of stop).
 ROLE_ORDER = ("gateway", "nsp", "ipam", "lb", "proxy", "target", "server")
 # The attractor of the NSP configuration (bgp and static-bfd routing), and the gateways'
@@ -85,6 +100,83 @@ BFD_MULTIPLIER = 3
 
 class PlanError(ValueError):
     """A lab that cannot be built as asked; the message says what to change."""
+
+
+# --- conduits and streams ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ConduitPlan:
+    """A conduit of the lab, with the LBs and proxies that serve it (an LB and a proxy serve one
+    conduit each; a second conduit's run in namespaces of their own)."""
+
+    name: str
+    lb_kind: str
+    """Its LBs' hosts and instances: ``<lb_kind>-N``."""
+    node_kind: str
+    """The hosts of its proxies: ``<node_kind>-N`` (node N's proxy of this conduit)."""
+    proxy_kind: str
+    """Its proxies' instances: ``<proxy_kind>-N``."""
+    attractor: str
+    vips: Mapping[int, str]
+    external_base: int
+    """LB N's external addresses are host ``external_base + N`` of the external network."""
+
+
+CONDUIT_A = ConduitPlan(
+    name=CONDUIT,
+    lb_kind="lb",
+    node_kind="node",
+    proxy_kind="proxy",
+    attractor=ATTRACTOR,
+    vips=VIPS,
+    external_base=10,
+)
+CONDUIT_B = ConduitPlan(
+    name="conduit-b",
+    lb_kind="lbb",
+    node_kind="nodeb",
+    proxy_kind="proxyb",
+    attractor="attractor-b",
+    vips={4: "203.0.113.2", 6: "2001:db8::2"},
+    external_base=40,
+)
+CONDUITS = (CONDUIT_A, CONDUIT_B)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """A stream of the lab: its conduit, and the flow (TCP, UDP and SCTP to ``port`` of the
+    conduit's VIPs) that feeds it."""
+
+    name: str
+    conduit: ConduitPlan
+    flow: str
+    port: int
+
+
+STREAM_A = StreamPlan(STREAM, CONDUIT_A, FLOW, PORT)
+STREAM_B = StreamPlan("stream-b", CONDUIT_A, "flow-b", 6000)
+STREAM_C = StreamPlan("stream-c", CONDUIT_B, "flow-c", PORT)
+STREAMS = (STREAM_A, STREAM_B, STREAM_C)
+
+
+def conduit_plan(name: str) -> ConduitPlan:
+    for conduit in CONDUITS:
+        if conduit.name == name:
+            return conduit
+    raise PlanError(
+        f"no conduit {name!r} in the lab; there are {', '.join(c.name for c in CONDUITS)}"
+    )
+
+
+def stream_plan(name: str) -> StreamPlan:
+    for stream in STREAMS:
+        if stream.name == name:
+            return stream
+    raise PlanError(
+        f"no stream {name!r} in the lab; there are {', '.join(s.name for s in STREAMS)}"
+    )
 
 
 # --- the lab's shape ---------------------------------------------------------------------------
@@ -108,10 +200,31 @@ class LabSpec:
     gateways: int = 1
     """Gateway routers: 1 (``gw``) or 2 (``gw`` and ``gw-2``)."""
     prefix: str = PREFIX
+    streams: int = 1
+    """Streams of conduit-a: 1 (``stream-a``, port 5000) or 2 (and ``stream-b``, port 6000)."""
+    conduits: int = 1
+    """Conduits: 1 (``conduit-a``) or 2 (and ``conduit-b``: ``stream-c``, its own VIPs, LBs
+    and proxies)."""
 
     @property
     def families(self) -> tuple[int, ...]:
         return FAMILIES[self.ip_family]
+
+    @property
+    def conduit_plans(self) -> tuple[ConduitPlan, ...]:
+        """The lab's conduits (conduit-a first)."""
+        return CONDUITS[: self.conduits]
+
+    @property
+    def stream_plans(self) -> tuple[StreamPlan, ...]:
+        """The lab's streams: ``stream-a``; ``stream-b`` with two streams, ``stream-c`` with two
+        conduits."""
+        wanted = {STREAM_A.name}
+        if self.streams == 2:
+            wanted.add(STREAM_B.name)
+        if self.conduits == 2:
+            wanted.add(STREAM_C.name)
+        return tuple(s for s in STREAMS if s.name in wanted)
 
     @property
     def dynamic(self) -> bool:
@@ -151,12 +264,37 @@ def check_prefix(prefix: str) -> None:
 # --- names -------------------------------------------------------------------------------------
 
 
-def lb_host(index: int) -> str:
-    return f"lb-{index}"
+def lb_host(index: int, conduit: ConduitPlan = CONDUIT_A) -> str:
+    """LB ``index`` of ``conduit``: ``lb-N`` (conduit-a), ``lbb-N`` (conduit-b)."""
+    return f"{conduit.lb_kind}-{index}"
 
 
-def node_host(index: int) -> str:
-    return f"node-{index}"
+def node_host(index: int, conduit: ConduitPlan = CONDUIT_A) -> str:
+    """Node ``index``'s proxy host for ``conduit``: ``node-N`` (conduit-a), ``nodeb-N``."""
+    return f"{conduit.node_kind}-{index}"
+
+
+def proxy_instance(index: int, conduit: ConduitPlan = CONDUIT_A) -> str:
+    """Node ``index``'s proxy of ``conduit``: ``proxy-N`` (conduit-a), ``proxyb-N``."""
+    return f"{conduit.proxy_kind}-{index}"
+
+
+def lb_from_name(name: str) -> tuple[ConduitPlan, int] | None:
+    """The conduit and index of an LB named ``lb-N`` or ``lbb-N``; None for anything else."""
+    kind, _, number = name.partition("-")
+    for conduit in CONDUITS:
+        if kind == conduit.lb_kind and number.isdigit():
+            return conduit, int(number)
+    return None
+
+
+def proxy_from_name(name: str) -> tuple[ConduitPlan, int] | None:
+    """The conduit and node of a proxy named ``proxy-N`` or ``proxyb-N``; None otherwise."""
+    kind, _, number = name.partition("-")
+    for conduit in CONDUITS:
+        if kind == conduit.proxy_kind and number.isdigit():
+            return conduit, int(number)
+    return None
 
 
 def target_host(index: int) -> str:
@@ -171,7 +309,8 @@ def lab_netns_pattern(prefix: str) -> re.Pattern[str]:
     """Matches exactly the namespace names a lab with ``prefix`` makes (so that the default
     lab never takes the namespaces of a lab with a longer prefix for its own)."""
     hosts = "|".join(FIXED_HOSTS)
-    return re.compile(rf"{re.escape(prefix)}(?:{hosts}|(?:lb|node|target|gw)-\d+)")
+    kinds = "|".join(HOST_KINDS)
+    return re.compile(rf"{re.escape(prefix)}(?:{hosts}|(?:{kinds})-\d+)")
 
 
 def is_lab_netns(prefix: str, name: str) -> bool:
@@ -183,9 +322,9 @@ def port_name(host: str) -> str:
     return f"p-{host}"[:15]
 
 
-def external_port_name(lb_index: int) -> str:
-    """The gateway bridge's port toward LB ``lb_index``."""
-    return f"x-lb-{lb_index}"
+def external_port_name(lb_index: int, conduit: ConduitPlan = CONDUIT_A) -> str:
+    """The gateway bridge's port toward LB ``lb_index`` (of ``conduit``)."""
+    return f"x-{lb_host(lb_index, conduit)}"
 
 
 def external_interface(external: str) -> str:
@@ -226,11 +365,19 @@ def gateway_router_from_name(name: str) -> int | None:
 
 # --- addresses ---------------------------------------------------------------------------------
 
-_PRIMARY_HOSTS = {"nsp": (0, 2), "ipam": (0, 3), "lb": (1, None), "node": (2, None)}
+_PRIMARY_HOSTS = {
+    "nsp": (0, 2),
+    "ipam": (0, 3),
+    "lb": (1, None),
+    "node": (2, None),
+    "lbb": (4, None),
+    "nodeb": (5, None),
+}
 
 
 def primary_address(kind: str, index: int = 0) -> str:
-    """The primary-network address of ``nsp``, ``ipam``, or ``lb``/``node``/``target`` N."""
+    """The primary-network address of ``nsp``, ``ipam``, or ``lb``/``node``/``target`` N
+    (``lbb``/``nodeb`` N: conduit-b's LB and node N's proxy of conduit-b)."""
     if kind == "target":
         third, fourth = 3, index
     else:
@@ -245,10 +392,10 @@ def primary_cidr(kind: str, index: int = 0) -> str:
     return f"{primary_address(kind, index)}/{PRIMARY.prefixlen}"
 
 
-def external_address(family: int, lb_index: int) -> str:
-    """LB ``lb_index``'s external address (CIDR); index 0 is the gateway."""
+def external_address(family: int, lb_index: int, conduit: ConduitPlan = CONDUIT_A) -> str:
+    """LB ``lb_index``'s (of ``conduit``) external address (CIDR); index 0 is the gateway."""
     network = EXTERNAL[family]
-    host = 1 if lb_index == 0 else 10 + lb_index
+    host = 1 if lb_index == 0 else conduit.external_base + lb_index
     return f"{network.network_address + host}/{network.prefixlen}"
 
 
@@ -282,8 +429,32 @@ def lb_of_external_address(address: str) -> int | None:
     return index if low <= index <= high else None
 
 
-def vip_cidr(family: int) -> str:
-    return f"{VIPS[family]}/{32 if family == 4 else 128}"
+def lb_of_address(address: str) -> tuple[ConduitPlan, int] | None:
+    """The conduit and index of the LB whose external address ``address`` is, of either
+    conduit; None when it is no LB's."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    network = EXTERNAL[ip.version]
+    if ip not in network:
+        return None
+    low, high = LIMITS["lbs"]
+    for conduit in CONDUITS:
+        index = int(ip) - int(network.network_address) - conduit.external_base
+        if low <= index <= high:
+            return conduit, index
+    return None
+
+
+def lb_name_of_address(address: str) -> str | None:
+    """``lb-N`` or ``lbb-N`` for an LB's external address; None for any other."""
+    found = lb_of_address(address)
+    return lb_host(found[1], found[0]) if found is not None else None
+
+
+def vip_cidr(family: int, conduit: ConduitPlan = CONDUIT_A) -> str:
+    return f"{conduit.vips[family]}/{32 if family == 4 else 128}"
 
 
 def hostport(address: str, port: int) -> str:
@@ -298,9 +469,90 @@ def ipam_address() -> str:
     return hostport(primary_address("ipam"), IPAM_PORT)
 
 
-def vip_endpoints(families: Iterable[int]) -> list[str]:
-    """``VIP:port`` of each family, as the traffic client takes them."""
-    return [hostport(VIPS[f], PORT) for f in sorted(families)]
+def vip_endpoints(families: Iterable[int], stream: StreamPlan = STREAM_A) -> list[str]:
+    """``VIP:port`` of each family, as the traffic client takes them (of ``stream``: its
+    conduit's VIPs and its flow's port)."""
+    return [hostport(stream.conduit.vips[f], stream.port) for f in sorted(families)]
+
+
+# --- which target opens which stream -------------------------------------------------------------
+
+
+def target_streams(spec: LabSpec, index: int) -> tuple[StreamPlan, ...]:
+    """The streams the lab opens on target ``index`` through its TAPA.
+
+    One stream, one conduit: ``stream-a`` on every target. With two streams, ``stream-b`` on
+    the even targets and ``stream-a`` on all but every fourth (4 targets: 1 a, 2 a+b, 3 a, 4
+    b), so that each stream has targets of its own and some have both. With two conduits,
+    ``stream-c`` (conduit-b) on the odd targets too (1 and 3 are in both conduits).
+    """
+    out = []
+    for stream in spec.stream_plans:
+        if stream is STREAM_A:
+            chosen = spec.streams == 1 or index % 4 != 0
+        elif stream is STREAM_B:
+            chosen = index % 2 == 0
+        else:
+            chosen = index % 2 == 1
+        if chosen:
+            out.append(stream)
+    return tuple(out)
+
+
+def stream_targets(spec: LabSpec, stream: StreamPlan, indexes: Iterable[int]) -> list[int]:
+    """Which of the target ``indexes`` the lab opens ``stream`` on."""
+    return sorted(i for i in set(indexes) if stream in target_streams(spec, i))
+
+
+def resolve_stream(text: str) -> tuple[str, str]:
+    """A stream as a user names it to ``lab tap``: a stream of the lab (``stream-b``), or
+    ``conduit/stream`` for any other; (conduit, stream)."""
+    conduit, slash, name = text.rpartition("/")
+    if slash:
+        if not conduit or not name:
+            raise PlanError(f"stream {text!r}: give STREAM or CONDUIT/STREAM")
+        return conduit, name
+    return stream_plan(text).conduit.name, text
+
+
+@dataclass(frozen=True)
+class TableCheck:
+    """What an LB should have, and whether it has it."""
+
+    want: Mapping[str, int]
+    """Per stream of the LB's conduit, how many targets its table should hold."""
+    have: Mapping[str, int]
+    """Per stream, how many it holds."""
+    routable: int
+    """``fwmark`` rules it has in the family with the fewest (one per target and stream)."""
+
+    @property
+    def done(self) -> bool:
+        return all(self.have.get(s, 0) == n for s, n in self.want.items()) and self.routable == sum(
+            self.want.values()
+        )
+
+    @property
+    def entries(self) -> int:
+        return sum(self.have.get(s, 0) for s in self.want)
+
+    def text(self, lb: str) -> str:
+        return f"{lb}:{self.entries}/{self.routable}"
+
+
+def table_want(
+    spec: LabSpec, conduit: ConduitPlan, open_streams: Mapping[int, Iterable[tuple[str, str]]]
+) -> dict[str, int]:
+    """Per stream of ``conduit`` in the lab, how many targets an LB of it should hold: from
+    each running target's open streams (``(conduit, stream)`` as its TAPA lists them). A stream
+    no target has open is there with 0; a stream the lab does not define (a target may open
+    any, it stays ``UNDEFINED``) is not."""
+    want = {s.name: 0 for s in spec.stream_plans if s.conduit is conduit}
+    for streams in open_streams.values():
+        for conduit_name, stream in set(streams):
+            if conduit_name == conduit.name and stream in want:
+                want[stream] += 1
+    return want
 
 
 # --- placement and scaling ---------------------------------------------------------------------
@@ -370,22 +622,27 @@ def scale_plan(running: Iterable[int], dead: Iterable[int], want: int) -> ScaleP
 # --- the gateway -------------------------------------------------------------------------------
 
 
-def gateway_next_hops(lbs: Iterable[int], family: int) -> tuple[str, ...]:
-    """The LBs' external addresses the gateway routes the VIP of ``family`` over."""
-    return tuple(external_address(family, i).split("/")[0] for i in sorted(set(lbs)))
+def gateway_next_hops(
+    lbs: Iterable[int], family: int, conduit: ConduitPlan = CONDUIT_A
+) -> tuple[str, ...]:
+    """The LBs' external addresses the gateway routes the VIP of ``family`` (of ``conduit``)
+    over."""
+    return tuple(external_address(family, i, conduit).split("/")[0] for i in sorted(set(lbs)))
 
 
-def gateway_route(lbs: Iterable[int], family: int) -> list[str]:
-    """``ip`` arguments that make the gateway's route to the VIP of ``family`` go over exactly
-    ``lbs`` (equal-cost multipath), or delete it when there is none."""
-    hops = gateway_next_hops(lbs, family)
+def gateway_route(lbs: Iterable[int], family: int, conduit: ConduitPlan = CONDUIT_A) -> list[str]:
+    """``ip`` arguments that make the gateway's route to the VIP of ``family`` (of
+    ``conduit``) go over exactly ``lbs`` (equal-cost multipath), or delete it when there is
+    none."""
+    hops = gateway_next_hops(lbs, family, conduit)
     head = [f"-{family}", "route"]
+    vip = vip_cidr(family, conduit)
     if not hops:
-        return [*head, "del", vip_cidr(family)]
+        return [*head, "del", vip]
     if len(hops) == 1:
-        return [*head, "replace", vip_cidr(family), "via", hops[0]]
+        return [*head, "replace", vip, "via", hops[0]]
     via = [word for hop in hops for word in ("nexthop", "via", hop)]
-    return [*head, "replace", vip_cidr(family), *via]
+    return [*head, "replace", vip, *via]
 
 
 def gateway_bird_config(spec: LabSpec, router: int) -> str:
@@ -401,8 +658,8 @@ def gateway_bird_config(spec: LabSpec, router: int) -> str:
       VIP routes the LBs announce go to the kernel; a default route (``unreachable`` here, so
       never in the gateway's own table) goes to the LBs only, with the gateway as next hop.
     - ``static-bfd``: one multipath route per VIP over every LB address there may be (all of
-      ``LIMITS["lbs"]``, so that scaling never changes the gateway), each next hop supervised
-      by BFD: an LB is a next hop while its BFD session is up.
+      ``LIMITS["lbs"]`` of the VIP's conduit, so that scaling never changes the gateway), each
+      next hop supervised by BFD: an LB is a next hop while its BFD session is up.
     """
     if not spec.dynamic:
         raise PlanError(f"routing {spec.routing!r} runs no BIRD on the gateways")
@@ -468,30 +725,31 @@ def gateway_bird_config(spec: LabSpec, router: int) -> str:
             ]
         else:
             low, high = LIMITS["lbs"]
-            hops = gateway_next_hops(range(low, high + 1), family)
-            lines += [
-                "",
-                f"protocol static VIP{family} {{",
-                f"  {channel};",
-                f"  route {vip_cidr(family)}",
-                *(f"    via {hop} bfd" for hop in hops),
-                "  ;",
-                "}",
-            ]
+            lines += ["", f"protocol static VIP{family} {{", f"  {channel};"]
+            for conduit in spec.conduit_plans:
+                hops = gateway_next_hops(range(low, high + 1), family, conduit)
+                lines += [
+                    f"  route {vip_cidr(family, conduit)}",
+                    *(f"    via {hop} bfd" for hop in hops),
+                    "  ;",
+                ]
+            lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def vip_next_hop_lbs(nexthops: Iterable[str]) -> tuple[list[int], list[str]]:
-    """The LB indexes a route's next hops are the external addresses of, and the next hops
-    that are no LB's."""
+def vip_next_hop_lbs(
+    nexthops: Iterable[str], conduit: ConduitPlan = CONDUIT_A
+) -> tuple[list[int], list[str]]:
+    """The indexes of ``conduit``'s LBs a route's next hops are the external addresses of, and
+    the next hops that are not (another conduit's LB is one of those)."""
     lbs: set[int] = set()
     others: list[str] = []
     for hop in nexthops:
-        index = lb_of_external_address(hop)
-        if index is None:
+        found = lb_of_address(hop)
+        if found is None or found[0] is not conduit:
             others.append(hop)
         else:
-            lbs.add(index)
+            lbs.add(found[1])
     return sorted(lbs), others
 
 
@@ -530,28 +788,52 @@ def nsp_gateway(family: int, router: int, routing: str) -> dict[str, Any]:
 
 
 def nsp_configuration(
-    families: Iterable[int], *, routing: str = "static", gateways: int = 1
+    families: Iterable[int],
+    *,
+    routing: str = "static",
+    gateways: int = 1,
+    streams: int = 1,
+    conduits: int = 1,
 ) -> dict[str, Any]:
-    """The trench in Meridio's configuration format: one conduit, one stream, one flow for the
-    VIPs of the lab's families (TCP, UDP and SCTP to port 5000); with ``bgp`` or
-    ``static-bfd`` routing also the attractor ``attractor-a`` with those VIPs and a gateway
-    per family and gateway router (the LBs take both from it)."""
+    """The trench in Meridio's configuration format: conduit ``conduit-a`` with stream
+    ``stream-a`` and its flow (TCP, UDP and SCTP to port 5000 of the VIPs of the lab's
+    families); with two ``streams`` also ``stream-b`` (port 6000 of the same VIPs); with two
+    ``conduits`` also ``conduit-b`` with ``stream-c`` (port 5000 of VIPs of its own). With
+    ``bgp`` or ``static-bfd`` routing also an attractor per conduit (``attractor-a``,
+    ``attractor-b``) with its VIPs and a gateway per family and gateway router (the LBs take
+    both from it)."""
     fams = sorted(set(families))
-    vips = [{"name": f"vip{f}", "address": vip_cidr(f), "trench": TRENCH} for f in fams]
+    spec = LabSpec(ip_family=_family_name(fams), streams=streams, conduits=conduits)
+    vip_names: dict[str, list[str]] = {}
+    vips = []
+    for conduit in spec.conduit_plans:
+        suffix = "" if conduit is CONDUIT_A else f"-{conduit.name.rpartition('-')[2]}"
+        names = [f"vip{f}{suffix}" for f in fams]
+        vip_names[conduit.name] = names
+        vips += [
+            {"name": n, "address": vip_cidr(f, conduit), "trench": TRENCH}
+            for n, f in zip(names, fams, strict=True)
+        ]
     config: dict[str, Any] = {
         "trench": {"name": TRENCH},
-        "conduits": {"items": [{"name": CONDUIT, "trench": TRENCH}]},
-        "streams": {"items": [{"name": STREAM, "conduit": CONDUIT, "max-targets": MAX_TARGETS}]},
+        "conduits": {"items": [{"name": c.name, "trench": TRENCH} for c in spec.conduit_plans]},
+        "streams": {
+            "items": [
+                {"name": s.name, "conduit": s.conduit.name, "max-targets": MAX_TARGETS}
+                for s in spec.stream_plans
+            ]
+        },
         "vips": {"items": vips},
         "flows": {
             "items": [
                 {
-                    "name": FLOW,
-                    "stream": STREAM,
-                    "vips": [v["name"] for v in vips],
+                    "name": s.flow,
+                    "stream": s.name,
+                    "vips": vip_names[s.conduit.name],
                     "protocols": ["tcp", "udp", "sctp"],
-                    "destination-port-ranges": [str(PORT)],
+                    "destination-port-ranges": [str(s.port)],
                 }
+                for s in spec.stream_plans
             ]
         },
     }
@@ -565,19 +847,33 @@ def nsp_configuration(
         config["attractors"] = {
             "items": [
                 {
-                    "name": ATTRACTOR,
-                    "vips": [v["name"] for v in vips],
+                    "name": c.attractor,
+                    "vips": vip_names[c.name],
                     "gateways": [g["name"] for g in items],
                     "trench": TRENCH,
                 }
+                for c in spec.conduit_plans
             ]
         }
     return config
 
 
+def _family_name(families: Sequence[int]) -> str:
+    for name, fams in FAMILIES.items():
+        if tuple(families) == fams:
+            return name
+    raise PlanError(f"no IP family setting for {families}")
+
+
 def spec_nsp_configuration(spec: LabSpec) -> dict[str, Any]:
     """``nsp_configuration`` of a lab."""
-    return nsp_configuration(spec.families, routing=spec.routing, gateways=spec.gateways)
+    return nsp_configuration(
+        spec.families,
+        routing=spec.routing,
+        gateways=spec.gateways,
+        streams=spec.streams,
+        conduits=spec.conduits,
+    )
 
 
 # --- command lines -----------------------------------------------------------------------------
@@ -614,6 +910,16 @@ def health_socket(state_dir: Path, name: str) -> Path:
 
 def lb_socket(state_dir: Path, name: str) -> Path:
     return run_dir(state_dir, name) / "lb.sock"
+
+
+def tap_socket(state_dir: Path, name: str) -> Path:
+    """Target ``name``'s TAPA socket (``ambassador.v1.Tap``)."""
+    return run_dir(state_dir, name) / "ambassador.sock"
+
+
+def target_state_file(state_dir: Path, name: str) -> Path:
+    """What target ``name`` keeps across restarts (its open streams, identifiers, ...)."""
+    return run_dir(state_dir, name) / "target-state.json"
 
 
 def nsp_config_path(state_dir: Path) -> Path:
@@ -677,15 +983,17 @@ def gateway_bird_args(state_dir: Path, router: int, bird: str = "bird") -> list[
     ]
 
 
-def lb_args(state_dir: Path, spec: LabSpec, index: int) -> list[str]:
-    """The LB's command line: with ``bgp`` or ``static-bfd`` routing it takes its gateways
-    and VIPs from the NSP's attractor; with ``static`` it is given the gateways' addresses."""
-    name = lb_host(index)
-    external = [
-        f"--external-addresses={','.join(external_address(f, index) for f in spec.families)}",
-    ]
+def lb_args(
+    state_dir: Path, spec: LabSpec, index: int, conduit: ConduitPlan = CONDUIT_A
+) -> list[str]:
+    """The command line of LB ``index`` of ``conduit``: with ``bgp`` or ``static-bfd`` routing
+    it takes its gateways and VIPs from the NSP's attractor of its conduit; with ``static`` it
+    is given the gateways' addresses."""
+    name = lb_host(index, conduit)
+    addresses = ",".join(external_address(f, index, conduit) for f in spec.families)
+    external = [f"--external-addresses={addresses}"]
     if spec.dynamic:
-        external.append(f"--attractor={ATTRACTOR}")
+        external.append(f"--attractor={conduit.attractor}")
     else:
         gateways = [gateway_router_address(f, r) for r in spec.routers for f in spec.families]
         external.append(f"--gateways={','.join(gateways)}")
@@ -700,17 +1008,26 @@ def lb_args(state_dir: Path, spec: LabSpec, index: int) -> list[str]:
         *_common(state_dir, name),
         f"--nsp={nsp_address()}",
         f"--trench={TRENCH}",
-        f"--conduit={CONDUIT}",
+        f"--conduit={conduit.name}",
         f"--mode={spec.lb_mode}",
-        f"--connect-listen={hostport(primary_address('lb', index), LB_CONNECT_PORT)}",
+        f"--connect-listen={hostport(primary_address(conduit.lb_kind, index), LB_CONNECT_PORT)}",
         # several LBs behind one gateway: replies may return through another LB
         *(["--untrack-syn"] if spec.lb_mode == "first-packet" else []),
         *external,
     ]
 
 
-def proxy_args(state_dir: Path, spec: LabSpec, index: int) -> list[str]:
-    name = f"proxy-{index}"
+def proxy_address(node: int, conduit: ConduitPlan = CONDUIT_A) -> str:
+    """Where targets reach node ``node``'s proxy of ``conduit``."""
+    return hostport(primary_address(conduit.node_kind, node), PROXY_CONNECT_PORT)
+
+
+def proxy_args(
+    state_dir: Path, spec: LabSpec, index: int, conduit: ConduitPlan = CONDUIT_A
+) -> list[str]:
+    """Node ``index``'s proxy of ``conduit``. The proxies of one node share its name (the
+    IPAM gives a node prefix per node and conduit), so a target tells both the same node."""
+    name = proxy_instance(index, conduit)
     return [
         "--role=proxy",
         *_common(state_dir, name),
@@ -718,29 +1035,36 @@ def proxy_args(state_dir: Path, spec: LabSpec, index: int) -> list[str]:
         f"--nsp={nsp_address()}",
         f"--ipam={ipam_address()}",
         f"--trench={TRENCH}",
-        f"--conduit={CONDUIT}",
-        f"--connect-listen={hostport(primary_address('node', index), PROXY_CONNECT_PORT)}",
+        f"--conduit={conduit.name}",
+        f"--connect-listen={proxy_address(index, conduit)}",
         f"--mechanism={spec.mechanism}",
         f"--ip-family={spec.ip_family}",
     ]
 
 
 def target_args(state_dir: Path, spec: LabSpec, index: int, node: int) -> list[str]:
+    """The target's sidecar: TAPA on its socket, no stream of its own (the lab opens them
+    through TAPA), the node's proxy of each conduit of the lab."""
     name = target_host(index)
+    proxies = ",".join(f"{c.name}={proxy_address(node, c)}" for c in spec.conduit_plans)
     return [
         "--role=target",
         *_common(state_dir, name),
+        f"--socket={tap_socket(state_dir, name)}",
         f"--node={node_host(node)}",
-        f"--proxy={hostport(primary_address('node', node), PROXY_CONNECT_PORT)}",
+        f"--proxies={proxies}",
         f"--nsp={nsp_address()}",
-        f"--trench={TRENCH}",
-        f"--conduit={CONDUIT}",
-        f"--streams={STREAM}",
         f"--mechanism={spec.mechanism}",
         "--drain-time=1",
     ]
 
 
-def server_args(index: int) -> list[str]:
+def server_ports(spec: LabSpec) -> list[int]:
+    """The ports the traffic servers listen on: every stream's."""
+    return sorted({s.port for s in spec.stream_plans})
+
+
+def server_args(index: int, ports: Iterable[int] = (PORT,)) -> list[str]:
     """The traffic server beside target ``index`` (``meridioctl traffic server``)."""
-    return ["server", "--name", target_host(index), "--address", f"[::]:{PORT}"]
+    addresses = [word for port in sorted(set(ports)) for word in ("--address", f"[::]:{port}")]
+    return ["server", "--name", target_host(index), *addresses]

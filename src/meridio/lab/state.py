@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from meridio.lab.plan import LabSpec
+from meridio.lab.plan import CONDUIT_A, ConduitPlan, LabSpec
 
 STATE_FILE = "lab.json"
 VERSION = 1
@@ -47,6 +47,11 @@ class LabState(msgspec.Struct, kw_only=True):
     gateways: int = 1
     """Gateway routers (1: ``gw``; 2: ``gw`` and ``gw-2``)."""
     prefix: str = "mlab-"
+    streams: int = 1
+    """Streams of conduit-a (1: ``stream-a``; 2: and ``stream-b``)."""
+    conduits: int = 1
+    """Conduits (1: ``conduit-a``; 2: and ``conduit-b``, with LBs ``lbb-N`` and proxies
+    ``proxyb-N`` of its own)."""
     phase: str = "building"
     """``building`` until ``up`` has finished, then ``up``."""
     namespaces: list[str] = msgspec.field(default_factory=list)
@@ -56,7 +61,12 @@ class LabState(msgspec.Struct, kw_only=True):
     """The LBs the gateway ``gw`` routes the VIPs over: set by the lab itself with ``static``
     routing; with ``bgp`` and ``static-bfd`` what the lab last saw in ``gw``'s kernel (``lab
     status`` reads the kernel)."""
+    lbb_indexes: list[int] = msgspec.field(default_factory=list)
+    """conduit-b's LBs made (``lbb-N``; with two conduits)."""
+    gateway_lbbs: list[int] = msgspec.field(default_factory=list)
+    """What ``gateway_lbs`` is for conduit-a's VIPs, for conduit-b's (``lbb-N``)."""
     node_indexes: list[int] = msgspec.field(default_factory=list)
+    """Nodes (a proxy ``proxy-N`` each, and ``proxyb-N`` with two conduits)."""
     targets: dict[str, int] = msgspec.field(default_factory=dict)
     """Target index (as text: JSON keys) -> node index."""
     processes: dict[str, Process] = msgspec.field(default_factory=dict)
@@ -74,6 +84,8 @@ class LabState(msgspec.Struct, kw_only=True):
             routing=spec.routing,
             gateways=spec.gateways,
             prefix=spec.prefix,
+            streams=spec.streams,
+            conduits=spec.conduits,
         )
 
     @property
@@ -89,7 +101,29 @@ class LabState(msgspec.Struct, kw_only=True):
             routing=self.routing,
             gateways=self.gateways,
             prefix=self.prefix,
+            streams=self.streams,
+            conduits=self.conduits,
         )
+
+    def lbs_of(self, conduit: ConduitPlan) -> list[int]:
+        """The LBs made for ``conduit`` (the list itself: changing it changes the state)."""
+        return self.lb_indexes if conduit is CONDUIT_A else self.lbb_indexes
+
+    def set_lbs_of(self, conduit: ConduitPlan, indexes: list[int]) -> None:
+        if conduit is CONDUIT_A:
+            self.lb_indexes = indexes
+        else:
+            self.lbb_indexes = indexes
+
+    def routed_lbs_of(self, conduit: ConduitPlan) -> list[int]:
+        """``gateway_lbs`` of ``conduit``."""
+        return self.gateway_lbs if conduit is CONDUIT_A else self.gateway_lbbs
+
+    def set_routed_lbs_of(self, conduit: ConduitPlan, indexes: list[int]) -> None:
+        if conduit is CONDUIT_A:
+            self.gateway_lbs = indexes
+        else:
+            self.gateway_lbbs = indexes
 
     @property
     def target_nodes(self) -> dict[int, int]:

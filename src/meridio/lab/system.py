@@ -29,6 +29,10 @@ import grpclib
 import grpclib.client
 from grpclib.exceptions import StreamTerminatedError
 
+from meridio.api.ambassador.v1 import Conduit as TapConduit
+from meridio.api.ambassador.v1 import Stream as TapStream
+from meridio.api.ambassador.v1 import StreamResponse, StreamStatusStatus, TapStub
+from meridio.api.ambassador.v1 import Trench as TapTrench
 from meridio.api.grpc.health.v1 import (
     HealthCheckRequest,
     HealthCheckResponseServingStatus,
@@ -494,6 +498,78 @@ def lb_target_ips(show: ShowResponse | None) -> set[tuple[str, ...]]:
     if show is None:
         return set()
     return {tuple(t.ips) for stream in show.streams for t in stream.targets}
+
+
+def lb_stream_counts(show: ShowResponse | None) -> dict[str, int]:
+    """Per stream (by name), how many targets an LB's table holds."""
+    if show is None:
+        return {}
+    return {stream.name: len(stream.targets) for stream in show.streams}
+
+
+def lb_digests(show: ShowResponse | None) -> dict[str, str]:
+    """Per stream (by name), the digest of an LB's Maglev table (equal tables, equal
+    digests)."""
+    if show is None:
+        return {}
+    return {stream.name: stream.digest for stream in show.streams}
+
+
+# --- a target's TAPA (ambassador.v1.Tap) ---------------------------------------------------------
+
+
+def tap_stream(trench: str, conduit: str, stream: str) -> TapStream:
+    return TapStream(name=stream, conduit=TapConduit(name=conduit, trench=TapTrench(name=trench)))
+
+
+async def tap_call(socket: Path, method: str, stream: TapStream, timeout: float = 15.0) -> None:
+    """``Open`` or ``Close`` (``method``) over a target's TAPA socket; LabError naming the
+    stream and the target's answer when it fails."""
+    channel = grpclib.client.Channel(path=str(socket))
+    try:
+        stub = TapStub(channel)
+        call = stub.open if method == "open" else stub.close
+        await call(stream, timeout=timeout)
+    except grpclib.GRPCError as exc:
+        raise LabError(
+            f"{method} {stream.conduit.name}/{stream.name}: {exc.status.name}: {exc.message}"
+        ) from None
+    except (OSError, TimeoutError, StreamTerminatedError) as exc:
+        raise LabError(
+            f"{method} {stream.name}: no TAPA at {socket}: {exc or 'timed out'}"
+        ) from None
+    finally:
+        channel.close()
+
+
+async def tap_list(socket: Path, timeout: float = 2.0) -> list[dict[str, str]] | None:
+    """The streams a target has open, with their status (``Watch``'s first reply): dicts with
+    ``trench``, ``conduit``, ``stream`` and ``status`` (``OPEN``, ``PENDING``, ...); None when
+    its TAPA does not answer."""
+    if not socket.exists():
+        return None
+    channel = grpclib.client.Channel(path=str(socket))
+    replies = TapStub(channel).watch(TapStream(), timeout=timeout)
+    try:
+        reply = await anext(replies)
+    except (*CLIENT_ERRORS, StopAsyncIteration):
+        return None
+    finally:
+        await replies.aclose()
+        channel.close()
+    return tap_rows(reply)
+
+
+def tap_rows(reply: StreamResponse) -> list[dict[str, str]]:
+    return [
+        {
+            "trench": s.stream.conduit.trench.name,
+            "conduit": s.stream.conduit.name,
+            "stream": s.stream.name,
+            "status": StreamStatusStatus(s.status).name,
+        }
+        for s in reply.stream_status
+    ]
 
 
 def announced(log: Path | str, words: str) -> bool:
