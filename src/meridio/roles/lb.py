@@ -833,6 +833,10 @@ class LbRole(Role):
             await self.frontend.withdraw()
         await trio.sleep(self.lb.withdraw_grace)
         await self._drain_connect()
+        if self.connect is not None:
+            # the proxies take this LB out of their replies' next hops when the NSP tells them:
+            # keep the egress (and the data path) meanwhile, or replies in flight are dropped
+            await trio.sleep(self.lb.withdraw_grace)
 
     # --- attraction (BIRD; see meridio.lb.frontend) -------------------------------------------
 
