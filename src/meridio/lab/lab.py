@@ -43,7 +43,7 @@ from meridio.lab.system import LabError
 DEFAULT_STATE_DIR = Path("/run/meridio-lab")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-GATEWAY_TIMEOUT = 30.0
+GATEWAY_TIMEOUT = 60.0
 """How long ``up`` and ``scale`` wait for the gateways to route the VIPs over the LBs (a BGP
 session takes about 5 s to come up)."""
 OTHERS = ("nsp", "ipam", "proxy")
