@@ -72,7 +72,11 @@ test-deps:
 	fi
 
 test: venv test-deps lint typecheck
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not lab_tapa"
+
+# The TAPA lab end to end: left out of `make test` while it is flaky on a loaded machine.
+test-lab-tapa: venv
+	$(VENV)/bin/pytest -q -m lab_tapa
 
 # Render the Kubernetes manifests from config/kubernetes/values.yaml.
 manifests: venv
