@@ -5,6 +5,14 @@ in this process (watchers) or in forked client processes (load). Baselines come 
 daemon in the same run: a unary ``grpc.health.v1`` Check over its health socket, with the same
 client layout, for calls per second; the Check round-trip time for the Watch delay.
 
+State changes under watchers (issue 15): 50 Watch streams follow a stream of 100 targets while
+client processes flip those targets between ENABLED and DISABLED, every call a change that must
+be committed before its reply; the rate, the latency of each call (p50, p99), the daemon's CPU
+time per call and the time until every watcher has the final state. The clients of this part
+(load, watchers and its health Check baseline) are grpcio's C core in processes of their own,
+with requests encoded before the clock starts (see ``bench/grpcio_load.py``): a Python client
+costs about what the daemon does per call and would take the CPU the daemon is measured for.
+
     python -m bench.bench_nsp
 """
 
@@ -22,6 +30,7 @@ from typing import Any
 import yaml
 from grpclib.client import Channel
 
+from bench import grpcio_load
 from bench.common import health_call, health_warmup, progress, row
 from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
 from meridio.api.nsp.v1 import (
@@ -29,9 +38,11 @@ from meridio.api.nsp.v1 import (
     Stream,
     Target,
     TargetRegistryStub,
+    TargetResponse,
     TargetStatus,
     Trench,
 )
+from meridio.roles.nsp import PUBLISH_INTERVAL
 from tests.netns.daemons import (
     Daemon,
     RawCodec,
@@ -45,6 +56,10 @@ from tests.netns.daemons import (
 TARGETS = 1000
 PROCESSES = 2
 TASKS_PER_PROCESS = 4
+CHURN_TARGETS = 100
+CHURN_WATCHERS = 50
+CHURN_ROUNDS = 40
+CHURN_TASKS_PER_PROCESS = 8
 REFRESH_PASSES = 2
 BASELINE_CALLS = 2000
 WATCHERS = 20
@@ -59,6 +74,7 @@ CONFIG = {
         "items": [
             {"name": "stream-a", "conduit": "conduit-a", "max-targets": TARGETS},
             {"name": "stream-b", "conduit": "conduit-a", "max-targets": TARGETS},
+            {"name": "stream-c", "conduit": "conduit-a", "max-targets": CHURN_TARGETS},
         ]
     },
 }
@@ -68,13 +84,15 @@ def stream(name: str) -> Stream:
     return Stream(name=name, conduit=Conduit(name="conduit-a", trench=Trench(name="trench-a")))
 
 
-def make_target(i: int, stream_name: str = "stream-a") -> Target:
+def make_target(
+    i: int, stream_name: str = "stream-a", status: TargetStatus = TargetStatus.ENABLED
+) -> Target:
     """Target i: one IPv4 and one IPv6 address, identifier i+1."""
-    base = 0 if stream_name == "stream-a" else 8
+    base = {"stream-a": 0, "stream-b": 8, "stream-c": 16}[stream_name]
     return Target(
         ips=[f"198.18.{base + i // 250}.{i % 250 + 1}/16", f"fd00:20::{base:x}:{i + 1:x}/64"],
         context={"identifier": str(i + 1)},
-        status=TargetStatus.ENABLED,
+        status=status,
         stream=stream(stream_name),
     )
 
@@ -93,7 +111,8 @@ def register_call(ch: Channel) -> Any:
 
 async def registry_warmup(ch: Channel) -> None:
     # Unregistering an unknown target changes nothing: it only opens the connection.
-    await TargetRegistryStub(ch, timeout=10).unregister(Target(ips=["192.0.2.255"]))
+    unknown = Target(ips=["192.0.2.255/32"], context={"identifier": "1"}, stream=stream("stream-a"))
+    await TargetRegistryStub(ch, timeout=10).unregister(unknown)
 
 
 # -- watch fan-out -------------------------------------------------------------------------------
@@ -123,8 +142,10 @@ async def fanout_delays(
     and time each change until every watcher has its update: (delays to the last watcher,
     delays of every watcher).
 
-    The next change is only made once every watcher has its update, so the n-th message after
-    the snapshot answers the n-th change.
+    The next change is only made once every watcher has its update, and a little more than the
+    NSP's publish interval later (back-to-back changes are coalesced into one Watch reply per
+    interval, see ``NspState.publish``): each change is an isolated one, and the n-th message
+    after the snapshot answers the n-th change.
     """
     counts = [0] * watchers
     arrived: list[list[float]] = [[] for _ in range(watchers)]
@@ -171,6 +192,7 @@ async def fanout_delays(
             each.extend(times)
             if max(counts) > n:
                 raise RuntimeError("a watcher got more updates than changes were made")
+            await asyncio.sleep(PUBLISH_INTERVAL * 1.5)
         return to_last, each
     finally:
         for task in tasks:
@@ -187,6 +209,113 @@ async def register_all(daemon: Daemon, targets: list[Target]) -> None:
         for _ in range(2):  # new (stored DISABLED), then ENABLED
             await asyncio.gather(*(stub.register(t) for t in targets))
     finally:
+        ch.close()
+
+
+# -- state changes under watchers ----------------------------------------------------------------
+
+
+def churn_plan() -> list[list[bytes]]:
+    """Per client task, its Register requests in order (encoded): each task owns some of the
+    stream-c targets and flips each of them every round, so every call is a state change."""
+    tasks = PROCESSES * CHURN_TASKS_PER_PROCESS
+    encoded = {
+        (i, status): bytes(make_target(i, "stream-c", status))
+        for i in range(CHURN_TARGETS)
+        for status in (TargetStatus.ENABLED, TargetStatus.DISABLED)
+    }
+    plan: list[list[bytes]] = []
+    for k in range(tasks):
+        own = range(k, CHURN_TARGETS, tasks)
+        plan.append(
+            [
+                encoded[i, TargetStatus.ENABLED if r % 2 == 0 else TargetStatus.DISABLED]
+                for r in range(CHURN_ROUNDS)
+                for i in own
+            ]
+        )
+    return plan
+
+
+def final_status() -> TargetStatus:
+    return TargetStatus.ENABLED if (CHURN_ROUNDS - 1) % 2 == 0 else TargetStatus.DISABLED
+
+
+def measure_churn(daemon: Daemon) -> dict[str, Any]:
+    run_async(register_all(daemon, [make_target(i, "stream-c") for i in range(CHURN_TARGETS)]))
+    watched = Target(status=TargetStatus.ANY, stream=stream("stream-c"))
+    plan = churn_plan()
+    tasks = PROCESSES * CHURN_TASKS_PER_PROCESS
+    health = bytes(HealthCheckRequest(service="Readiness"))
+    health_plan = [[health] * (BASELINE_CALLS // tasks + 1) for _ in range(tasks)]
+    socket = f"unix://{daemon.socket}"
+    with grpcio_load.Watchers(
+        socket, "/nsp.v1.TargetRegistry/Watch", bytes(watched), CHURN_WATCHERS
+    ) as watchers:
+        cpu = cpu_seconds(daemon.pid)
+        n, secs, _ = grpcio_load.run_unary(
+            f"unix://{daemon.health_socket}", "/grpc.health.v1.Health/Check", health_plan, PROCESSES
+        )
+        baseline = n / secs
+        baseline_cpu = (cpu_seconds(daemon.pid) - cpu) / n
+        progress(f"baseline with {CHURN_WATCHERS} idle watchers measured")
+        before = watchers.counts()
+        cpu = cpu_seconds(daemon.pid)
+        calls, seconds, latencies = grpcio_load.run_unary(
+            socket, "/nsp.v1.TargetRegistry/Register", plan, PROCESSES
+        )
+        done = time.monotonic()
+        change_cpu = (cpu_seconds(daemon.pid) - cpu) / calls
+        # What every watcher must end with: the NSP's own reply for the final state.
+        expected = run_async(_current_reply(daemon, watched))
+        targets = TargetResponse().parse(expected).targets
+        statuses = {int(t.status) for t in targets}
+        if len(targets) != CHURN_TARGETS or statuses != {int(final_status())}:
+            raise RuntimeError(f"final state: {len(targets)} targets, statuses {statuses}")
+        deadline = done + 60
+        while not watchers.all_have(expected):
+            if time.monotonic() > deadline:
+                raise RuntimeError("watchers did not all reach the final state")
+            time.sleep(0.002)
+        converged = time.monotonic() - done
+        updates = [c - b for c, b in zip(watchers.counts(), before, strict=True)]
+    progress("state changes done")
+    return {
+        "baseline": baseline,
+        "rate": calls / seconds,
+        "calls": calls,
+        "p50": statistics.median(latencies),
+        "p99": percentile(latencies, 0.99),
+        "max": max(latencies),
+        "converged": converged,
+        "updates": statistics.median(updates),
+        "baseline_cpu": baseline_cpu,
+        "change_cpu": change_cpu,
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far (seconds)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _current_reply(daemon: Daemon, watched: Target) -> bytes:
+    ch = Channel(path=str(daemon.socket), codec=RawCodec())
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    def on_message(data: bytes) -> None:
+        got.append(data)
+        done.set()
+
+    task = asyncio.create_task(raw_watch(ch, "/nsp.v1.TargetRegistry/Watch", watched, on_message))
+    try:
+        await asyncio.wait_for(done.wait(), 30)
+        return got[0]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         ch.close()
 
 
@@ -240,6 +369,7 @@ def measure(daemon: Daemon) -> None:
     whole = Target(status=TargetStatus.ANY)
     big_last, _ = run_async(fanout_delays(daemon, whole, extra, watchers=1, changes=BIG_CHANGES))
     progress("whole-registry watch done")
+    churn = measure_churn(daemon)
     alive = daemon.alive()
     code = run_async(daemon.stop())
 
@@ -264,8 +394,38 @@ def measure(daemon: Daemon) -> None:
         ),
     ):
         row(label, ms(value), f"{value / rtt:.1f}x")
+    print()
+    churn_layout = f"{PROCESSES}x{CHURN_TASKS_PER_PROCESS} connections"
+    row(
+        f"baseline: Health Check (grpcio), {CHURN_WATCHERS} watchers",
+        f"{churn['baseline']:,.0f} /s",
+        "1.00x",
+    )
+    row(
+        f"Register, state changes under {CHURN_WATCHERS} watchers",
+        f"{churn['rate']:,.0f} /s",
+        f"{churn['rate'] / churn['baseline']:.2f}x",
+    )
+    row("  its latency, p50 / p99", f"{ms(churn['p50'])} / {ms(churn['p99'])}")
+    row("  its latency, max", ms(churn["max"]))
+    row(
+        "  daemon CPU per call: Register / Health Check",
+        f"{ms(churn['change_cpu'])} / {ms(churn['baseline_cpu'])}",
+        f"{churn['change_cpu'] / churn['baseline_cpu']:.2f}x",
+    )
+    row(f"  last reply -> all {CHURN_WATCHERS} watchers final", ms(churn["converged"]))
     print(
-        f"\n  fan-out: {CHANGES} changes (register/unregister alternating), filter stream-b "
+        f"\n  state changes: {churn['calls']} Register calls on the clock ({CHURN_TARGETS} "
+        f"stream-c targets flipped ENABLED/DISABLED {CHURN_ROUNDS} times by {churn_layout} "
+        "of grpcio clients), "
+        f"every one a change committed before its reply; {CHURN_WATCHERS} Watch streams of "
+        f"stream-c (ANY) got {churn['updates']:.0f} updates each (median) and all ended with "
+        "the final state",
+        flush=True,
+    )
+    print(
+        f"\n  fan-out: {CHANGES} isolated changes (register/unregister alternating, "
+        f"{PUBLISH_INTERVAL * 1.5 * 1000:.0f} ms apart), filter stream-b "
         f"(ANY) with {STREAM_B}-{STREAM_B + 1} targets, {TARGETS} stream-a targets also in the "
         f"registry; whole-registry watch: {BIG_CHANGES} changes; daemon alive at the end: "
         f"{alive}; exit status after SIGTERM: {code}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -178,6 +179,10 @@ async def test_malformed_requests_are_invalid_and_change_nothing(
             "no trench name": child("x", trench=""),
             "no node": child("x", node=""),
             "no subnet": no_subnet,
+            "blank name": child("   "),
+            "path in a conduit name": child("x", conduit="../c\n0"),
+            "control character in a node name": child("x", node="node\x01"),
+            "name too long": child("x" * 254),
         }
         for what, request in bad.items():
             for call in (client.ipam.allocate, client.ipam.release):
@@ -227,3 +232,35 @@ async def test_the_database_directory_is_created(netns: Any, tmp_path: Path) -> 
     daemon.extra_args.append(f"--database={tmp_path / 'new-dir' / 'ipam.db'}")
     await daemon.start()
     assert (tmp_path / "new-dir" / "ipam.db").exists()
+
+
+@aio_test
+async def test_a_restart_after_more_than_the_lease_time_keeps_every_allocation(
+    netns: Any, tmp_path: Path
+) -> None:
+    """kill -9, back after more than lease-time: nothing is collected before its owner has had
+    a whole lease time to refresh it; what nobody refreshes is collected, and it is logged."""
+    names = ("live", "gone-1", "gone-2")
+    async with ipam(netns, tmp_path, "--lease-time=1.5", "--gc-interval=0.2") as (daemon, client):
+        for name in names:
+            await client.allocate(child(name))
+        state = await client.state()
+    daemon.kill()
+    await asyncio.sleep(2.0)  # longer than the lease: every last Allocate is too old now
+    await daemon.restart()
+    async with channel(daemon.socket) as ch:
+        client = Client(ch)
+        assert await client.state() == state
+        restored = [r for r in daemon.log_records() if r.get("event") == "allocations restored"]
+        assert [r["count"] for r in restored] == [0, 3]
+        (live_address,) = [row[6] for row in state if row[5] == "live"]
+        record = None
+        while record is None:  # the live one's owner keeps refreshing it
+            assert (await client.allocate(child("live"))).address == live_address
+            await asyncio.sleep(0.1)
+            collected = [
+                r for r in daemon.log_records() if r.get("event") == "collected stale allocations"
+            ]
+            record = collected[0] if collected else None
+        assert record["count"] == 2 and record["restored"] == 2
+        assert [row[5] for row in await client.state()] == ["live"]

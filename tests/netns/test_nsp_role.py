@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import time
@@ -549,3 +550,187 @@ def test_a_bad_configuration_at_start_exits_2_naming_key_and_item(
     assert len(lines) == 1
     assert "streams" in lines[0] and '"stream-zero"' in lines[0]
     assert not daemon.health_socket.exists()
+
+
+# -- surviving what production does (issue 15) -------------------------------------------------
+
+
+def _events(daemon: Daemon, event: str) -> list[dict[str, Any]]:
+    return [r for r in daemon.log_records() if r.get("event") == event]
+
+
+@aio_test
+async def test_a_restart_after_more_than_entry_timeout_keeps_every_registration(
+    netns: Any, tmp_path: Path
+) -> None:
+    """kill -9, back after more than entry-timeout: every registration is still there and
+    gets a full timeout from the restart; those nobody refreshes expire, and it is logged."""
+    async with nsp(netns, tmp_path, "--entry-timeout=2") as n:
+        live = target("198.18.1.1/24", identifier="1")
+        gone = [target(f"198.18.1.{i}/24", identifier=str(i)) for i in (2, 3)]
+        for t in (live, *gone):
+            await n.enable(t)
+        expected = await n.snapshot()
+        assert len(expected) == 3
+        n.daemon.kill()
+        await asyncio.sleep(2.5)  # longer than entry-timeout: every last refresh is too old
+        await n.daemon.restart()
+        async with watching(lambda: n.registry.watch(ANY)) as w:
+            assert summary(await w.next()) == expected  # nothing dropped
+            first, restored = _events(n.daemon, "registrations restored")  # one per start
+            assert first["count"] == 0
+            assert restored["count"] == 3 and restored["grace_seconds"] == 2
+            # The owner of one target is alive and refreshes it; the others stay silent.
+            while True:
+                await n.registry.register(live)
+                try:
+                    message = await w.next(0.3)
+                except AssertionError:
+                    continue
+                assert [ip for ip, _, _ in summary(message)] == ["198.18.1.1/24"]
+                break
+        (expired,) = _events(n.daemon, "registrations expired")
+        assert expired["count"] == 2 and expired["restored"] == 2
+
+
+@aio_test
+async def test_unregister_validates_like_register_and_ips_are_normalised(
+    netns: Any, tmp_path: Path
+) -> None:
+    async with nsp(netns, tmp_path) as n:
+        odd = target("198.18.1.1/032", identifier="1")
+        await n.registry.register(odd)
+        assert [ip for ip, _, _ in await n.snapshot()] == ["198.18.1.1/32"]
+        bad = {
+            "bad IP": Target(ips=["198.18.1.300/24"], stream=stream("stream-a", "conduit-a", "t")),
+            "path separator": target("198.18.1.1/032", "stream-a", "../c\n0"),
+            "blank trench": Target(ips=["198.18.1.1/32"], stream=stream("stream-a", "c", "   ")),
+            "no IPs": Target(stream=stream("stream-a", "conduit-a", "trench-a")),
+        }
+        for what, request in bad.items():
+            for call in (n.registry.register, n.registry.unregister):
+                err = await grpc_error(call(request))
+                assert err.status == Status.INVALID_ARGUMENT, (what, err)
+        assert [ip for ip, _, _ in await n.snapshot()] == ["198.18.1.1/32"]
+        # Unregistering works for the normalised target, and for a stream since removed.
+        await n.registry.unregister(odd)
+        assert await n.snapshot() == []
+        await n.registry.unregister(target("198.18.1.5/24", "stream-gone"))
+
+
+def _write_in_place(path: Path, text: str) -> None:
+    """As ``cat > file`` does: truncate, then write (a poller may see either state)."""
+    with path.open("w") as f:
+        f.write(text)
+
+
+@aio_test
+async def test_an_empty_or_cut_short_file_is_never_applied(netns: Any, tmp_path: Path) -> None:
+    async with nsp(netns, tmp_path, "--config-poll-interval=0.1") as n:
+        config_file = tmp_path / "meridio-configuration.yaml"
+        async with (
+            watching(lambda: n.config.watch_vip(Vip())) as vips,
+            watching(lambda: n.config.watch_stream(Stream())) as streams,
+        ):
+            assert len((await vips.next()).vips) == 1
+            assert len((await streams.next()).streams) == 3
+            _write_in_place(config_file, "")
+            record = await n.daemon.wait_log(lambda r: "empty" in str(r.get("event")))
+            assert record["level"] == "warning"
+            _write_in_place(config_file, "trench:\n  name: trench-a\nconduits:\n")
+            record = await n.daemon.wait_log(lambda r: "has no value" in str(r.get("error")))
+            assert record["level"] == "error"
+            await vips.assert_quiet(0.3)
+            await streams.assert_quiet(0.1)
+            assert n.daemon.alive()
+            # A valid file is applied again.
+            write_config(config_file, _with_stream(CONFIG, "stream-new"))
+            update = await streams.next(3.0)
+            assert "stream-new" in [s.name for s in update.streams]
+
+
+@aio_test
+async def test_a_file_is_applied_only_once_unchanged_for_one_poll(
+    netns: Any, tmp_path: Path
+) -> None:
+    async with nsp(netns, tmp_path, "--config-poll-interval=0.5") as n:
+        config_file = tmp_path / "meridio-configuration.yaml"
+        async with watching(lambda: n.config.watch_stream(Stream())) as streams:
+            assert len((await streams.next()).streams) == 3
+            # Half of an edit: a valid configuration on its own (one stream fewer).
+            partial = yaml.safe_load(yaml.safe_dump(CONFIG))
+            partial["streams"]["items"] = partial["streams"]["items"][:2]
+            changing = len(
+                _events(
+                    n.daemon, "configuration file changed: applied if unchanged at the next read"
+                )
+            )
+            write_config(config_file, partial)
+            # The daemon has read it once; the edit then completes before its next read.
+            await n.daemon.wait_log(
+                lambda _: (
+                    len(
+                        _events(
+                            n.daemon,
+                            "configuration file changed: applied if unchanged at the next read",
+                        )
+                    )
+                    > changing
+                )
+            )
+            write_config(config_file, _with_stream(CONFIG, "stream-new"))
+            update = await streams.next(3.0)
+            assert [s.name for s in update.streams] == [
+                "stream-a",
+                "stream-b",
+                "stream-c",
+                "stream-new",
+            ]
+            await streams.assert_quiet(0.6)  # and the half one never shows up
+
+
+@aio_test
+async def test_removing_every_vip_is_applied_with_a_warning(netns: Any, tmp_path: Path) -> None:
+    async with nsp(netns, tmp_path, "--config-poll-interval=0.1") as n:
+        config_file = tmp_path / "meridio-configuration.yaml"
+        async with watching(lambda: n.config.watch_vip(Vip())) as vips:
+            assert len((await vips.next()).vips) == 1
+            no_vips = {k: v for k, v in CONFIG.items() if k not in ("vips", "flows")}
+            write_config(config_file, no_vips)
+            assert (await vips.next(3.0)).vips == []
+            (record,) = _events(n.daemon, "configuration removes every VIP")
+            assert record["level"] == "warning" and record["before"] == 1
+
+
+@aio_test
+async def test_a_configmap_directory_updated_by_link_swap(netns: Any, tmp_path: Path) -> None:
+    mount = tmp_path / "configmap"
+    mount.mkdir()
+
+    def publish(version: str, config: dict[str, Any]) -> None:
+        data = mount / f"..{version}"
+        data.mkdir()
+        for key, value in config.items():
+            (data / key).write_text(yaml.safe_dump(value))
+        tmp = mount / "..data_tmp"
+        tmp.symlink_to(data.name)
+        tmp.replace(mount / "..data")
+        for key in config:
+            if not (mount / key).is_symlink():
+                (mount / key).symlink_to(f"..data/{key}")
+
+    publish("v1", CONFIG)
+    async with (
+        nsp(
+            netns,
+            tmp_path,
+            f"--configuration-file={mount}",
+            "--config-poll-interval=0.1",
+            config=None,
+        ) as n,
+        watching(lambda: n.config.watch_stream(Stream())) as streams,
+    ):
+        assert len((await streams.next()).streams) == 3
+        publish("v2", _with_stream(CONFIG, "stream-new"))
+        update = await streams.next(3.0)
+        assert [s.name for s in update.streams][-1] == "stream-new"

@@ -574,6 +574,111 @@ def test_persistent_collect_and_remove(tmp_path: Path) -> None:
         assert [type(r) for r in records] == [ConduitPrefixAdded]
 
 
+def test_collect_counts_leases_from_since() -> None:
+    config = IpamConfig(**(SMALL.__dict__ | {"lease_time": 30.0}))
+    a = IpamAllocator(config)
+    a.allocate("t1", "c1", "n1", V4, "old", 0.0)
+    a.allocate("t1", "c1", "n1", V4, "new", 100.0)
+    # Without a floor "old" is long gone at 120; from a restart at 100 it has until 130.
+    assert [c.key.name for c in a.plan_collect(120.0) if isinstance(c, ChildRemoved)] == ["old"]
+    assert a.plan_collect(130.0, since=100.0) == ()
+    removed = a.collect(130.5, since=100.0)
+    assert [type(c) for c in removed] == [ChildRemoved, ChildRemoved, NodePrefixRemoved]
+
+
+def test_restarted_ipam_gives_restored_children_a_whole_lease(tmp_path: Path) -> None:
+    """The issue: a restart after more than the lease time must not collect live children."""
+    path = tmp_path / "ipam.db"
+    config = IpamConfig(**(SMALL.__dict__ | {"lease_time": 30.0}))
+    with PersistentIpam(path, config, now=0.0) as ipam:
+        assert ipam.restored == 0
+        for name in ("a", "b", "c"):
+            ipam.allocate("t1", "c1", "n1", V4, name, 0.0)
+    with PersistentIpam(path, config, now=1000.0) as ipam:
+        assert (ipam.restored, ipam.restored_pending) == (3, 3)
+        assert ipam.collect(1030.0) == ()
+        assert ipam.allocate("t1", "c1", "n1", V4, "a", 1010.0) == ("198.18.0.1", 28)
+        assert ipam.restored_pending == 2
+        removed = ipam.collect(1030.5)
+        assert sorted(c.key.name for c in removed if isinstance(c, ChildRemoved)) == ["b", "c"]
+        assert ipam.restored_pending == 0
+        assert [c.name for c in ipam.list_children()] == ["a"]
+
+
+def test_group_commit_writes_many_allocations_in_one_batch(tmp_path: Path) -> None:
+    path = tmp_path / "ipam.db"
+    ipam = PersistentIpam(path, LAB)
+    staged = [ipam.stage_allocate("t1", "c1", "n1", V4, f"x{i}", 1.0) for i in range(20)]
+    assert {seq for _, _, seq in staged} == {1}
+    assert len({address for address, _, _ in staged}) == 20  # memory is ahead: no duplicates
+    assert ipam.pending_seq() == 1
+    batch = ipam.seal()
+    assert batch is not None and batch.seq == 1
+    assert ipam._store.load() == []  # nothing on disk before the write
+    # A release of a child whose allocation is being written waits for that batch; a new
+    # change goes in the next one.
+    changes, seq = ipam.stage_release("t1", "c1", "n1", V4, "x3")
+    assert len(changes) == 1 and seq == 2
+    assert ipam.stage_release("t1", "c1", "n1", V4, "x3") == ((), 2)
+    assert ipam.stage_release("t1", "c1", "n1", V4, "never") == ((), 0)
+    ipam.write(batch)
+    assert ipam.finish(batch, None) == ()
+    assert ipam.pending_seq() == 2
+    ipam.commit()
+    assert ipam.pending_seq() == 0
+    ipam.close()
+    with PersistentIpam(path, LAB) as again:
+        assert sorted(c.name for c in again.list_children()) == sorted(
+            f"x{i}" for i in range(20) if i != 3
+        )
+
+
+def test_failed_batch_goes_back_to_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ipam.db"
+    ipam = PersistentIpam(path, LAB)
+    ipam.allocate("t1", "c1", "n1", V4, "kept", 0.0)
+    before = ipam.records()
+    ipam.stage_allocate("t1", "c1", "n1", V4, "lost-1", 1.0)
+    batch = ipam.seal()
+    assert batch is not None
+    ipam.stage_allocate("t1", "c1", "n1", V4, "lost-2", 1.0)  # on top, in the open batch
+    monkeypatch.setattr(ipam._store, "apply", _fail_apply)
+    with pytest.raises(IpamStoreError):
+        ipam.write(batch)
+    assert ipam.finish(batch, IpamStoreError("x")) == (2, 3)
+    assert ipam.records() == before
+    assert ipam.pending_seq() == 0
+    monkeypatch.undo()
+    assert ipam.allocate("t1", "c1", "n1", V4, "next", 2.0) == ("198.18.0.2", 24)
+    ipam.close()
+
+
+def _fail_apply(*args: Any) -> None:
+    raise IpamStoreError("disk I/O error (simulated)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("t1", "../c\n0", "n1", V4, "a"), "conduit name '../c\\\\n0' must not contain a path"),
+        (("t1", "c1", "n1", V4, "   "), "child name '   ' must not contain whitespace"),
+        (("t1", "c1", "n 1", V4, "a"), "node name 'n 1' must not contain whitespace"),
+        (("t\x001", "c1", "n1", V4, "a"), "trench name .* control or invisible"),
+        (("t1", "c1", "n1", V4, ".."), "child name '..' must not be . or .."),
+        (("t1", "c1", "n1", V4, "a\u202eb"), "control or invisible"),
+    ],
+)
+def test_request_names_must_be_names(args: tuple[Any, ...], message: str) -> None:
+    a = IpamAllocator(LAB)
+    with pytest.raises(IpamInvalid, match=message):
+        a.plan_allocate(*args, 0.0)
+    with pytest.raises(IpamInvalid, match=message):
+        a.plan_release(*args)
+    assert a.records() == []
+
+
 # ------------------------------------------------------------------------------------------
 # Stateful property test: allocate / release / collect / restart / crash against sqlite
 

@@ -862,3 +862,103 @@ def test_a_configmap_mounted_as_a_directory_loads_like_the_manifest(tmp_path: Pa
     (mount / "streams").write_text("items:\n- name: s\n  conduit: nope\n")
     with pytest.raises(ConfigError, match=r"config: streams"):
         load_file(mount)
+
+
+# --- whole files only: emptiness, cut-short files, settling, ConfigMap mounts -----------------
+
+
+def test_a_file_cut_short_after_a_key_is_refused() -> None:
+    """What a poller sees mid-write: "conduits:" with nothing after it (null) is refused."""
+    text = "trench:\n  name: trench-a\nconduits:\n"
+    with pytest.raises(ConfigError, match="conduits: has no value"):
+        parse_text(text)
+    with pytest.raises(ConfigError, match="trench: has no value"):
+        parse_text("trench:\n")
+    # A ConfigMap's values are strings: an empty one still means "none" (Meridio's reading).
+    assert parse_config({"conduits": "", "vips": "# none\n"}) == NspConfig()
+
+
+@pytest.mark.parametrize(
+    ("source", "empty"),
+    [
+        ("", True),
+        ("   \n\n\t\n", True),
+        ("# just a comment\n  # another\n", True),
+        ({}, True),
+        ({"vips": "", "streams": "# nothing\n"}, True),
+        ("trench: {name: a}\n", False),
+        ("{}", False),
+        ({"vips": "items: []"}, False),
+    ],
+)
+def test_source_is_empty(source: Any, empty: bool) -> None:
+    from meridio.core.nspconfig import source_is_empty
+
+    assert source_is_empty(source) is empty
+
+
+def test_names_must_be_names() -> None:
+    cases = {
+        "trench: {name: ' '}": "trench: name ' ' must not contain whitespace",
+        "conduits: {items: [{name: '../c'}]}": "conduits: item 0 (\"../c\"): name '../c' must",
+        'vips: {items: [{name: "v\\n1", address: 192.0.2.1}]}': "vips: item 0: name 'v\\n1'",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            parse_text(text)
+        assert message in str(info.value), str(info.value)
+
+
+def test_settle_applies_only_content_unchanged_for_one_poll() -> None:
+    from meridio.core.settle import Settle
+
+    settle = Settle("v1")
+    assert settle.observe("v1") == "same"
+    assert settle.observe("") == "changing"  # being rewritten: first sight of new content
+    assert settle.observe("trench: {na") == "changing"  # still changing
+    assert settle.observe("trench: {name: a}") == "changing"  # complete, first sight
+    assert settle.observe("trench: {name: a}") == "apply"  # unchanged for one poll
+    assert settle.current == "trench: {name: a}"
+    assert settle.observe("trench: {name: a}") == "same"  # offered once only
+    # Content that goes back to the current one cancels the pending change.
+    assert settle.observe("x") == "changing"
+    assert settle.observe("trench: {name: a}") == "same"
+    assert settle.observe("x") == "changing"
+    assert settle.observe("x") == "apply"
+    settle.accept("y")  # applied by the caller (SIGHUP)
+    assert settle.observe("y") == "same"
+
+
+def test_a_configmap_mount_updated_by_link_swap_is_read_whole(tmp_path: Path) -> None:
+    """Kubernetes' atomic update: files are links through ..data to a timestamped directory,
+    and an update makes a new directory and renames a new ..data link over the old one."""
+    import os
+
+    import yaml
+
+    from meridio.core.nspconfig import read_source
+
+    manifest = yaml.safe_load((DATA / "configmap.yaml").read_text())
+    mount = tmp_path / "config"
+    mount.mkdir()
+
+    def publish(version: str, data: dict[str, str]) -> None:
+        target = mount / f"..{version}"
+        target.mkdir()
+        for key, value in data.items():
+            (target / key).write_text(value)
+        tmp = mount / "..data_tmp"
+        tmp.symlink_to(target.name)
+        os.replace(tmp, mount / "..data")  # atomic
+        for key in data:
+            if not (mount / key).is_symlink():
+                (mount / key).symlink_to(f"..data/{key}")
+
+    publish("2024_01", manifest["data"])
+    first = read_source(mount)
+    assert isinstance(first, dict) and sorted(first) == sorted(manifest["data"])
+    assert config_digest(load_file(mount)) == config_digest(load_file(DATA / "configmap.yaml"))
+    changed = dict(manifest["data"], vips="items: []\n")
+    publish("2024_02", changed)
+    second = read_source(mount)
+    assert second != first and second["vips"] == "items: []\n"  # type: ignore[index]

@@ -20,6 +20,8 @@ from meridio.core.registry import (
     InvalidTarget,
     TargetRegistry,
     canonical_ips,
+    canonical_target,
+    encode_stored,
     matches,
     target_key,
     validate,
@@ -337,7 +339,12 @@ def _fe(**kw: Any) -> Callable[[], Target]:
         (_with(strm=stream("stream-a", "")), "conduit name is required for DEFAULT targets"),
         (_with(strm=Stream(name="stream-a")), "conduit name is required for DEFAULT targets"),
         (_with(strm=stream("stream-a", "conduit-a", "")), "trench name is required"),
-        (_with(strm=stream("x" * 300)), 'stream name "xxx'),
+        (_with(strm=stream("x" * 300)), "stream name 'xxx"),
+        (_with(strm=stream("x" * 300)), "longer than 253 characters (300)"),
+        (_with(strm=stream("stream-a", "../c\n0")), "conduit name '../c\\n0' must not contain"),
+        (_with(strm=stream("stream-a", "conduit-a", "   ")), "trench name '   ' must not contain"),
+        (_with(strm=stream("a\u200bb")), "must not contain control or invisible characters"),
+        (_fe(strm=Stream(conduit=Conduit(trench=Trench(name="..")))), "must not be . or .."),
         (
             _with(strm=stream("stream-q")),
             "stream stream-q of conduit conduit-a in trench trench-a does not exist",
@@ -473,21 +480,46 @@ def test_snapshot_independent_of_register_order(
 def test_persistence_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "registry.db"
     with PersistentRegistry(path, 100.0) as preg:
+        assert preg.restored == 0
         assert preg.register(target(context={"x": "y"}), 100.0)
         assert preg.register(target(context={"x": "y"}), 101.0)  # enable
         assert preg.register(target("192.0.2.9/24", identifier="2"), 102.0)
         assert preg.store.schema_version == SCHEMA_VERSION
         before = [bytes(t) for t in preg.all()]
     with PersistentRegistry(path, 130.0) as preg:
+        assert preg.restored == 2
         assert [bytes(t) for t in preg.all()] == before
         assert preg.snapshot(_filter())[0].context == {"x": "y", "identifier": "1"}
-        # Remaining keepalive is kept across the restart (wall-clock timestamps).
-        assert preg.next_expiry() == 101.0 + TIMEOUT
+        # Every restored entry gets a full timeout from the restart.
+        assert preg.next_expiry() == 130.0 + TIMEOUT
         assert not preg.register(target(context={"x": "y"}), 131.0)  # a keepalive, not a change
         assert preg.unregister(target("192.0.2.9/24"), 132.0)
-    with PersistentRegistry(path, 500.0) as preg:  # everything timed out while down
-        assert preg.all() == []
-        assert preg.store.keys() == []
+    with PersistentRegistry(path, 500.0) as preg:  # down far longer than the timeout
+        assert preg.restored == 1
+        assert preg.expire(500.0 + TIMEOUT - 0.001) == []
+        assert preg.expire(500.0 + TIMEOUT) == [target_key(target())]
+        assert preg.all() == [] and preg.store.keys() == []
+
+
+def test_restart_gives_every_restored_entry_a_full_timeout(tmp_path: Path) -> None:
+    """The issue: an NSP back after more than entry-timeout must not drop live targets."""
+    path = tmp_path / "registry.db"
+    with PersistentRegistry(path, 0.0, entry_timeout=10.0) as preg:
+        for i in range(1, 4):
+            preg.register(target(f"192.0.2.{i}/24", identifier=str(i)), float(i))
+    # Back at t=100, long after every entry's last refresh (1..3) + 10 s.
+    preg = PersistentRegistry(path, 100.0, entry_timeout=10.0)
+    assert (preg.restored, preg.restored_pending, len(preg)) == (3, 3, 3)
+    assert preg.stage_expire(109.9) == []
+    preg.register(target("192.0.2.1/24", identifier="1"), 105.0)  # its owner is alive
+    assert preg.restored_pending == 2
+    assert preg.expire(110.0) == sorted(
+        [target_key(target("192.0.2.2/24")), target_key(target("192.0.2.3/24"))]
+    )
+    assert preg.restored_pending == 0
+    assert [t.ips[0] for t in preg.all()] == ["192.0.2.1/24"]
+    assert preg.next_expiry() == 115.0
+    preg.close()
 
 
 def test_persistence_after_unclean_drop(tmp_path: Path) -> None:
@@ -513,69 +545,139 @@ def test_persistence_after_unclean_drop(tmp_path: Path) -> None:
         got = preg.snapshot(_filter())
         assert [t.ips[0] for t in got] == ["192.0.2.1/24", "192.0.2.2/24", "192.0.2.3/24"]
         assert got[0].context == {"identifier": "9"}
-        assert preg.next_expiry() == 11.0 + TIMEOUT
+        assert preg.next_expiry() == 20.0 + TIMEOUT
 
 
-def test_keepalives_are_batched(tmp_path: Path) -> None:
+def test_keepalives_are_not_written(tmp_path: Path) -> None:
     path = tmp_path / "registry.db"
-    preg = PersistentRegistry(path, 0.0, seen_write_interval=15.0)
-    a, b = target("192.0.2.1/24"), target("192.0.2.2/24")
-    ka, kb = target_key(a), target_key(b)
-    preg.register(a, 0.0)
-    preg.register(b, 1.0)
-    assert preg.register(a, 0.0)  # enable: a change, written at once
-    assert preg.register(b, 1.0)
-    for now in (5.0, 10.0, 14.0):
-        assert not preg.register(a, now)
-        assert not preg.register(b, now + 0.5)
-    assert preg.store.last_seen(ka) == 0.0  # not written yet
-    assert preg.registry.get(ka).last_seen == 14.0  # type: ignore[union-attr]
-    assert not preg.register(a, 15.0)  # a's persisted value is 15 s old: flush every dirty key
-    assert preg.store.last_seen(ka) == 15.0
-    assert preg.store.last_seen(kb) == 14.5
-    preg.register(b, 16.0)
-    preg.register(target("192.0.2.3/24"), 17.0)  # a change carries dirty keepalives along
-    assert preg.store.last_seen(kb) == 16.0
-    preg.register(a, 18.0)
-    preg.close()  # flushes
-    with RegistryStore(path) as store:
-        assert store.last_seen(ka) == 18.0
+    preg = PersistentRegistry(path, 0.0)
+    a = target("192.0.2.1/24")
+    assert preg.register(a, 0.0)
+    assert preg.register(a, 1.0)  # enable: a change, written at once (last_seen 1.0)
+    for now in (5.0, 10.0, 30.0):
+        assert preg.stage_register(a, now) == (False, 0)  # nothing to wait for
+    assert not preg.pending
+    assert preg.store.last_seen(target_key(a)) == 1.0
+    assert preg.registry.get(target_key(a)).last_seen == 30.0  # type: ignore[union-attr]
+    preg.close()
 
 
-def test_every_keepalive_written_with_zero_interval(tmp_path: Path) -> None:
-    with PersistentRegistry(tmp_path / "r.db", 0.0, seen_write_interval=0) as preg:
-        preg.register(target(), 0.0)
-        preg.register(target(), 3.0)
-        assert preg.store.last_seen(target_key(target())) == 3.0
+def test_group_commit_one_batch_for_many_changes(tmp_path: Path) -> None:
+    preg = PersistentRegistry(tmp_path / "r.db", 0.0)
+    targets = [target(f"192.0.2.{i}/24", identifier=str(i)) for i in range(1, 21)]
+    seqs = {preg.stage_register(t, 1.0)[1] for t in targets}
+    assert seqs == {1}
+    # Not committed: readers that answer clients do not see them, nor does the disk.
+    assert len(preg) == 0 and preg.store.keys() == []
+    batch = preg.seal()
+    assert batch is not None and batch.seq == 1 and len(batch.upsert) == 20
+    # Changes made while the batch is written go in the next one; a keepalive of a key in the
+    # batch being written waits for it.
+    assert preg.stage_register(targets[0], 2.0) == (True, 2)  # enable: a change
+    disabled = target("192.0.2.2/24", identifier="2", status=TargetStatus.DISABLED)
+    assert preg.stage_register(disabled, 2.0) == (False, 1)  # keepalive, key in flight
+    assert preg.stage_register(target("192.0.2.99/24", identifier="99"), 2.0) == (True, 2)
+    assert preg.stage_unregister(target("192.0.2.99/24"), 2.0) == (True, 2)
+    preg.write(batch)
+    assert preg.finish(batch, None) == ()
+    assert len(preg) == 20 and len(preg.store.keys()) == 20
+    assert preg.committed_seq == 1
+    second = preg.seal()
+    assert second is not None and second.seq == 2
+    assert {k for k, _, _ in second.upsert} == {target_key(targets[0])}
+    assert second.delete == [target_key(target("192.0.2.99/24"))]
+    preg.write(second)
+    preg.finish(second, None)
+    assert preg.snapshot(_filter())[0].ips == ["192.0.2.1/24"]  # the enabled one
+    assert preg.seal() is None
+    preg.close()
+
+
+def test_failed_commit_undoes_the_batch_and_the_open_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "r.db"
+    preg = PersistentRegistry(path, 0.0)
+    preg.register(target(), 0.0)
+    snapshot = [bytes(t) for t in preg.all()]
+    keys = preg.registry.keys()
+    preg.stage_register(target("192.0.2.50/24"), 1.0)  # new
+    preg.stage_register(target(), 1.0)  # enable
+    batch = preg.seal()
+    assert batch is not None
+    preg.stage_unregister(target(), 1.0)  # in the open batch, on top of the failing one
+    monkeypatch.setattr(preg.store, "write_rows", _fail)
+    with pytest.raises(StoreError):
+        preg.write(batch)
+    assert preg.finish(batch, StoreError("disk on fire")) == (2, 3)
+    assert preg.registry.keys() == keys  # memory is the disk again
+    assert [bytes(t) for t in preg.all()] == snapshot
+    assert [bytes(e.target) for e in preg.registry.entries()] == snapshot
+    assert not preg.pending
+    # The next changes get new sequence numbers and commit as usual.
+    monkeypatch.undo()
+    assert preg.stage_register(target("192.0.2.51/24"), 2.0) == (True, 4)
+    preg.commit()
+    assert len(preg.store.keys()) == 2
+    # commit() re-raises after undoing.
+    monkeypatch.setattr(preg.store, "write_rows", _fail)
+    with pytest.raises(StoreError):
+        preg.unregister(target(), 3.0)
+    assert len(preg.registry) == 2
+    monkeypatch.undo()
+    preg.close()
+    with PersistentRegistry(path, 5.0) as again:
+        assert len(again) == 2
 
 
 def _fail(*args: Any, **kwargs: Any) -> None:
     raise StoreError("disk on fire")
 
 
-def test_failed_commit_rolls_back_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    preg = PersistentRegistry(tmp_path / "r.db", 0.0, seen_write_interval=0)
-    preg.register(target(), 0.0)
-    g = preg.generation
-    snapshot = [bytes(t) for t in preg.all()]
-    monkeypatch.setattr(preg.store, "apply", _fail)
-    with pytest.raises(StoreError):
-        preg.register(target("192.0.2.50/24"), 1.0)  # new
-    with pytest.raises(StoreError):
-        preg.register(target(), 1.0)  # enable
-    with pytest.raises(StoreError):
-        preg.register(target(status=TargetStatus.DISABLED), 1.0)  # keepalive
-    with pytest.raises(StoreError):
-        preg.unregister(target(), 1.0)
-    with pytest.raises(StoreError):
-        preg.expire(100.0)
-    assert [bytes(t) for t in preg.all()] == snapshot
-    assert preg.registry.get(target_key(target())).last_seen == 0.0  # type: ignore[union-attr]
-    assert preg.next_expiry() == TIMEOUT
-    assert preg.generation >= g
-    monkeypatch.undo()
-    assert preg.expire(100.0) == [target_key(target())]
-    preg.close()
+def test_encode_stored_is_betterprotos_encoding() -> None:
+    reg = TargetRegistry()
+    samples = [
+        target(),
+        target("192.0.2.1", "2001:db8::1/128", context={"a": "", "b": "c" * 200}),
+        target(status=TargetStatus.DISABLED, strm=Stream(name="s", max_targets=300)),
+        Target(ips=["192.0.2.7/24"], type=TargetType.FRONTEND),
+        Target(ips=["192.0.2.8/24"], type=TargetType.FRONTEND, stream=Stream(max_targets=5)),
+        target(strm=stream("s" * 200, "c" * 200, "t")),
+    ]
+    for n, t in enumerate(samples):
+        reg.register(t, float(n))
+        reg.register(t, float(n))
+    for entry in reg.entries():
+        assert encode_stored(entry.target) == bytes(entry.target)
+        assert reg.wire(entry) == bytes(entry.target)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.text(max_size=20), min_size=1, max_size=4),
+    st.dictionaries(st.text(max_size=8), st.text(max_size=150), max_size=3),
+    st.sampled_from([TargetStatus.ENABLED, TargetStatus.DISABLED]),
+    st.sampled_from([TargetType.DEFAULT, TargetType.FRONTEND]),
+    st.one_of(st.none(), st.tuples(st.text(max_size=130), st.text(max_size=5), st.text())),
+    st.integers(0, 2**32 - 1),
+)
+def test_encode_stored_matches_betterproto_on_any_stored_target(
+    ips: list[str],
+    context: dict[str, str],
+    status: TargetStatus,
+    type_: TargetType,
+    path: tuple[str, str, str] | None,
+    max_targets: int,
+) -> None:
+    t = Target(ips=ips, context=context, status=status, type=type_)
+    if path is not None:
+        t.stream = Stream(
+            name=path[0],
+            conduit=Conduit(name=path[1], trench=Trench(name=path[2])),
+            max_targets=max_targets,
+        )
+    stored = canonical_target(t)
+    assert encode_stored(stored) == bytes(stored)
 
 
 def test_store_rejects_newer_schema(tmp_path: Path) -> None:
@@ -611,39 +713,78 @@ def test_load_drops_corrupt_rows_rekeys_and_clamps_future(tmp_path: Path) -> Non
     assert reg.get(target_key(good)).last_seen == 10.0  # type: ignore[union-attr]
 
 
-def test_invalid_intervals(tmp_path: Path) -> None:
+def test_invalid_timeout(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         PersistentRegistry(tmp_path / "r.db", 0.0, entry_timeout=0)
-    with pytest.raises(ValueError):
-        PersistentRegistry(tmp_path / "r.db", 0.0, entry_timeout=10, seen_write_interval=10)
 
 
-def test_nsp_reply_bytes_equal_betterproto_serialization() -> None:
+def test_nsp_reply_bytes_equal_betterproto_serialization(tmp_path: Path) -> None:
     """The NSP builds Watch replies from cached per-target bytes; they must parse back."""
     from meridio.api.nsp.v1 import TargetResponse
     from meridio.core.nspconfig import NspConfig
     from meridio.roles.nsp import NspState
 
-    class FakeRegistry:
-        generation = 1
-
-        def __init__(self, targets: list[Target]) -> None:
-            self.targets = targets
-
-        def snapshot(self, _filter: Target) -> list[Target]:
-            return self.targets
-
-        def all(self) -> list[Target]:
-            return self.targets
-
-        def __len__(self) -> int:
-            return len(self.targets)
-
-    targets = [
-        Target(ips=[f"198.18.{i}.1/24" for i in range(n)], context={"identifier": str(n)})
-        for n in (1, 5, 40)
-    ]
-    state = NspState(FakeRegistry(targets), NspConfig())  # type: ignore[arg-type]
-    data = state.targets_bytes(Target())
+    preg = PersistentRegistry(tmp_path / "r.db", 0.0)
+    for n in (1, 5, 16):
+        preg.register(
+            Target(
+                ips=[f"198.18.{i}.{n}/24" for i in range(n)],
+                context={"identifier": str(n)},
+                type=TargetType.FRONTEND,
+            ),
+            0.0,
+        )
+    state = NspState(preg, NspConfig())
+    wanted = Target(type=TargetType.FRONTEND, status=TargetStatus.ANY)
+    data = state.targets_bytes(wanted, bytes(wanted))
+    targets = preg.snapshot(wanted)
+    assert len(targets) == 3
     assert data == bytes(TargetResponse(targets=targets))
     assert TargetResponse().parse(data).targets == targets
+    preg.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["register", "unregister", "expire", "restore-none", "view"]),
+            st.integers(0, 7),
+            st.sampled_from([TargetStatus.ENABLED, TargetStatus.DISABLED]),
+        ),
+        max_size=40,
+    )
+)
+def test_view_is_always_the_entries_in_key_order(
+    ops: list[tuple[str, int, TargetStatus]],
+) -> None:
+    """The view is kept up to date incrementally; it must equal a view built from scratch."""
+    reg = TargetRegistry()
+    now = 0.0
+    for op, i, status in ops:
+        now += 1.0
+        t = target(f"192.0.2.{i + 1}/24", identifier=str(i + 1), status=status)
+        if i % 3 == 0:
+            t.type = TargetType.FRONTEND
+        if op == "register":
+            reg.register(t, now)
+        elif op == "unregister":
+            reg.unregister(t, now)
+        elif op == "expire":
+            reg.expire(now, 5.0)
+        elif op == "restore-none":
+            reg.restore(target_key(t), None)
+        view = reg.view()
+        entries = reg.entries()
+        assert view.targets() == [e.target for e in entries]
+        for f in (
+            Target(status=TargetStatus.ANY),
+            Target(),
+            Target(status=TargetStatus.DISABLED, type=TargetType.FRONTEND),
+            Target(status=TargetStatus.ANY, stream=stream()),
+        ):
+            expected = [e.target for e in entries if matches(f, e.target)]
+            assert view.snapshot(f) == expected
+            assert view.wire(f) == [bytes(x) for x in expected]
+        for entry in entries:
+            assert reg.wire(entry) == bytes(entry.target)

@@ -32,7 +32,13 @@ Lease and garbage collection (:meth:`IpamAllocator.collect`), only when ``lease_
   Allocate (or its creation) is more than ``lease_time`` seconds before ``now``;
 - conduit prefixes are never collected: they are few (bounded by the number of conduits), and
   keeping them keeps a conduit's subnet stable. :meth:`IpamAllocator.remove_conduit` removes one
-  explicitly, e.g. when the conduit is deleted from the configuration.
+  explicitly, e.g. when the conduit is deleted from the configuration;
+- ``since`` (given by a restarted IPAM: the time it started) is the earliest time a lease counts
+  from, so every restored child gets a whole ``lease_time`` for its owner to refresh it.
+
+Names in requests (trench, conduit, node, child) must be names as :mod:`meridio.core.names`
+defines them (printable, no whitespace or path separator, at most 253 characters); stored
+records only need to be non-empty and without NUL, so a database written before keeps loading.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, TypeAlias
+
+from meridio.core import names
+from meridio.core.names import describe, name_problem
 
 __all__ = [
     "DEFAULT_IPV4_TRENCH_PREFIX",
@@ -81,7 +90,7 @@ IPNetwork: TypeAlias = IPv4Network | IPv6Network
 IPAddress: TypeAlias = IPv4Address | IPv6Address
 
 #: Longest accepted trench, conduit, node or child name.
-MAX_NAME_LENGTH = 253
+MAX_NAME_LENGTH = names.MAX_NAME_LENGTH
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +510,18 @@ class _Trench:
 
 
 def _check_name(what: str, value: object) -> str:
+    """A name in a request: see :mod:`meridio.core.names` (printable, no whitespace, ...)."""
+    if not isinstance(value, str):
+        raise IpamInvalid(f"{what} name must be a string, got {type(value).__name__}")
+    problem = name_problem(value, MAX_NAME_LENGTH)
+    if problem is not None:
+        raise IpamInvalid(describe(what, value, problem))
+    return value
+
+
+def _check_stored_name(what: str, value: object) -> str:
+    """A name in a stored record: only what the store needs (names accepted by an older
+    version, which checked less, must still load)."""
     if not isinstance(value, str):
         raise IpamInvalid(f"{what} name must be a string, got {type(value).__name__}")
     if not value:
@@ -711,12 +732,18 @@ class IpamAllocator:
         changes.append(ConduitPrefixRemoved(key, c.prefix))
         return tuple(changes)
 
-    def plan_collect(self, now: float) -> tuple[Change, ...]:
-        """What :meth:`collect` would do. Nothing when ``lease_time`` is None."""
+    def plan_collect(self, now: float, *, since: float | None = None) -> tuple[Change, ...]:
+        """What :meth:`collect` would do. Nothing when ``lease_time`` is None.
+
+        ``since``: no lease counts from earlier than this time. A restarted IPAM passes the
+        time it started, so every restored child and node prefix gets a whole ``lease_time``
+        for its owner to refresh it, however long the IPAM was down.
+        """
         lease = self.config.lease_time
         now = self._check_now(now)
         if lease is None:
             return ()
+        floor = -math.inf if since is None else self._check_now(since)
         changes: list[Change] = []
         for (family, trench_name), t in sorted(self._trenches.items()):
             for conduit_name, c in sorted(t.conduits.items()):
@@ -724,11 +751,11 @@ class IpamAllocator:
                     base = int(n.prefix.network_address)
                     left = len(n.children)
                     for name, (offset, updated) in sorted(n.children.items()):
-                        if now - updated > lease:
+                        if now - max(updated, floor) > lease:
                             key = ChildKey(family, trench_name, conduit_name, node_name, name)
                             changes.append(ChildRemoved(key, _address(family, base + offset)))
                             left -= 1
-                    if left == 0 and now - n.updated > lease:
+                    if left == 0 and now - max(n.updated, floor) > lease:
                         nk = NodeKey(family, trench_name, conduit_name, node_name)
                         changes.append(NodePrefixRemoved(nk, n.prefix))
         return tuple(changes)
@@ -776,9 +803,9 @@ class IpamAllocator:
         self.apply(changes)
         return changes
 
-    def collect(self, now: float) -> tuple[Change, ...]:
+    def collect(self, now: float, *, since: float | None = None) -> tuple[Change, ...]:
         """Remove expired children and empty expired node prefixes; return what was removed."""
-        changes = self.plan_collect(now)
+        changes = self.plan_collect(now, since=since)
         self.apply(changes)
         return changes
 
@@ -847,8 +874,8 @@ class IpamAllocator:
         key, prefix = change.key, change.prefix
         fam = key.family
         try:
-            _check_name("trench", key.trench)
-            _check_name("conduit", key.conduit)
+            _check_stored_name("trench", key.trench)
+            _check_stored_name("conduit", key.conduit)
         except IpamInvalid as exc:
             raise IpamStateError(f"conduit prefix {prefix}: {exc}") from None
         trench_prefix = self._trench_prefix(fam)
@@ -884,7 +911,7 @@ class IpamAllocator:
         fam = key.family
         where = _where_node(key)
         try:
-            _check_name("node", key.node)
+            _check_stored_name("node", key.node)
         except IpamInvalid as exc:
             raise IpamStateError(f"node prefix {prefix}: {exc}") from None
         c = self._get_conduit(key.conduit_key)
@@ -913,7 +940,7 @@ class IpamAllocator:
     def _add_child(self, change: ChildAdded) -> None:
         key, address = change.key, change.address
         try:
-            _check_name("child", key.name)
+            _check_stored_name("child", key.name)
         except IpamInvalid as exc:
             raise IpamStateError(f"child address {address}: {exc}") from None
         n = self._get_node(key.node_key)

@@ -81,6 +81,7 @@ from meridio.api.nsp.v1 import (
     Vip,
     VipResponse,
 )
+from meridio.core.names import describe, name_problem
 
 __all__ = [
     "DEFAULT_GATEWAY_PROTOCOL",
@@ -89,6 +90,7 @@ __all__ = [
     "MAX_TARGETS_LIMIT",
     "ConfigError",
     "NspConfig",
+    "Source",
     "config_digest",
     "filter_attractors",
     "filter_conduits",
@@ -99,8 +101,11 @@ __all__ = [
     "filter_vips",
     "load_file",
     "parse_config",
+    "parse_source",
     "parse_text",
+    "read_source",
     "section_digests",
+    "source_is_empty",
 ]
 
 KEYS: Final = ("trench", "conduits", "streams", "flows", "vips", "attractors", "gateways")
@@ -127,6 +132,7 @@ _BYTE_MATCH_RE: Final = re.compile(
     rf"(?:\s*&\s*({_NUMBER}))?\s*=\s*({_NUMBER})",
     re.IGNORECASE,
 )
+_BYTE_MATCH_HEADER: Final = {"tcp": 20, "udp": 8, "sctp": 12}
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,45 +376,69 @@ def _load_yaml(text: str) -> object:
 # Public entry points
 
 
-def load_file(path: str | os.PathLike[str], *, default_trench: str | None = None) -> NspConfig:
-    """Read and check a configuration file (UTF-8) in any of the three shapes.
+Source = str | dict[str, str]
+"""A configuration as read: a file's text, or a mounted ConfigMap directory's files by name."""
 
-    Every error, unreadable file and YAML syntax error included, is raised as
-    :class:`ConfigError` with the message prefixed by ``"<path>: "``.
+
+def read_source(path: str | os.PathLike[str]) -> Source:
+    """Read a configuration file (UTF-8) or a mounted ConfigMap directory, without parsing.
+
+    A directory holds one file per key (Kubernetes mounts each key of Meridio's ConfigMap as a
+    file of that name); its dot-files and ``..data`` link are the mount's own and are skipped.
+    Kubernetes updates such a mount by swapping the ``..data`` link, so the files read are one
+    version of the ConfigMap. Unreadable files raise :class:`ConfigError` naming the path.
     """
     name = os.fspath(path)
     if Path(name).is_dir():
-        return _load_directory(Path(name), default_trench)
+        data: dict[str, str] = {}
+        for entry in sorted(Path(name).iterdir()):
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            try:
+                data[entry.name] = entry.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{entry}: cannot read: {err}") from None
+        return data
     try:
-        text = Path(name).read_text(encoding="utf-8")
+        return Path(name).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{name}: not valid UTF-8 (byte {err.start}: {err.reason})") from None
     except OSError as err:
         raise ConfigError(f"{name}: cannot read: {err.strerror or err}") from None
-    try:
-        return parse_text(text, default_trench=default_trench)
-    except ConfigError as err:
-        raise err.with_prefix(name) from None
 
 
-def _load_directory(directory: Path, default_trench: str | None) -> NspConfig:
-    """A ConfigMap mounted as a volume: one file per key (``trench``, ``conduits``, ...).
-
-    Kubernetes puts each key of Meridio's ConfigMap in a file of that name (its dot-files and
-    ``..data`` link are the mount's own and are skipped), so this is the ``data`` mapping.
+def source_is_empty(source: Source) -> bool:
+    """Whether a configuration as read holds nothing at all: no text but whitespace and YAML
+    comments, or a directory with no file that does. That is what a file being rewritten in
+    place (``cat > file``, an editor's save) shows for a moment, so the NSP never applies it.
     """
-    data: dict[str, str] = {}
-    for entry in sorted(directory.iterdir()):
-        if entry.name.startswith(".") or not entry.is_file():
-            continue
-        try:
-            data[entry.name] = entry.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{entry}: cannot read: {err}") from None
+    texts = list(source.values()) if isinstance(source, dict) else [source]
+    return not any(_has_content(text) for text in texts)
+
+
+def _has_content(text: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines())
+
+
+def parse_source(
+    source: Source, *, default_trench: str | None = None, where: str = ""
+) -> NspConfig:
+    """Check a configuration as read by :func:`read_source`; errors are prefixed ``<where>: ``."""
     try:
-        return parse_config(data, default_trench=default_trench)
+        if isinstance(source, dict):
+            return parse_config(source, default_trench=default_trench)
+        return parse_text(source, default_trench=default_trench)
     except ConfigError as err:
-        raise err.with_prefix(os.fspath(directory)) from None
+        raise (err.with_prefix(where) if where else err) from None
+
+
+def load_file(path: str | os.PathLike[str], *, default_trench: str | None = None) -> NspConfig:
+    """Read and check a configuration file (UTF-8) or mounted ConfigMap directory.
+
+    Every error, unreadable file and YAML syntax error included, is raised as
+    :class:`ConfigError` with the message prefixed by ``"<path>: "``.
+    """
+    return parse_source(read_source(path), default_trench=default_trench, where=os.fspath(path))
 
 
 def parse_text(text: str, *, default_trench: str | None = None) -> NspConfig:
@@ -468,6 +498,13 @@ def _configmap_data(manifest: Mapping[Any, Any]) -> Mapping[Any, Any]:
 
 
 def _section_value(key: str, value: object) -> object:
+    if value is None:
+        # What a file cut short after "conduits:" reads as; a ConfigMap value is a string.
+        raise ConfigError(
+            f"{key}: has no value (a file cut short?); write {{items: []}} for none, "
+            "or leave the key out",
+            key=key,
+        )
     if not isinstance(value, str):
         return value
     try:
@@ -502,8 +539,9 @@ def _decode_trench(value: object) -> _TrenchSpec | None:
         spec = msgspec.convert(value, _TrenchSpec)
     except msgspec.ValidationError as err:
         raise where.error(_msgspec_message(err)) from None
-    if not spec.name:
-        raise where.error("name must not be empty")
+    problem = name_problem(spec.name)
+    if problem is not None:
+        raise where.error(describe("", spec.name, problem).lstrip())
     return spec
 
 
@@ -526,7 +564,8 @@ def _decode_items(key: str, value: object, spec_type: type[_S]) -> list[tuple[_W
     seen: dict[str, int] = {}
     for index, raw in enumerate(items):
         raw_name = raw.get("name") if isinstance(raw, Mapping) else None
-        item = _Where(key, index, raw_name if isinstance(raw_name, str) else None)
+        shown = raw_name if isinstance(raw_name, str) and raw_name.isprintable() else None
+        item = _Where(key, index, shown)
         if not isinstance(raw, Mapping):
             raise item.error(f"expected a mapping, got {_kind_of(raw)}")
         try:
@@ -536,6 +575,9 @@ def _decode_items(key: str, value: object, spec_type: type[_S]) -> list[tuple[_W
         name = getattr(spec, "name", "")
         if not name:
             raise item.error("name must not be empty")
+        problem = name_problem(name)
+        if problem is not None:
+            raise item.error(describe("", name, problem).lstrip())
         if name in seen:
             raise item.error(f"duplicate name {_q(name)} (also item {seen[name]})")
         seen[name] = index
@@ -663,6 +705,13 @@ def _byte_match(where: _Where, value: str) -> str:
     length = int(match[3])
     if length not in (1, 2, 4):
         raise where.error(f"byte-matches: {_q(value)}: length must be 1, 2 or 4, got {length}")
+    # as nfqlb: the bytes must lie within the protocol's minimal header
+    header = _BYTE_MATCH_HEADER[match[1].lower()]
+    if int(match[2]) + length > header:
+        raise where.error(
+            f"byte-matches: {_q(value)}: offset + length is beyond the {header}-byte "
+            f"{match[1].lower()} header"
+        )
     limit = 256**length
     for part in (match[4], match[5]):
         if part is not None and int(part, 0) >= limit:
@@ -771,6 +820,7 @@ class _Builder:
     def conduit(self, where: _Where, spec: _ConduitSpec, vips: Mapping[str, Vip]) -> Conduit:
         port_nats: list[ConduitPortNat] = []
         nated: dict[tuple[int, str, str], int] = {}
+        nated_to: dict[tuple[int, str, str], int] = {}
         for index, nat in enumerate(spec.destination_port_nats):
             label = f"destination-port-nats[{index}]"
             _check_range(where, f"{label}: port", nat.port, 1, _PORT_MAX)
@@ -785,6 +835,13 @@ class _Builder:
                     raise where.error(
                         f"{label}: port {nat.port}/{protocol} of vip {_q(vip_name)} "
                         f"is already NATed by destination-port-nats[{other}]"
+                    )
+                # stateless: replies from a target port are mapped back to one port only
+                other = nated_to.setdefault((nat.target_port, vip_name, protocol), index)
+                if other != index:
+                    raise where.error(
+                        f"{label}: target-port {nat.target_port}/{protocol} of vip "
+                        f"{_q(vip_name)} is already the target of destination-port-nats[{other}]"
                     )
             port_nats.append(
                 ConduitPortNat(

@@ -46,12 +46,15 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final, cast
 
 from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetStatus, TargetType, Trench
+from meridio.core import names, wire
+from meridio.core.names import describe, name_problem
 
 __all__ = [
     "DEFAULT_ENTRY_TIMEOUT",
@@ -65,11 +68,13 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "Entry",
     "InvalidTarget",
+    "RegistryView",
     "StreamLookup",
     "TargetRegistry",
     "canonical_ip",
     "canonical_ips",
     "canonical_target",
+    "encode_stored",
     "matches",
     "stream_path",
     "target_key",
@@ -87,7 +92,7 @@ MAX_IP_LENGTH: Final = 64
 MAX_CONTEXT_ENTRIES: Final = 32
 MAX_CONTEXT_KEY_LENGTH: Final = 64
 MAX_CONTEXT_VALUE_LENGTH: Final = 1024
-MAX_NAME_LENGTH: Final = 253
+MAX_NAME_LENGTH: Final = names.MAX_NAME_LENGTH
 
 _ENABLED: Final = int(TargetStatus.ENABLED)
 _DISABLED: Final = int(TargetStatus.DISABLED)
@@ -134,16 +139,34 @@ def canonical_ips(ips: Iterable[str]) -> list[str]:
     return [text for _, text in sorted(pairs)]
 
 
+_f = wire.field
+
+
+def _ips(target: Target) -> list[str]:
+    return cast(list[str], _f(target, "ips", ()))
+
+
+def _context(target: Target) -> dict[str, str]:
+    return cast(dict[str, str], _f(target, "context", _NO_CONTEXT))
+
+
+def _stream(target: Target) -> Stream | None:
+    return cast(Stream | None, _f(target, "stream", None))
+
+
+_NO_CONTEXT: Final[dict[str, str]] = {}
+
+
 def stream_path(stream: Stream | None) -> tuple[str, str, str]:
     """``(stream name, conduit name, trench name)``; an unset level gives empty names."""
     if stream is None:
         return "", "", ""
-    conduit = stream.conduit
-    trench = conduit.trench if conduit is not None else None
+    conduit = _f(stream, "conduit", None)
+    trench = _f(conduit, "trench", None) if conduit is not None else None
     return (
-        cast(str, stream.name or ""),
-        cast(str, conduit.name or "") if conduit is not None else "",
-        cast(str, trench.name or "") if trench is not None else "",
+        cast(str, _f(stream, "name", "") or ""),
+        cast(str, _f(conduit, "name", "") or "") if conduit is not None else "",
+        cast(str, _f(trench, "name", "") or "") if trench is not None else "",
     )
 
 
@@ -153,21 +176,33 @@ def _key(ips: list[str], type_: int, path: tuple[str, str, str]) -> str:
 
 def target_key(target: Target) -> str:
     """The registry key of *target* (see the module documentation for the format)."""
-    return _key(canonical_ips(target.ips), int(target.type), stream_path(target.stream))
+    return _key(
+        canonical_ips(_ips(target)), int(_f(target, "type", 0)), stream_path(_stream(target))
+    )
 
 
 def _stored_stream(path: tuple[str, str, str], max_targets: int) -> Stream | None:
     if not any(path) and not max_targets:
         return None
-    return Stream(
-        name=path[0],
-        conduit=Conduit(name=path[1], trench=Trench(name=path[2])),
-        max_targets=max_targets,
+    # wire.build is Stream(name=..., ...) without betterproto's slow constructor: the registry
+    # builds a stored target on every change.
+    return cast(
+        Stream,
+        wire.build(
+            Stream,
+            name=path[0],
+            conduit=wire.build(Conduit, name=path[1], trench=wire.build(Trench, name=path[2])),
+            max_targets=max_targets,
+        ),
     )
 
 
 def _max_targets(stream: Stream | None) -> int:
-    return int(stream.max_targets or 0) if stream is not None else 0
+    return int(_f(stream, "max_targets", 0) or 0) if stream is not None else 0
+
+
+_STATUSES: Final = {int(m.value): m for m in TargetStatus}
+_TYPES: Final = {int(m.value): m for m in TargetType}
 
 
 def _make_target(
@@ -178,29 +213,130 @@ def _make_target(
     path: tuple[str, str, str],
     max_targets: int,
 ) -> Target:
-    target = Target(
-        ips=ips,
-        context=context,
-        status=TargetStatus(status),
-        type=TargetType(type_) if type_ in (_DEFAULT, _FRONTEND) else type_,
-    )
+    fields: dict[str, object] = {
+        "ips": ips,
+        "context": context,
+        "status": _STATUSES[status],
+        "type": _TYPES.get(type_, type_),
+    }
     stream = _stored_stream(path, max_targets)
     if stream is not None:
-        target.stream = stream
-    return target
+        fields["stream"] = stream
+    return cast(Target, wire.build(Target, **fields))
 
 
 def canonical_target(target: Target) -> Target:
     """A new target in the stored form (canonical IPs, reduced stream), keeping its status."""
-    status = int(target.status)
+    status = int(_f(target, "status", 0))
     return _make_target(
-        canonical_ips(target.ips),
-        dict(target.context),
+        canonical_ips(_ips(target)),
+        dict(_context(target)),
         status if status in (_ENABLED, _DISABLED) else _DISABLED,
-        int(target.type),
-        stream_path(target.stream),
-        _max_targets(target.stream),
+        int(_f(target, "type", 0)),
+        stream_path(_stream(target)),
+        _max_targets(_stream(target)),
     )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _len_field(tag: int, payload: bytes) -> bytes:
+    """A length-delimited field whose one-byte tag is ``tag``."""
+    n = len(payload)
+    return bytes((tag, n)) + payload if n < 0x80 else bytes((tag,)) + _varint(n) + payload
+
+
+def encode_stored(target: Target) -> bytes:
+    """``bytes(target)`` for a target in the stored form, without betterproto's slow encoder.
+
+    Only for targets built by this module (:func:`canonical_target`, :class:`TargetRegistry`):
+    their stream, when set, is a Stream with a Conduit with a Trench, each set explicitly (so
+    betterproto writes them even when empty), and no port NATs. Tested against ``bytes()``.
+    """
+    out = bytearray()
+    for ip in _ips(target):
+        out += _len_field(0x0A, ip.encode())
+    for key, value in _context(target).items():
+        entry = (_len_field(0x0A, key.encode()) if key else b"") + (
+            _len_field(0x12, value.encode()) if value else b""
+        )
+        if entry:
+            out += _len_field(0x12, entry)
+    status = int(_f(target, "status", 0))
+    if status:
+        out += b"\x18" + _varint(status)
+    type_ = int(_f(target, "type", 0))
+    if type_:
+        out += b"\x20" + _varint(type_)
+    stream = _stream(target)
+    if stream is not None and object.__getattribute__(stream, "_serialized_on_wire"):
+        name, conduit, trench = stream_path(stream)
+        trench_payload = _len_field(0x0A, trench.encode()) if trench else b""
+        conduit_payload = (_len_field(0x0A, conduit.encode()) if conduit else b"") + _len_field(
+            0x12, trench_payload
+        )
+        max_targets = _max_targets(stream)
+        stream_payload = (
+            (_len_field(0x0A, name.encode()) if name else b"")
+            + _len_field(0x12, conduit_payload)
+            + (b"\x18" + _varint(max_targets) if max_targets else b"")
+        )
+        out += _len_field(0x2A, stream_payload)
+    return bytes(out)
+
+
+_Facet = tuple[int, int, tuple[str, str, str], Target, bytes]
+"""(status, type, stream path, stored target, its wire bytes) of one entry."""
+
+
+class RegistryView:
+    """The registry's targets as they were at one generation: read-only, shared by readers.
+
+    The NSP publishes a view once its changes are committed, and Watch replies are built from
+    it, so watchers never see a change the disk does not have yet.
+    """
+
+    __slots__ = ("_facets", "generation")
+
+    def __init__(self, generation: int, facets: list[_Facet]) -> None:
+        self.generation = generation
+        self._facets = facets
+
+    def __len__(self) -> int:
+        return len(self._facets)
+
+    def targets(self) -> list[Target]:
+        """Every target, ordered by key."""
+        return [f[3] for f in self._facets]
+
+    def snapshot(self, filter: Target) -> list[Target]:
+        """The targets that *filter* selects (see :func:`matches`), ordered by key."""
+        return [f[3] for f in self._select(filter)]
+
+    def wire(self, filter: Target) -> list[bytes]:
+        """The serialized targets that *filter* selects, ordered by key."""
+        return [f[4] for f in self._select(filter)]
+
+    def _select(self, filter: Target) -> list[_Facet]:
+        wanted = int(_f(filter, "status", 0))
+        kind = int(_f(filter, "type", 0))
+        f_stream, f_conduit, f_trench = stream_path(_stream(filter))
+        return [
+            facet
+            for facet in self._facets
+            if wanted in (_ANY, facet[0])
+            and kind == facet[1]
+            and (not f_stream or f_stream == facet[2][0])
+            and (not f_conduit or f_conduit == facet[2][1])
+            and (not f_trench or f_trench == facet[2][2])
+        ]
 
 
 # --- the registry ----------------------------------------------------------------------------
@@ -220,8 +356,12 @@ class TargetRegistry:
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
-        self._facets: list[tuple[int, int, tuple[str, str, str], Target]] = []
-        self._facets_generation = -1
+        self._view = RegistryView(0, [])
+        # The view's contents kept up to date by key as entries change: keys in order, and the
+        # facet of each (same positions); keys changed since the last view are in _stale.
+        self._order: list[str] = []
+        self._facets: list[_Facet] = []
+        self._stale: set[str] = set()
         # Min-heap of (last_seen, tie-breaker, entry); an item is stale once its entry is no longer
         # the one stored under its key. Stale items are dropped lazily and compacted in bulk.
         self._heap: list[tuple[float, int, Entry]] = []
@@ -256,62 +396,89 @@ class TargetRegistry:
         return [self._entries[k].target for k in sorted(self._entries)]
 
     def snapshot(self, filter: Target) -> list[Target]:
-        """The targets that *filter* selects (see :func:`matches`), ordered by key.
+        """The targets that *filter* selects (see :func:`matches`), ordered by key."""
+        return self.view().snapshot(filter)
 
-        Equivalent to testing :func:`matches` on every entry, but each target's status, type
-        and stream path are read once per generation instead of once per call: many watchers
-        ask after every change, and reading betterproto fields is what costs.
+    def view(self) -> RegistryView:
+        """The current targets as a :class:`RegistryView` (one per generation, shared).
+
+        Equivalent to testing :func:`matches` on every entry, but each target's status, type,
+        stream path and wire bytes are computed once per stored target instead of once per
+        call: many watchers ask after every change, and reading betterproto fields is what costs.
         """
-        if self._facets_generation != self._generation:
-            self._facets = [
-                (int(t.status), int(t.type), stream_path(t.stream), t)
-                for t in (self._entries[k].target for k in sorted(self._entries))
-            ]
-            self._facets_generation = self._generation
-        wanted = int(filter.status)
-        kind = int(filter.type)
-        f_stream, f_conduit, f_trench = stream_path(filter.stream)
-        return [
-            target
-            for status, type_, (stream, conduit, trench), target in self._facets
-            if wanted in (_ANY, status)
-            and kind == type_
-            and (not f_stream or f_stream == stream)
-            and (not f_conduit or f_conduit == conduit)
-            and (not f_trench or f_trench == trench)
-        ]
+        if self._view.generation != self._generation:
+            order, facets = self._order, self._facets
+            for key in self._stale:
+                entry = self._entries.get(key)
+                i = bisect_left(order, key)
+                present = i < len(order) and order[i] == key
+                if entry is None:
+                    if present:
+                        del order[i], facets[i]
+                    continue
+                if present and facets[i][3] is entry.target:
+                    continue
+                target = entry.target
+                facet = (
+                    int(_f(target, "status", 0)),
+                    int(_f(target, "type", 0)),
+                    stream_path(_stream(target)),
+                    target,
+                    encode_stored(target),
+                )
+                if present:
+                    facets[i] = facet
+                else:
+                    order.insert(i, key)
+                    facets.insert(i, facet)
+            self._stale.clear()
+            self._view = RegistryView(self._generation, facets.copy())
+        return self._view
+
+    def wire(self, entry: Entry) -> bytes:
+        """``bytes(entry.target)``, from the view's facets when they have it."""
+        i = bisect_left(self._order, entry.key)
+        if i < len(self._order) and self._order[i] == entry.key:
+            facet = self._facets[i]
+            if facet[3] is entry.target:
+                return facet[4]
+        return encode_stored(entry.target)
 
     # -- changing
 
     def register(self, target: Target, now: float) -> bool:
         """Add or refresh *target*; True if the stored state changed (False for a keepalive)."""
-        ips = canonical_ips(target.ips)
-        type_ = int(target.type)
-        path = stream_path(target.stream)
+        return self.register_entry(target, now)[0]
+
+    def register_entry(self, target: Target, now: float) -> tuple[bool, str, Entry | None]:
+        """:meth:`register`, with the key of *target* and the entry it had before (None)."""
+        ips = canonical_ips(_ips(target))
+        type_ = int(_f(target, "type", 0))
+        path = stream_path(_stream(target))
         key = _key(ips, type_, path)
-        max_targets = _max_targets(target.stream)
-        context = cast(dict[str, str], target.context)
+        max_targets = _max_targets(_stream(target))
+        context = _context(target)
         old = self._entries.get(key)
         if old is None:
             stored = _make_target(ips, dict(context), _DISABLED, type_, path, max_targets)
             self._put(Entry(key, stored, now))
             self._generation += 1
-            return True
+            return True, key, None
         current = old.target
-        asked = int(target.status)
-        status = asked if asked in (_ENABLED, _DISABLED) else int(current.status)
+        asked = int(_f(target, "status", 0))
+        status = asked if asked in (_ENABLED, _DISABLED) else int(_f(current, "status", 0))
         if (
-            status == int(current.status)
-            and context == current.context
-            and max_targets == _max_targets(current.stream)
+            status == int(_f(current, "status", 0))
+            and context == _context(current)
+            and max_targets == _max_targets(_stream(current))
         ):
             # Same key means same IPs, type and stream path: only the keepalive moves.
             self._put(Entry(key, current, now))
-            return False
+            return False, key, old
         stored = _make_target(ips, dict(context), status, type_, path, max_targets)
         self._put(Entry(key, stored, now))
         self._generation += 1
-        return True
+        return True, key, old
 
     def unregister(self, target: Target, now: float) -> bool:
         """Remove *target* (silently nothing if unknown); True if it was there.
@@ -326,6 +493,7 @@ class TargetRegistry:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self._generation += 1
+            self._stale.add(key)
         return entry
 
     def expire(self, now: float, entry_timeout: float) -> list[str]:
@@ -340,6 +508,7 @@ class TargetRegistry:
             entry = heapq.heappop(heap)[2]
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
+                self._stale.add(entry.key)
                 removed.append(entry)
         self._generation += len(removed)
         removed.sort(key=lambda e: e.key)
@@ -363,6 +532,7 @@ class TargetRegistry:
         if entry is None:
             if current is not None:
                 del self._entries[key]
+                self._stale.add(key)
         else:
             if entry.key != key:
                 raise ValueError(f"entry key {entry.key!r} does not match {key!r}")
@@ -372,6 +542,7 @@ class TargetRegistry:
 
     def _put(self, entry: Entry) -> None:
         self._entries[entry.key] = entry
+        self._stale.add(entry.key)
         self._tick += 1
         heapq.heappush(self._heap, (entry.last_seen, self._tick, entry))
         if len(self._heap) > 2 * len(self._entries) + 64:
@@ -394,15 +565,15 @@ def matches(filter: Target, target: Target) -> bool:
     * stream: each of the filter's stream, conduit and trench names, when non-empty, must equal
       the target's; an empty name (or an unset stream) is a wildcard at that level.
     """
-    wanted = int(filter.status)
-    if wanted != _ANY and wanted != int(target.status):
+    wanted = int(_f(filter, "status", 0))
+    if wanted != _ANY and wanted != int(_f(target, "status", 0)):
         return False
-    if int(filter.type) != int(target.type):
+    if int(_f(filter, "type", 0)) != int(_f(target, "type", 0)):
         return False
-    f_path = stream_path(filter.stream)
+    f_path = stream_path(_stream(filter))
     if not any(f_path):
         return True
-    t_path = stream_path(target.stream)
+    t_path = stream_path(_stream(target))
     return all(not f or f == t for f, t in zip(f_path, t_path, strict=True))
 
 
@@ -414,6 +585,19 @@ def _show(text: str, limit: int = 64) -> str:
     return f'"{text}"' if len(text) <= limit else f'"{text[:limit]}..."'
 
 
+@lru_cache(maxsize=8192)
+def _address_of(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    """The address of one IP or CIDR, or why it is refused (cached: targets keep their IPs)."""
+    if len(ip) > MAX_IP_LENGTH:
+        return f"IP {_show(ip)} too long: {len(ip)} characters"
+    if "%" in ip:
+        return f"IP {_show(ip)}: scoped addresses are not supported"
+    try:
+        return ipaddress.ip_interface(ip).ip if "/" in ip else ipaddress.ip_address(ip)
+    except ValueError:
+        return f"IP {_show(ip)} is not an IP address or CIDR"
+
+
 def _validate_ips(ips: list[str]) -> None:
     if not ips:
         raise InvalidTarget("at least one IP is required")
@@ -421,14 +605,9 @@ def _validate_ips(ips: list[str]) -> None:
         raise InvalidTarget(f"too many IPs: {len(ips)} (at most {MAX_IPS})")
     seen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
     for ip in ips:
-        if len(ip) > MAX_IP_LENGTH:
-            raise InvalidTarget(f"IP {_show(ip)} too long: {len(ip)} characters")
-        if "%" in ip:
-            raise InvalidTarget(f"IP {_show(ip)}: scoped addresses are not supported")
-        try:
-            address = ipaddress.ip_interface(ip).ip if "/" in ip else ipaddress.ip_address(ip)
-        except ValueError:
-            raise InvalidTarget(f"IP {_show(ip)} is not an IP address or CIDR") from None
+        address = _address_of(ip)
+        if isinstance(address, str):
+            raise InvalidTarget(address)
         if address in seen:
             raise InvalidTarget(
                 f"duplicate IP {_show(ip)} (same address as {_show(seen[address])})"
@@ -469,7 +648,7 @@ def _validate_identifier(value: str, max_targets: int | None, stream: str) -> No
         )
 
 
-def validate(target: Target, lookup_stream: StreamLookup) -> None:
+def validate(target: Target, lookup_stream: StreamLookup, *, removal: bool = False) -> None:
     """Refuse a registration that must not be stored, raising :class:`InvalidTarget`.
 
     Checks, in order:
@@ -478,10 +657,12 @@ def validate(target: Target, lookup_stream: StreamLookup) -> None:
     * type is ``DEFAULT`` or ``FRONTEND``;
     * 1..:data:`MAX_IPS` IPs, each an address or CIDR (``"172.16.1.3/24"``, ``"fd00::3/64"``,
       ``"192.0.2.1"``), no scoped IPv6 addresses, no two IPs with the same address (whatever the
-      prefix length);
+      prefix length); they are stored in canonical form (``"198.18.0.1/032"`` as
+      ``"198.18.0.1/32"``, a dotted netmask as its prefix length);
     * context: at most :data:`MAX_CONTEXT_ENTRIES` entries, keys non-empty and at most
       :data:`MAX_CONTEXT_KEY_LENGTH` characters, values at most :data:`MAX_CONTEXT_VALUE_LENGTH`;
-    * stream names at most :data:`MAX_NAME_LENGTH` characters each;
+    * stream, conduit and trench names, when given, are names (:mod:`meridio.core.names`:
+      printable, no whitespace or path separator, at most :data:`MAX_NAME_LENGTH` characters);
     * ``DEFAULT`` targets: stream, conduit and trench names all non-empty;
       ``lookup_stream(trench, conduit, stream)`` must give the stream's ``max_targets`` (None
       means the stream does not exist; 0 means unset and counts as :data:`DEFAULT_MAX_TARGETS`);
@@ -491,26 +672,29 @@ def validate(target: Target, lookup_stream: StreamLookup) -> None:
       hierarchy (a conduit needs a trench, a stream needs a conduit); when a stream name is given
       the stream must exist. The identifier is optional; when present it must be a decimal
       integer of at least 1, and within 1..max_targets when a stream was named.
+
+    With ``removal`` (an Unregister) the same checks apply except those about what is stored
+    rather than which target it is: the status, whether the stream still exists in the
+    configuration (it may have been removed since the target registered), and the identifier.
     """
-    status = int(target.status)
-    if status not in (_ENABLED, _DISABLED):
+    status = int(_f(target, "status", 0))
+    if not removal and status not in (_ENABLED, _DISABLED):
         if status == _ANY:
             raise InvalidTarget("status ANY is only valid in a Watch filter, not in a registration")
         raise InvalidTarget(f"unknown target status {status}")
-    type_ = int(target.type)
+    type_ = int(_f(target, "type", 0))
     if type_ not in (_DEFAULT, _FRONTEND):
         raise InvalidTarget(f"unknown target type {type_}")
-    _validate_ips(cast(list[str], target.ips))
-    context = cast(dict[str, str], target.context)
+    _validate_ips(_ips(target))
+    context = _context(target)
     _validate_context(context)
 
-    stream, conduit, trench = stream_path(target.stream)
+    stream, conduit, trench = stream_path(_stream(target))
     for level, name in (("stream", stream), ("conduit", conduit), ("trench", trench)):
-        if len(name) > MAX_NAME_LENGTH:
-            raise InvalidTarget(
-                f"{level} name {_show(name)} too long: {len(name)} characters "
-                f"(at most {MAX_NAME_LENGTH})"
-            )
+        if name:
+            problem = name_problem(name, MAX_NAME_LENGTH)
+            if problem is not None:
+                raise InvalidTarget(describe(level, name, problem))
     if type_ == _DEFAULT:
         for level, name in (("stream", stream), ("conduit", conduit), ("trench", trench)):
             if not name:
@@ -520,6 +704,8 @@ def validate(target: Target, lookup_stream: StreamLookup) -> None:
             raise InvalidTarget(f"conduit {conduit} given without a trench name")
         if stream and not conduit:
             raise InvalidTarget(f"stream {stream} given without a conduit name")
+    if removal:
+        return
 
     max_targets: int | None = None
     if stream:

@@ -4,6 +4,10 @@ grpclib is asyncio code: servers and channels are built inside the trio-asyncio 
 captures the running loop when constructed). Server streams are consumed by one asyncio
 coroutine that pushes each message into a trio memory channel; trio code never iterates an
 asyncio async generator directly, because cancelling that corrupts trio's cancel scopes.
+
+Over TCP, servers and channels speak mutual TLS with the process's credentials and servers
+check every call against the authorization table (:mod:`meridio.runtime.tls`); plain text on
+TCP only with ``insecure``. Unix sockets are local and plain.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpclib
 import grpclib.client
+import grpclib.config
 import grpclib.server
 import trio
 import trio_asyncio
@@ -28,8 +33,14 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import StreamTerminatedError
 
+from meridio.core import wire
 from meridio.runtime.logs import get_logger
 from meridio.runtime.metrics import split_hostport
+from meridio.runtime.tls import install_call_peer
+from meridio.settings import SettingsError
+
+if TYPE_CHECKING:
+    from meridio.runtime.tls import Tls
 
 T = TypeVar("T")
 log = get_logger("meridio.grpc")
@@ -47,10 +58,26 @@ class Encoded:
         self.data = data
 
 
-class LimitedCodec(ProtoCodec):
-    """Protobuf codec that refuses messages over a size limit and answers malformed ones clearly.
+# HTTP/2 pings on TCP channels: a peer whose host vanished without a reset (a crashed node, a
+# deleted namespace) leaves a half-open connection on which every call would wait for its
+# deadline; with pings it is closed within seconds and the next call connects afresh.
+KEEPALIVE = grpclib.config.Configuration(
+    _keepalive_time=5.0,
+    _keepalive_timeout=3.0,
+    _keepalive_permit_without_calls=True,
+    _http2_max_pings_without_data=0,
+    _http2_min_sent_ping_interval_without_data=5.0,
+)
 
-    grpclib has no message size setting of its own, so the limit lives in the codec.
+
+class LimitedCodec(ProtoCodec):
+    """Protobuf codec that refuses messages over a size limit and decodes strictly.
+
+    grpclib has no message size setting of its own, so the limit lives in the codec. Every
+    message, request or reply, is decoded by :func:`meridio.core.wire.decode`: data that is
+    not a well-formed encoding of the expected message (truncated, a length past the end, a
+    wrong wire type, invalid UTF-8, a value that does not fit its type) is INVALID_ARGUMENT
+    with a message naming the field, and is never decoded into something else.
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
@@ -72,8 +99,8 @@ class LimitedCodec(ProtoCodec):
                 f"message of {len(data)} bytes exceeds the limit of {self.max_message_bytes}",
             )
         try:
-            return message_type().parse(data)
-        except Exception as exc:
+            return wire.decode(message_type, data)
+        except Exception as exc:  # WireError; anything else would be a decoder bug
             raise grpclib.GRPCError(
                 Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
             ) from exc
@@ -124,19 +151,32 @@ RETRYABLE = (
 )
 
 
+class PlainTextRefused(SettingsError):
+    """gRPC over TCP without TLS, and the ``insecure`` setting is off."""
+
+
 class _Server(grpclib.server.Server):
     """grpclib's server, which also drops open connections when closed.
 
     grpclib cancels the running handlers on close but leaves their HTTP/2 connections open
     (Python 3.11's asyncio cannot close a server's clients), so clients would keep talking to
     a server that is gone instead of reconnecting to its successor.
+
+    With ``tls`` every accepted connection first completes a TLS handshake with the process's
+    current credentials (see :mod:`meridio.runtime.tls`).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, tls: Tls | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._tls = tls
 
     def _protocol_factory(self) -> Any:
+        if self._tls is not None:
+            return self._tls.accept(self._h2_protocol)
+        return self._h2_protocol()
+
+    def _h2_protocol(self) -> Any:
         protocol = super()._protocol_factory()
         self._protocols.add(protocol)
         return protocol
@@ -151,18 +191,38 @@ class _Server(grpclib.server.Server):
 
 
 class GrpcServer:
-    """One grpclib server per endpoint, sharing a handler list."""
+    """One grpclib server per endpoint, sharing a handler list.
 
-    def __init__(self, handlers: Sequence[Any], endpoints: Sequence[Endpoint], codec: Any) -> None:
+    TCP endpoints use ``tls`` (mutual TLS, and every call checked against the authorization
+    table for ``role``) unless ``plaintext``; unix sockets never do.
+    """
+
+    def __init__(
+        self,
+        handlers: Sequence[Any],
+        endpoints: Sequence[Endpoint],
+        codec: Any,
+        *,
+        tls: Tls | None = None,
+        role: str = "",
+        plaintext: bool = False,
+    ) -> None:
         self.handlers = list(handlers)
         self.endpoints = list(endpoints)
         self.codec = codec
+        self.tls = tls
+        self.role = role
+        self.plaintext = plaintext
         self._servers: list[_Server] = []
         self.bound: list[Endpoint] = []
 
     async def _start_aio(self) -> None:
         for endpoint in self.endpoints:
-            server = _Server(self.handlers, codec=self.codec)
+            tls = None if endpoint.path is not None or self.plaintext else self.tls
+            server = _Server(self.handlers, codec=self.codec, tls=tls)
+            if tls is not None:
+                tls.install_authorization(server, self.role)
+            install_call_peer(server, tls)
             if endpoint.path is not None:
                 _prepare_unix_path(endpoint.path)
                 await server.start(path=endpoint.path)
@@ -205,16 +265,52 @@ def _prepare_unix_path(path: str) -> None:
 
 
 class GrpcStack:
-    """Servers and client channels of one process."""
+    """Servers and client channels of one process.
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    Over TCP every server and channel speaks mutual TLS with ``tls`` (the process's
+    credentials, its role from the certificate); without ``tls`` only ``insecure`` allows plain
+    text, anything else is :class:`PlainTextRefused`. Unix sockets are always plain: they are
+    local, protected by file permissions.
+    """
+
+    def __init__(
+        self,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        tls: Tls | None = None,
+        insecure: bool = False,
+        role: str = "",
+    ) -> None:
         self.codec = LimitedCodec(max_message_bytes)
+        self.tls = tls
+        self.insecure = insecure
+        self.role = role or (tls.role or "" if tls is not None else "")
         self._servers: list[GrpcServer] = []
         self._channels: list[grpclib.client.Channel] = []
 
-    async def serve(self, handlers: Sequence[Any], listen: Sequence[str | Endpoint]) -> GrpcServer:
+    def _check_plaintext(self, endpoint: Endpoint, what: str) -> None:
+        if endpoint.path is None and self.tls is None and not self.insecure:
+            raise PlainTextRefused(
+                f"{what} {endpoint} is TCP and no certificate is configured: set 'tls-dir' "
+                "(or 'tls-cert', 'tls-key' and 'tls-ca'), or 'insecure' for plain text"
+            )
+
+    async def serve(
+        self,
+        handlers: Sequence[Any],
+        listen: Sequence[str | Endpoint],
+        *,
+        plaintext: bool = False,
+    ) -> GrpcServer:
+        """Serve ``handlers`` on every endpoint of ``listen``; ``plaintext`` keeps its TCP
+        endpoints out of TLS (only for the health service, which the kubelet probes)."""
         endpoints = [e if isinstance(e, Endpoint) else Endpoint.parse(e) for e in listen]
-        server = GrpcServer(handlers, endpoints, self.codec)
+        if not plaintext:
+            for endpoint in endpoints:
+                self._check_plaintext(endpoint, "listening on")
+        server = GrpcServer(
+            handlers, endpoints, self.codec, tls=self.tls, role=self.role, plaintext=plaintext
+        )
         try:
             await trio_asyncio.aio_as_trio(server._start_aio)()
         except BaseException:
@@ -227,11 +323,18 @@ class GrpcStack:
 
     async def channel(self, target: str | Endpoint) -> grpclib.client.Channel:
         endpoint = target if isinstance(target, Endpoint) else Endpoint.parse(target, "localhost")
+        self._check_plaintext(endpoint, "dialing")
+        tls = self.tls
 
         async def build() -> grpclib.client.Channel:
             if endpoint.path is not None:
                 return grpclib.client.Channel(path=endpoint.path, codec=self.codec)
-            return grpclib.client.Channel(endpoint.host, endpoint.port, codec=self.codec)
+            assert endpoint.host is not None and endpoint.port is not None
+            if tls is not None:
+                return tls.channel(endpoint.host, endpoint.port, codec=self.codec, config=KEEPALIVE)
+            return grpclib.client.Channel(
+                endpoint.host, endpoint.port, codec=self.codec, config=KEEPALIVE
+            )
 
         channel: grpclib.client.Channel = await trio_asyncio.aio_as_trio(build)()
         self._channels.append(channel)

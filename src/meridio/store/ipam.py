@@ -5,19 +5,20 @@ each with its timestamp. It is opened with ``journal_mode=WAL`` and ``synchronou
 committed transaction survives a kill -9 or a power cut; :class:`PersistentIpam` returns an
 address only after the transaction that records it has committed.
 
-Writes are the allocator's change records (:data:`meridio.core.ipam.Change`), all the records of
-one request in one transaction. :class:`PersistentIpam` plans a request on the allocator (which
-does not change it), commits the records, and only then applies them in memory: when the commit
-fails nothing changed anywhere, so memory and disk never disagree.
+Writes are the allocator's change records (:data:`meridio.core.ipam.Change`), the records of
+many requests in one transaction (group commit, see :class:`PersistentIpam`): a request is
+answered only once the transaction holding its records has committed. When a commit fails,
+memory is reloaded from the database, so memory and disk never disagree for long and never on
+anything answered.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
 from types import TracebackType
 from typing import TypeVar
@@ -40,9 +41,10 @@ from meridio.core.ipam import (
     NodePrefixAdded,
     NodePrefixRefreshed,
     NodePrefixRemoved,
+    parse_family,
 )
 
-__all__ = ["SCHEMA_VERSION", "IpamStore", "IpamStoreError", "PersistentIpam"]
+__all__ = ["SCHEMA_VERSION", "IpamBatch", "IpamStore", "IpamStoreError", "PersistentIpam"]
 
 #: Version of the database layout written by this module.
 SCHEMA_VERSION = 1
@@ -362,24 +364,67 @@ def _parse(row: tuple[object, ...], parse: Callable[[str], _T], value: object) -
         raise IpamStoreError(f"bad stored row {row!r}: {exc}") from None
 
 
-class PersistentIpam:
-    """An :class:`IpamAllocator` whose every change is committed to sqlite first.
+@dataclass(frozen=True, slots=True)
+class IpamBatch:
+    """The change records one commit writes, in order."""
 
-    Each method takes a lock, so it may be called from worker threads (one at a time is what
-    happens anyway). Errors: :class:`meridio.core.ipam.IpamInvalid` and
-    :class:`meridio.core.ipam.IpamExhausted` from the allocator, :class:`IpamStoreError` when
-    the database fails; in every case nothing changed, in memory or on disk.
+    seq: int
+    changes: tuple[Change, ...]
+    keys: frozenset[ChildKey]
+
+
+class PersistentIpam:
+    """An :class:`IpamAllocator` whose changes are committed to sqlite in batches.
+
+    The ``stage_*`` methods plan a request on the allocator, apply it in memory at once (so the
+    next request sees it: two allocations never get the same address) and add its records to
+    the open batch; they return the sequence number of the batch the caller must see committed
+    before it answers. A writer (:class:`meridio.runtime.commit.GroupCommit`) takes the open
+    batch with :meth:`seal`, writes it in one transaction with :meth:`write` (in a worker
+    thread: it touches only the database) and reports with :meth:`finish`; requests made
+    meanwhile go in the next batch, so one fsync serves them all. When a write fails, memory is
+    reloaded from the database (the truth) and the failed batch and the open one fail: their
+    callers get the error and nothing they asked for exists, in memory or on disk.
+
+    A request on a child whose change is in a batch not yet committed waits for that batch too.
+    Readers (:meth:`list_children`, :meth:`lookup`, :meth:`records`) see memory, which may be
+    ahead of the disk by the batches being written (:meth:`pending_seq` tells which).
+
+    ``now`` (the time the IPAM opens, seconds) makes lease collection count every restored
+    lease from then at the earliest: a restarted IPAM gives each child a whole lease time.
+
+    The plain methods (:meth:`allocate`, :meth:`release`, ...) stage and commit at once, for
+    callers without a writer task; do not mix them with a writer task running. Not thread-safe:
+    call everything but :meth:`write` from one thread. Errors:
+    :class:`meridio.core.ipam.IpamInvalid` and :class:`meridio.core.ipam.IpamExhausted` from
+    the allocator (nothing changed), :class:`IpamStoreError` when the database fails.
     """
 
-    def __init__(self, path: str | os.PathLike[str], config: IpamConfig | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        config: IpamConfig | None = None,
+        *,
+        now: float | None = None,
+    ) -> None:
         self.config = config if config is not None else IpamConfig()
-        self._lock = threading.Lock()
+        self.opened_at = now
         self._store = IpamStore(path)
         try:
             self._allocator = self._store.load_allocator(self.config)
         except BaseException:
             self._store.close()
             raise
+        restored = self._allocator.children()
+        self.restored = len(restored)
+        self._unrefreshed = {
+            ChildKey(c.family, c.trench, c.conduit, c.node, c.name) for c in restored
+        }
+        self._open: list[Change] = []
+        self._open_keys: set[ChildKey] = set()
+        self._open_seq = 1
+        self._inflight: IpamBatch | None = None
+        self.committed_seq = 0
 
     @property
     def path(self) -> str:
@@ -389,21 +434,140 @@ class PersistentIpam:
     def closed(self) -> bool:
         return self._store.closed
 
-    def _commit(self, changes: Sequence[Change]) -> None:
-        """Persist, then apply in memory. Called with the lock held."""
-        if not changes:
-            return
-        self._store.apply(changes)  # raises, having changed nothing, on failure
-        try:
-            self._allocator.apply(changes)
-        except BaseException:  # pragma: no cover - planned changes always apply
-            # The disk is the truth: rebuild memory from it.
-            self._allocator = self._store.load_allocator(self.config)
-            raise
-
     def _check_open(self) -> None:
         if self._store.closed:
             raise IpamStoreError(f"IPAM database {self._store.path} is closed")
+
+    # ---------------------------------------------------------------- staging
+
+    def _stage(self, changes: Sequence[Change], keys: Sequence[ChildKey] = ()) -> int:
+        """Apply planned ``changes`` in memory and add them to the open batch; the batch to
+        wait for (0: nothing to wait for)."""
+        if changes:
+            self._allocator.apply(changes)
+            self._open.extend(changes)
+            for change in changes:
+                if isinstance(change, ChildAdded | ChildRefreshed | ChildRemoved):
+                    self._open_keys.add(change.key)
+            return self._open_seq
+        for key in keys:
+            if key in self._open_keys:
+                return self._open_seq
+            if self._inflight is not None and key in self._inflight.keys:
+                return self._inflight.seq
+        return 0
+
+    def stage_allocate(
+        self,
+        trench: str,
+        conduit: str,
+        node: str,
+        family: IpFamily | str,
+        name: str,
+        now: float,
+    ) -> tuple[str, int, int]:
+        """Allocate or refresh a child: (address, node prefix length, batch to wait for)."""
+        self._check_open()
+        allocation = self._allocator.plan_allocate(trench, conduit, node, family, name, now)
+        seq = self._stage(allocation.changes)
+        key = allocation.changes[-1].key
+        assert isinstance(key, ChildKey)
+        self._unrefreshed.discard(key)
+        return str(allocation.address), allocation.prefix_length, seq
+
+    def stage_release(
+        self, trench: str, conduit: str, node: str, family: IpFamily | str, name: str
+    ) -> tuple[tuple[Change, ...], int]:
+        """Remove a child (silent if unknown): (what was removed, batch to wait for)."""
+        self._check_open()
+        changes = self._allocator.plan_release(trench, conduit, node, family, name)
+        key = ChildKey(parse_family(family), trench, conduit, node, name)
+        self._unrefreshed.discard(key)
+        return changes, self._stage(changes, (key,))
+
+    def stage_remove_node(
+        self, trench: str, conduit: str, node: str, family: IpFamily | str
+    ) -> tuple[tuple[Change, ...], int]:
+        self._check_open()
+        changes = self._allocator.plan_remove_node(trench, conduit, node, family)
+        return changes, self._stage(changes)
+
+    def stage_remove_conduit(
+        self, trench: str, conduit: str, family: IpFamily | str
+    ) -> tuple[tuple[Change, ...], int]:
+        self._check_open()
+        changes = self._allocator.plan_remove_conduit(trench, conduit, family)
+        return changes, self._stage(changes)
+
+    def stage_collect(self, now: float) -> tuple[tuple[Change, ...], int]:
+        """Lease collection (see :mod:`meridio.core.ipam`), restored leases counted from the
+        opening time at the earliest: (what was removed, batch to wait for)."""
+        self._check_open()
+        changes = self._allocator.plan_collect(now, since=self.opened_at)
+        for change in changes:
+            if isinstance(change, ChildRemoved):
+                self._unrefreshed.discard(change.key)
+        return changes, self._stage(changes)
+
+    @property
+    def restored_pending(self) -> int:
+        """Restored children neither allocated, released nor collected since the opening."""
+        return len(self._unrefreshed)
+
+    def pending_seq(self) -> int:
+        """The last batch holding changes not yet committed (0: everything is committed)."""
+        if self._open:
+            return self._open_seq
+        return self._inflight.seq if self._inflight is not None else 0
+
+    # ---------------------------------------------------------------- the writer's side
+
+    def seal(self) -> IpamBatch | None:
+        """Close the open batch and return it for writing; None when it is empty."""
+        if self._inflight is not None:
+            raise RuntimeError("a batch is already being written")
+        if not self._open:
+            return None
+        batch = IpamBatch(self._open_seq, tuple(self._open), frozenset(self._open_keys))
+        self._open, self._open_keys = [], set()
+        self._open_seq += 1
+        self._inflight = batch
+        return batch
+
+    def write(self, batch: IpamBatch) -> None:
+        """Write *batch* in one transaction (safe in a worker thread)."""
+        self._store.apply(batch.changes)
+
+    def finish(self, batch: IpamBatch, error: BaseException | None) -> tuple[int, ...]:
+        """Record how writing *batch* went; the sequence numbers that failed (empty if none)."""
+        if batch is not self._inflight:
+            raise RuntimeError("finish() of a batch that is not in flight")
+        self._inflight = None
+        if error is None:
+            self.committed_seq = batch.seq
+            return ()
+        failed = (batch.seq, self._open_seq)
+        self._open, self._open_keys = [], set()
+        self.committed_seq = self._open_seq
+        self._open_seq += 1
+        # The disk is the truth: memory goes back to it, without both failed batches.
+        self._allocator = self._store.load_allocator(self.config)
+        return failed
+
+    def commit(self) -> None:
+        """Seal, write and finish the open batch now; re-raises a write error (after memory
+        went back to the database)."""
+        batch = self.seal()
+        if batch is None:
+            return
+        try:
+            self.write(batch)
+        except BaseException as exc:
+            self.finish(batch, exc)
+            raise
+        self.finish(batch, None)
+
+    # ---------------------------------------------------------------- committed at once
 
     def allocate(
         self,
@@ -415,71 +579,72 @@ class PersistentIpam:
         now: float,
     ) -> tuple[str, int]:
         """Allocate or refresh a child; return (address, node prefix length) once committed."""
-        with self._lock:
-            self._check_open()
-            allocation = self._allocator.plan_allocate(trench, conduit, node, family, name, now)
-            self._commit(allocation.changes)
-            return str(allocation.address), allocation.prefix_length
+        address, length, _ = self.stage_allocate(trench, conduit, node, family, name, now)
+        self.commit()
+        return address, length
 
     def release(
         self, trench: str, conduit: str, node: str, family: IpFamily | str, name: str
     ) -> tuple[Change, ...]:
         """Remove a child; silent if unknown. Returns what was removed."""
-        with self._lock:
-            self._check_open()
-            changes = self._allocator.plan_release(trench, conduit, node, family, name)
-            self._commit(changes)
-            return changes
+        changes, _ = self.stage_release(trench, conduit, node, family, name)
+        self.commit()
+        return changes
 
     def remove_node(
         self, trench: str, conduit: str, node: str, family: IpFamily | str
     ) -> tuple[Change, ...]:
         """Remove a node prefix and all its children; silent if unknown."""
-        with self._lock:
-            self._check_open()
-            changes = self._allocator.plan_remove_node(trench, conduit, node, family)
-            self._commit(changes)
-            return changes
+        changes, _ = self.stage_remove_node(trench, conduit, node, family)
+        self.commit()
+        return changes
 
     def remove_conduit(
         self, trench: str, conduit: str, family: IpFamily | str
     ) -> tuple[Change, ...]:
         """Remove a conduit prefix with its node prefixes and children; silent if unknown."""
-        with self._lock:
-            self._check_open()
-            changes = self._allocator.plan_remove_conduit(trench, conduit, family)
-            self._commit(changes)
-            return changes
+        changes, _ = self.stage_remove_conduit(trench, conduit, family)
+        self.commit()
+        return changes
 
     def collect(self, now: float) -> tuple[Change, ...]:
-        """Lease garbage collection (see :mod:`meridio.core.ipam`); returns what was removed."""
-        with self._lock:
-            self._check_open()
-            changes = self._allocator.plan_collect(now)
-            self._commit(changes)
-            return changes
+        """Lease garbage collection (see :meth:`stage_collect`); returns what was removed."""
+        changes, _ = self.stage_collect(now)
+        self.commit()
+        return changes
+
+    # ---------------------------------------------------------------- reading
 
     def list_children(self) -> list[ChildInfo]:
         """Every live child (trench, conduit, node, family, prefix, name, address, updated)."""
-        with self._lock:
-            return self._allocator.children()
+        return self._allocator.children()
 
     def records(self) -> list[Change]:
         """The whole state as records (equal states give equal lists)."""
-        with self._lock:
-            return self._allocator.records()
+        return self._allocator.records()
 
     def lookup(
         self, trench: str, conduit: str, node: str, family: IpFamily | str, name: str
     ) -> str | None:
         """The address of a live child, or None; refreshes nothing."""
-        with self._lock:
-            address = self._allocator.lookup(trench, conduit, node, family, name)
-            return None if address is None else str(address)
+        address = self._allocator.lookup(trench, conduit, node, family, name)
+        return None if address is None else str(address)
 
     def close(self) -> None:
-        """Close the database. Idempotent; later mutations raise :class:`IpamStoreError`."""
-        with self._lock:
+        """Write what is not written yet (best effort) and close the database. Idempotent;
+        later changes raise :class:`IpamStoreError`."""
+        if self._store.closed:
+            return
+        try:
+            inflight = self._inflight
+            if inflight is not None:  # its writer was stopped: write it first
+                self._inflight = None
+                self._open[:0] = inflight.changes
+                self._open_keys |= inflight.keys
+            self.commit()
+        except IpamStoreError:
+            pass  # what is not on disk was never answered
+        finally:
             self._store.close()
 
     def __enter__(self) -> PersistentIpam:

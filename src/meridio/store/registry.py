@@ -5,43 +5,48 @@ Layout (schema version 1)::
     meta(name TEXT PRIMARY KEY, value TEXT)          -- ("schema_version", "1")
     targets(key TEXT PRIMARY KEY,                    -- meridio.core.registry.target_key()
             target BLOB,                             -- bytes(Target) in its stored form
-            last_seen REAL)                          -- seconds, wall clock (time.time())
+            last_seen REAL)                          -- seconds, wall clock, of the last change
 
 Every write is one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``); with WAL and
 ``synchronous=FULL`` a committed change survives a crash or power loss.
 
-Timestamps are wall-clock seconds passed in by the caller. After a restart an entry that was alive
-keeps the keepalive time it had left: it is restored with its persisted ``last_seen`` and expires
-``entry_timeout`` after it, unless its owner refreshes it first. A persisted ``last_seen`` in the
-future (the clock stepped back) is clamped to the load time, so it cannot outlive a full timeout.
+Restart: every persisted entry is restored with a full ``entry_timeout`` from the moment it is
+loaded, however long the NSP was down, as Meridio's keepalive registry does on restore. The
+owners of live targets refresh well within that time, so a restarted NSP never drops them;
+entries whose owners are gone expire one timeout after the restart. Hence keepalives (a
+registration that changes nothing) are never written: a refresh time on disk would not be read.
+``last_seen`` records when the entry last changed, for inspection.
 
-Keepalives (registrations that change nothing but ``last_seen``) are batched by
-:class:`PersistentRegistry`: see there for the trade-off.
+Group commit: :class:`PersistentRegistry` applies changes in memory at once and writes them in
+batches, many changes per transaction, so that one fsync serves every change made while the
+previous one ran; see there.
 
-Neither class is thread-safe. The connection is opened with ``check_same_thread=False`` so a caller
-may run the calls in a worker thread (``trio.to_thread.run_sync``), one call at a time.
+Neither class is thread-safe. The connection is opened with ``check_same_thread=False`` so a
+caller may run the writes in a worker thread (``trio.to_thread.run_sync``), one at a time.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self, cast
 
 from meridio.api.nsp.v1 import Target
+from meridio.core import wire
 from meridio.core.registry import (
     DEFAULT_ENTRY_TIMEOUT,
     Entry,
+    RegistryView,
     TargetRegistry,
     canonical_target,
     target_key,
 )
 
-__all__ = ["SCHEMA_VERSION", "PersistentRegistry", "RegistryStore", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "Batch", "PersistentRegistry", "RegistryStore", "StoreError"]
 
 SCHEMA_VERSION: Final = 1
 
@@ -131,35 +136,32 @@ class RegistryStore:
     # -- reading
 
     def load(self, registry: TargetRegistry, now: float) -> int:
-        """Restore every persisted entry into *registry*; return how many were restored.
+        """Restore every persisted entry into *registry* with ``last_seen = now``; return how
+        many were restored.
 
-        Stored targets are decoded and brought to the current stored form. A row whose key no
-        longer matches its target (the key format changed) is re-keyed. A row that does not decode
-        to exactly its own bytes is deleted: betterproto accepts truncated data silently, so the
-        round trip is the integrity check, and registrations are soft state (the owner of a
-        dropped row registers again at its next keepalive). ``last_seen`` is clamped to *now*.
-        Expired entries are restored too; the caller expires them (``PersistentRegistry`` does so
-        when it opens).
+        Every entry gets a full timeout from *now* (see the module documentation). Stored
+        targets are decoded strictly (:func:`meridio.core.wire.decode`) and brought to the
+        current stored form. A row whose key no longer matches its target (the key format
+        changed) is re-keyed. A row that does not decode to exactly its own bytes is deleted:
+        registrations are soft state (the owner of a dropped row registers again at its next
+        keepalive).
         """
         rows = self._conn.execute("SELECT key, target, last_seen FROM targets").fetchall()
         loaded: list[Entry] = []
         rekeyed: list[Entry] = []
         stale: list[str] = []
-        for key, blob, seen in cast(list[tuple[str, bytes, float]], rows):
+        for key, blob, _seen in cast(list[tuple[str, bytes, float]], rows):
             data = bytes(blob)
             try:
-                decoded = Target().parse(data)
+                decoded = wire.decode(Target, data)
                 intact = bytes(decoded) == data
-            except Exception:  # betterproto raises assorted errors on some garbage
+            except Exception:  # WireError, or betterproto's encoder on an odd value
                 intact = False
             if not intact:
                 stale.append(key)
                 continue
             target = canonical_target(decoded)
-            last_seen = float(seen)
-            if not math.isfinite(last_seen) or last_seen > now:
-                last_seen = now
-            entry = Entry(target_key(target), target, last_seen)
+            entry = Entry(target_key(target), target, now)
             if entry.key != key:
                 stale.append(key)
                 rekeyed.append(entry)
@@ -198,6 +200,13 @@ class RegistryStore:
             conn.executemany(_DELETE, ((k,) for k in delete))
             conn.executemany(_UPSERT, ((e.key, bytes(e.target), e.last_seen) for e in upsert))
 
+    def write_rows(self, upsert: Iterable[tuple[str, bytes, float]], delete: Iterable[str]) -> None:
+        """Delete ``delete`` keys, then write ``(key, target bytes, last_seen)`` rows, in one
+        transaction."""
+        with self._transaction() as conn:
+            conn.executemany(_DELETE, ((k,) for k in delete))
+            conn.executemany(_UPSERT, upsert)
+
     def upsert(self, entry: Entry) -> None:
         self.apply(upsert=(entry,))
 
@@ -224,25 +233,44 @@ class RegistryStore:
         self.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The changes one commit writes: the state of every key changed since the last batch."""
+
+    seq: int
+    upsert: list[tuple[str, bytes, float]]
+    delete: list[str]
+    before: dict[str, Entry | None]  # the committed state of every key in the batch
+    view: RegistryView  # what watchers may see once the batch is committed
+
+
 class PersistentRegistry:
-    """A :class:`TargetRegistry` whose every change is committed to a :class:`RegistryStore`.
+    """A :class:`TargetRegistry` whose changes are committed to a :class:`RegistryStore` in
+    batches (group commit).
 
-    Opening restores the persisted entries and expires those already past their timeout. Each
-    change (new target, status or context change, unregister, expiry) is committed before the call
-    returns; if the commit fails the in-memory change is rolled back and the :class:`StoreError`
-    propagates, so memory never shows what the disk does not have.
+    Opening restores the persisted entries, each with a full ``entry_timeout`` from ``now``
+    (see the module documentation); :attr:`restored` says how many.
 
-    Keepalive batching (the trade-off): a registration that changes nothing updates ``last_seen``
-    in memory only and marks the key dirty. Dirty ``last_seen`` values are written, all in one
-    transaction, when the key being refreshed was last persisted ``seen_write_interval`` seconds
-    ago or more (default a quarter of ``entry_timeout``), piggy-backed on any other commit, by
-    :meth:`flush`, and on :meth:`close`. With N targets refreshing, keepalives therefore cost at
-    most about one fsync per target per interval, and in practice far fewer since one commit carries
-    every dirty key. The price: after a crash (not a clean close) a restored entry's ``last_seen``
-    may be up to ``seen_write_interval`` older than its last refresh, so it may expire that much
-    sooner; an owner that refreshes at least every ``entry_timeout - seen_write_interval`` seconds
-    (45 s with the defaults; TAPA refreshes far more often) is never dropped because of it. Use
-    ``seen_write_interval=0`` to persist every keepalive.
+    Changes (``stage_register``, ``stage_unregister``, ``stage_expire``) apply in memory at
+    once and join the open batch; they return the sequence number of the batch the caller must
+    see committed before it answers (0: nothing to wait for). The writer, one at a time, takes
+    the open batch with :meth:`seal` (the current state of every key it touched, and the view
+    of the registry to publish), writes it with :meth:`write` (in a worker thread: it touches
+    only the database) and reports with :meth:`finish`. Changes made meanwhile go in the next
+    batch, so one fsync serves every change made while the previous one ran, and a reply still
+    comes only after its change is on disk.
+
+    Readers that answer clients (:attr:`view`, :meth:`snapshot`, :meth:`all`, ``len``) see the
+    registry as of the last committed batch: never a change the disk does not have. When a
+    write fails, the failed batch and the open one are undone in memory and :meth:`finish`
+    returns both sequence numbers, whose callers get the error: memory again equals the disk.
+
+    A keepalive (a registration that changes nothing) only moves the entry's ``last_seen`` in
+    memory and waits for nothing, unless its key is in a batch not yet committed (a retry of a
+    registration still being written waits for it).
+
+    The ``register``/``unregister``/``expire`` methods stage and commit at once (one transaction
+    each), for callers without a writer task; do not mix them with a writer task running.
     """
 
     def __init__(
@@ -251,152 +279,200 @@ class PersistentRegistry:
         now: float,
         *,
         entry_timeout: float = DEFAULT_ENTRY_TIMEOUT,
-        seen_write_interval: float | None = None,
     ) -> None:
         if not entry_timeout > 0:
             raise ValueError(f"entry_timeout must be positive, not {entry_timeout}")
-        interval = entry_timeout / 4 if seen_write_interval is None else seen_write_interval
-        if not 0 <= interval < entry_timeout:
-            raise ValueError(
-                f"seen_write_interval must be in [0, entry_timeout={entry_timeout}), not {interval}"
-            )
         self.entry_timeout = entry_timeout
-        self.seen_write_interval = interval
         self.registry = TargetRegistry()
         self._store = RegistryStore(path)
         try:
-            self._store.load(self.registry, now)
-            self._persisted: dict[str, float] = {
-                e.key: e.last_seen for e in self.registry.entries()
-            }
-            self._dirty: dict[str, float] = {}
-            self.expire(now)
+            self.restored = self._store.load(self.registry, now)
         except BaseException:
             self._store.close()
             raise
+        self._unrefreshed = set(self.registry.keys())  # restored, not registered since
+        self._open: dict[str, Entry | None] = {}
+        self._open_seq = 1
+        self._inflight: Batch | None = None
+        self.committed_seq = 0
+        self._view = self.registry.view()
 
     @property
     def store(self) -> RegistryStore:
         return self._store
 
-    @property
-    def generation(self) -> int:
-        return self.registry.generation
+    # -- changes (staged: in memory now, on disk with the batch they return)
 
-    def __len__(self) -> int:
-        return len(self.registry)
+    def _touch(self, key: str, before: Entry | None) -> None:
+        if key not in self._open:
+            self._open[key] = before
 
-    # -- changes
+    def _wait_for(self, key: str) -> int:
+        if key in self._open:
+            return self._open_seq
+        inflight = self._inflight
+        if inflight is not None and key in inflight.before:
+            return inflight.seq
+        return 0
 
-    def register(self, target: Target, now: float) -> bool:
-        """:meth:`TargetRegistry.register`, committed; a pure keepalive is batched (see above)."""
-        key = target_key(target)
-        previous = self.registry.get(key)
-        changed = self.registry.register(target, now)
-        entry = self.registry.get(key)
-        assert entry is not None
+    def stage_register(self, target: Target, now: float) -> tuple[bool, int]:
+        """:meth:`TargetRegistry.register`: (changed, batch to wait for or 0)."""
+        changed, key, previous = self.registry.register_entry(target, now)
+        self._unrefreshed.discard(key)
         if changed:
-            self._commit(key, previous, upsert=(entry,))
-            return True
-        persisted = self._persisted.get(key)
-        was_dirty = self._dirty.get(key)
-        self._dirty[key] = now
-        if persisted is None or abs(now - persisted) >= self.seen_write_interval:
-            try:
-                self._commit_dirty()
-            except BaseException:
-                self.registry.restore(key, previous)
-                if was_dirty is None:
-                    del self._dirty[key]
-                else:
-                    self._dirty[key] = was_dirty
-                raise
-        return False
+            self._touch(key, previous)
+        return changed, self._wait_for(key)
 
-    def unregister(self, target: Target, now: float) -> bool:
-        """:meth:`TargetRegistry.unregister`, committed; silently False if unknown."""
+    def stage_unregister(self, target: Target, now: float) -> tuple[bool, int]:
+        """:meth:`TargetRegistry.unregister` (False if unknown): (removed, batch or 0)."""
         del now
         key = target_key(target)
         previous = self.registry.remove(key)
-        if previous is None:
-            return False
-        self._commit(key, previous, delete=(key,))
-        return True
+        self._unrefreshed.discard(key)
+        if previous is not None:
+            self._touch(key, previous)
+            return True, self._open_seq
+        return False, self._wait_for(key)
+
+    def stage_expire(self, now: float) -> list[str]:
+        """Remove the entries not refreshed within ``entry_timeout``; return their keys."""
+        removed = self.registry.pop_expired(now, self.entry_timeout)
+        for entry in removed:
+            self._touch(entry.key, entry)
+            self._unrefreshed.discard(entry.key)
+        return [e.key for e in removed]
+
+    @property
+    def restored_pending(self) -> int:
+        """Restored entries neither registered, unregistered nor expired since the restart."""
+        return len(self._unrefreshed)
+
+    # -- the writer's side
+
+    @property
+    def pending(self) -> bool:
+        """Whether the open batch holds changes."""
+        return bool(self._open)
+
+    def seal(self) -> Batch | None:
+        """Close the open batch and return it for writing; None when it is empty.
+
+        Only one batch may be in flight: call :meth:`finish` before sealing the next.
+        """
+        if self._inflight is not None:
+            raise RuntimeError("a batch is already being written")
+        if not self._open:
+            return None
+        touched, self._open = self._open, {}
+        upsert: list[tuple[str, bytes, float]] = []
+        delete: list[str] = []
+        view = self.registry.view()
+        for key in touched:
+            entry = self.registry.get(key)
+            if entry is None:
+                delete.append(key)
+            else:
+                upsert.append((key, self.registry.wire(entry), entry.last_seen))
+        batch = Batch(self._open_seq, upsert, delete, touched, view)
+        self._open_seq += 1
+        self._inflight = batch
+        return batch
+
+    def write(self, batch: Batch) -> None:
+        """Write *batch* (safe in a worker thread: it touches only the database)."""
+        self._store.write_rows(batch.upsert, batch.delete)
+
+    def finish(self, batch: Batch, error: BaseException | None) -> tuple[int, ...]:
+        """Record how writing *batch* went; the sequence numbers that failed (empty if none).
+
+        On success the batch's view becomes :attr:`view`. On failure the open batch and *batch*
+        are undone in memory (the disk is the truth) and both fail.
+        """
+        if batch is not self._inflight:
+            raise RuntimeError("finish() of a batch that is not in flight")
+        self._inflight = None
+        if error is None:
+            self.committed_seq = batch.seq
+            self._view = batch.view
+            return ()
+        failed = (batch.seq, self._open_seq)
+        open_batch, self._open = self._open, {}
+        for key, before in open_batch.items():
+            self.registry.restore(key, before)
+        for key, before in batch.before.items():
+            self.registry.restore(key, before)
+        self.committed_seq = self._open_seq  # nothing is left to wait for up to here
+        self._open_seq += 1
+        return failed
+
+    def commit(self) -> None:
+        """Seal, write and finish the open batch now (the caller's thread); re-raises a write
+        error after undoing the batch."""
+        batch = self.seal()
+        if batch is None:
+            return
+        try:
+            self.write(batch)
+        except BaseException as exc:
+            self.finish(batch, exc)
+            raise
+        self.finish(batch, None)
+
+    # -- changes committed at once
+
+    def register(self, target: Target, now: float) -> bool:
+        changed, seq = self.stage_register(target, now)
+        if seq:
+            self.commit()
+        return changed
+
+    def unregister(self, target: Target, now: float) -> bool:
+        removed, seq = self.stage_unregister(target, now)
+        if seq:
+            self.commit()
+        return removed
 
     def expire(self, now: float) -> list[str]:
-        """Remove and delete entries not refreshed within ``entry_timeout``; return their keys."""
-        removed = self.registry.pop_expired(now, self.entry_timeout)
-        if not removed:
-            return []
-        keys = [e.key for e in removed]
-        gone = set(keys)
-        seen = {k: t for k, t in self._dirty.items() if k not in gone}
-        try:
-            self._store.apply(delete=keys, seen=seen)
-        except BaseException:
-            for entry in removed:
-                self.registry.restore(entry.key, entry)
-            raise
-        self._after_commit(seen)
-        for key in keys:
-            self._persisted.pop(key, None)
-            self._dirty.pop(key, None)
+        keys = self.stage_expire(now)
+        if keys:
+            self.commit()
         return keys
 
-    def flush(self) -> None:
-        """Write every batched keepalive now."""
-        if self._dirty:
-            self._commit_dirty()
+    # -- reading (committed state)
 
-    def _commit(
-        self,
-        key: str,
-        previous: Entry | None,
-        *,
-        upsert: tuple[Entry, ...] = (),
-        delete: tuple[str, ...] = (),
-    ) -> None:
-        seen = {k: t for k, t in self._dirty.items() if k != key}
-        try:
-            self._store.apply(upsert=upsert, delete=delete, seen=seen)
-        except BaseException:
-            self.registry.restore(key, previous)
-            raise
-        self._after_commit(seen)
-        self._dirty.pop(key, None)
-        if upsert:
-            self._persisted[key] = upsert[0].last_seen
-        else:
-            self._persisted.pop(key, None)
+    @property
+    def view(self) -> RegistryView:
+        """The registry as of the last committed batch."""
+        return self._view
 
-    def _commit_dirty(self) -> None:
-        seen = dict(self._dirty)
-        self._store.apply(seen=seen)
-        self._after_commit(seen)
+    @property
+    def generation(self) -> int:
+        return self._view.generation
 
-    def _after_commit(self, seen: Mapping[str, float]) -> None:
-        self._persisted.update(seen)
-        for key, value in seen.items():
-            if self._dirty.get(key) == value:
-                del self._dirty[key]
-
-    # -- reading
-
-    def next_expiry(self) -> float | None:
-        return self.registry.next_expiry(self.entry_timeout)
+    def __len__(self) -> int:
+        return len(self._view)
 
     def snapshot(self, filter: Target) -> list[Target]:
-        return self.registry.snapshot(filter)
+        return self._view.snapshot(filter)
 
     def all(self) -> list[Target]:
-        return self.registry.all()
+        return self._view.targets()
+
+    def next_expiry(self) -> float | None:
+        """When the next entry (in memory) is due to expire."""
+        return self.registry.next_expiry(self.entry_timeout)
 
     # -- lifetime
 
     def close(self) -> None:
-        """Flush batched keepalives (best effort) and close the store."""
+        """Write what is not written yet (best effort) and close the store."""
         try:
-            self.flush()
+            inflight = self._inflight
+            if inflight is not None:  # its writer was stopped: write its keys again
+                self._inflight = None
+                for key, before in inflight.before.items():
+                    self._open.setdefault(key, before)
+            self.commit()
         finally:
             self._store.close()
 
