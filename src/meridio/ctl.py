@@ -18,6 +18,7 @@ import click
 import grpclib
 import grpclib.client
 import yaml
+from grpclib.exceptions import StreamTerminatedError
 from rich.console import Console
 from rich.table import Table
 
@@ -53,11 +54,38 @@ OUTPUT = click.option(
 )
 
 
+# TLS of TCP targets, from the group's options (MERIDIOCTL_* variables); see docs/security.md.
+CLIENT_TLS: dict[str, Any] = {"insecure": False}
+
+
 def open_channel(target: str) -> grpclib.client.Channel:
+    """A channel to ``target``: a unix socket as is, TCP over mutual TLS with the certificate
+    given to the group (``--tls-dir``; an ``admin`` one from ``meridioctl pki issue admin
+    NAME``), or in plain text with ``--insecure``."""
     endpoint = Endpoint.parse(target, "localhost")
     if endpoint.path is not None:
         return grpclib.client.Channel(path=endpoint.path, codec=LimitedCodec())
-    return grpclib.client.Channel(endpoint.host, endpoint.port, codec=LimitedCodec())
+    assert endpoint.host is not None and endpoint.port is not None
+    if CLIENT_TLS["insecure"]:
+        return grpclib.client.Channel(endpoint.host, endpoint.port, codec=LimitedCodec())
+    from meridio.runtime.tls import Tls, TlsError, resolve_paths
+
+    try:
+        paths = resolve_paths(
+            CLIENT_TLS.get("tls_dir", ""),
+            CLIENT_TLS.get("tls_cert", ""),
+            CLIENT_TLS.get("tls_key", ""),
+            CLIENT_TLS.get("tls_ca", ""),
+        )
+        if paths is None:
+            raise click.UsageError(
+                f"{target} is TCP: give --tls-dir (a certificate from 'meridioctl pki issue "
+                "admin NAME', or MERIDIOCTL_TLS_DIR) or --insecure for a plain-text role"
+            )
+        tls = Tls(paths, None, trust_domain=CLIENT_TLS.get("trust_domain", ""))
+    except TlsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return tls.channel(endpoint.host, endpoint.port, codec=LimitedCodec())
 
 
 def run_client(
@@ -80,6 +108,11 @@ def run_client(
         raise click.ClickException(f"{target}: {exc.status.name}: {exc.message}") from exc
     except (TimeoutError, OSError) as exc:
         raise click.ClickException(f"cannot reach {target}: {exc or 'timed out'}") from exc
+    except StreamTerminatedError as exc:
+        raise click.ClickException(
+            f"cannot reach {target}: connection lost (plain text to a TLS port, or a "
+            "certificate the server refuses: its log says which)"
+        ) from exc
 
 
 def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], output: str, title: str) -> None:
@@ -109,8 +142,35 @@ def _cell(value: Any) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meridioctl")
-def main() -> None:
+@click.option(
+    "--tls-dir",
+    envvar="MERIDIOCTL_TLS_DIR",
+    default="",
+    help="Certificate for TCP targets: tls.crt/tls.key/ca.crt or svid.pem/svid_key.pem/"
+    "bundle.pem (MERIDIOCTL_TLS_DIR).",
+)
+@click.option("--tls-cert", envvar="MERIDIOCTL_TLS_CERT", default="", hidden=True)
+@click.option("--tls-key", envvar="MERIDIOCTL_TLS_KEY", default="", hidden=True)
+@click.option("--tls-ca", envvar="MERIDIOCTL_TLS_CA", default="", hidden=True)
+@click.option("--trust-domain", envvar="MERIDIOCTL_TRUST_DOMAIN", default="", hidden=True)
+@click.option(
+    "--insecure",
+    envvar="MERIDIOCTL_INSECURE",
+    is_flag=True,
+    help="Plain text to TCP targets (roles run with --insecure).",
+)
+def main(
+    tls_dir: str, tls_cert: str, tls_key: str, tls_ca: str, trust_domain: str, insecure: bool
+) -> None:
     """Inspect and drive meridio."""
+    CLIENT_TLS.update(
+        tls_dir=tls_dir,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        trust_domain=trust_domain,
+        insecure=insecure,
+    )
 
 
 # --- health -----------------------------------------------------------------------------------
@@ -629,9 +689,11 @@ def demo() -> None:
 
 def _add_commands() -> None:
     from meridio.manifest import manifest
+    from meridio.pki import pki
     from meridio.traffic.cli import traffic
 
     main.add_command(manifest)
+    main.add_command(pki)
     main.add_command(traffic)
 
 

@@ -20,6 +20,7 @@ from meridio.settings import CommonSettings, SettingsError, load_settings, parse
 
 if TYPE_CHECKING:
     from meridio.runtime import Runtime
+    from meridio.runtime.tls import Tls
 
 # The runtime (trio-asyncio, grpclib, pyroute2, structlog) is imported once a role is about to
 # run, after meridio.lean has had its say: importing this module stays cheap, and
@@ -50,6 +51,8 @@ async def supervise(
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("reload requested")
+                    if runtime.tls is not None:
+                        runtime.tls.poll()  # TLS files now rather than at the next poll
                     role_nursery.start_soon(role.reload)
                 elif signum == signal.SIGUSR1:
                     log.warning("log level changed", new_level=logs.shift_level(-1))
@@ -67,11 +70,11 @@ async def supervise(
     log.info("stopped")
 
 
-async def run_role(role_cls: type[Role], settings: CommonSettings) -> None:
+async def run_role(role_cls: type[Role], settings: CommonSettings, tls: Tls | None = None) -> None:
     from meridio.runtime import open_runtime, systemd
 
     notifier = systemd.Notifier.from_environ(os.environ)  # None unless run as Type=notify
-    async with open_runtime(role_cls.name, settings) as runtime:
+    async with open_runtime(role_cls.name, settings, tls) as runtime:
         started = trio.Event()
         if notifier is not None:
             runtime.start_soon(systemd.report, runtime.health, notifier, started)
@@ -113,9 +116,15 @@ def cli(ctx: click.Context, role: str | None, config_file: str | None) -> None:
             instance=settings.instance or os.uname().nodename,
         )
         role_cls.check_settings(settings)
+        from meridio.runtime.tls import check_settings as check_tls
+
+        tls = check_tls(settings, role_cls.name)
     except (SettingsError, ValueError) as exc:
         fail(str(exc))
-    trio.run(run_role, role_cls, settings)
+    try:
+        trio.run(run_role, role_cls, settings, tls)
+    except* SettingsError as group:  # plain text refused by the gRPC stack, for one
+        fail(str(group.exceptions[0]))
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ import yaml
 
 from meridio import __version__
 from meridio.core import conduit, nspconfig
+from meridio.core.authz import ROLES
 
 __all__ = [
     "CONNECT_PORT",
@@ -191,6 +192,18 @@ class AppValues(_Struct):
     """Streams the target opens; empty: every stream of the configuration."""
 
 
+class TlsValues(_Struct):
+    mode: str = "csi-driver-spiffe"
+    """``csi-driver-spiffe``: each pod gets an X509-SVID from cert-manager's csi-driver-spiffe
+    (``spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>``, one service account per
+    role) and every gRPC service is mutual TLS; ``insecure``: plain text, no authentication."""
+
+
+TLS_MODES = ("csi-driver-spiffe", "insecure")
+TLS_DIR = "/var/run/meridio/tls"
+CSI_SPIFFE_DRIVER = "spiffe.csi.cert-manager.io"
+
+
 class Values(_Struct):
     namespace: str = "default"
     trench: str = "trench-a"
@@ -206,6 +219,7 @@ class Values(_Struct):
     lb: LbValues = msgspec.field(default_factory=LbValues)
     app: AppValues = msgspec.field(default_factory=AppValues)
     resources: AllResources = msgspec.field(default_factory=AllResources)
+    tls: TlsValues = msgspec.field(default_factory=TlsValues)
     configuration: dict[str, Any] = msgspec.field(default_factory=dict)
     """The trench's Meridio configuration, inline (``conduits``, ``streams``, ``flows``,
     ``vips``, ``attractors``, ``gateways``, each with ``items``); ``trench`` fields may be left
@@ -297,6 +311,34 @@ class _Trench:
             **extra,
         }
 
+    def service_account(self, role: str) -> str:
+        """The service account of ``role``'s pods: its SPIFFE ID names the role."""
+        return f"meridio-{role}-{self.trench}"
+
+    def tls_roles(self) -> str:
+        """The ``tls-roles`` setting: each role's service account path names the role."""
+        return ",".join(
+            f"/ns/{self.v.namespace}/sa/{self.service_account(role)}={role}" for role in ROLES
+        )
+
+    def tls_settings(self) -> dict[str, str]:
+        if self.v.tls.mode == "insecure":
+            return {"insecure": "true"}
+        return {
+            "tls-dir": TLS_DIR,
+            "tls-roles": self.tls_roles(),
+            # the kubelet's gRPC probes cannot present a certificate
+            "health-plaintext": "true",
+        }
+
+    def service_account_doc(self, role: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": self.metadata(self.service_account(role), role),
+            "automountServiceAccountToken": False,
+        }
+
     def service_address(self, component: str, port: int) -> str:
         return f"{component}-service-{self.trench}.{self.v.namespace}.svc:{port}"
 
@@ -342,6 +384,7 @@ class _Trench:
         }
         if self.v.metrics:
             common["metrics-listen"] = f"[$(POD_IP)]:{METRICS_PORT}"
+        common.update(self.tls_settings())
         for key, value in {**common, **settings}.items():
             env.append({"name": _env_name(key), "value": value})
         container_ports = [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}]
@@ -369,6 +412,8 @@ class _Trench:
         else:
             security.update(runAsUser=NON_ROOT_UID, runAsGroup=NON_ROOT_UID, runAsNonRoot=True)
         volume_mounts: list[dict[str, Any]] = [{"name": "run", "mountPath": RUN_DIR}]
+        if self.v.tls.mode != "insecure":
+            mounts = [*mounts, ("tls", TLS_DIR, True)]
         volume_mounts += [
             {"name": volume, "mountPath": path, **({"readOnly": True} if read_only else {})}
             for volume, path, read_only in mounts
@@ -403,7 +448,17 @@ class _Trench:
             security.update(fsGroup=NON_ROOT_UID, fsGroupChangePolicy="OnRootMismatch")
         if sysctls:
             security["sysctls"] = [{"name": k, "value": v} for k, v in sysctls.items()]
+        roles = [
+            e["value"] for c in containers for e in c.get("env", []) if e["name"] == "MERIDIOD_ROLE"
+        ]
+        tls_volumes: list[dict[str, Any]] = []
+        if self.v.tls.mode != "insecure":
+            # the X509-SVID of the pod's service account, renewed in place
+            tls_volumes.append(
+                {"name": "tls", "csi": {"driver": CSI_SPIFFE_DRIVER, "readOnly": True}}
+            )
         spec: dict[str, Any] = {
+            **({"serviceAccountName": self.service_account(roles[0])} if roles else {}),
             # meridiod talks to no Kubernetes API: no token in the pod.
             "automountServiceAccountToken": False,
             # Service links put *_SERVICE_HOST variables in the environment; a Service whose
@@ -414,6 +469,7 @@ class _Trench:
             "containers": containers,
             "volumes": [
                 {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+                *tls_volumes,
                 *volumes,
             ],
         }
@@ -882,6 +938,8 @@ def render_files(values: Values) -> dict[str, list[dict[str, Any]]]:
     """File stem -> the manifests of that file, in apply order."""
     if values.drain_timeout < 0:
         raise ValuesError("drain-timeout: must not be negative")
+    if values.tls.mode not in TLS_MODES:
+        raise ValuesError(f"tls.mode: one of {', '.join(TLS_MODES)}, not {values.tls.mode!r}")
     t = _Trench(values)
     config = configuration(values)
     files: dict[str, list[dict[str, Any]]] = {}
@@ -897,11 +955,11 @@ def render_files(values: Values) -> dict[str, list[dict[str, Any]]]:
             }
         ]
     files["configuration"] = [_configmap(t, config)]
-    files["ipam"] = _ipam(t)
-    files["nsp"] = _nsp(t)
-    files["lb"] = _lb(t, config)
-    files["proxy"] = _proxy(t, config)
-    files["app"] = _app(t, config)
+    files["ipam"] = [t.service_account_doc("ipam"), *_ipam(t)]
+    files["nsp"] = [t.service_account_doc("nsp"), *_nsp(t)]
+    files["lb"] = [t.service_account_doc("lb"), *_lb(t, config)]
+    files["proxy"] = [t.service_account_doc("proxy"), *_proxy(t, config)]
+    files["app"] = [t.service_account_doc("target"), *_app(t, config)]
     return files
 
 

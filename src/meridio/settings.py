@@ -43,6 +43,27 @@ class CommonSettings(msgspec.Struct, kw_only=True, rename="kebab", forbid_unknow
     drain_timeout: float = 5.0
     """Seconds the role may spend draining after SIGTERM before it is cancelled."""
     max_message_bytes: int = 4 * 1024 * 1024
+    # -- mutual TLS (docs/security.md); unix sockets never use it
+    insecure: bool = False
+    """Plain-text gRPC on TCP, without certificates or authorization (quick starts only);
+    ignored when certificates are configured."""
+    tls_dir: str = ""
+    """Directory with tls.crt, tls.key, ca.crt (cert-manager) or svid.pem, svid_key.pem,
+    bundle.pem (spiffe-helper)."""
+    tls_cert: str = ""
+    """This process's certificate (an X509-SVID; overrides tls-dir's)."""
+    tls_key: str = ""
+    tls_ca: str = ""
+    """Trust bundle: the CA certificates peers' certificates must chain to."""
+    trust_domain: str = ""
+    """SPIFFE trust domain of peers; default: that of this process's certificate."""
+    tls_roles: str = ""
+    """Extra SPIFFE ID paths that name roles: PATH=ROLE,... (``*`` matches one segment)."""
+    tls_reload_interval: float = 5.0
+    """Seconds between checks of the TLS files for a change."""
+    health_plaintext: bool = False
+    """Serve health-listen in plain text even with TLS (the kubelet's gRPC probes cannot
+    present a certificate); it serves only grpc.health.v1."""
 
 
 def setting_names(cls: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:

@@ -184,7 +184,9 @@ def start(
     os.chown(run, user, user)
     name = f"meridio-test-{os.getpid()}-{role}-{secrets.token_hex(3)}"
     added = [f"--cap-add={c}" for c in capabilities]
-    environment = [f"--env={k}={v}" for k, v in {"MERIDIOD_ROLE": role, **env}.items()]
+    # plain text between the containers: mutual TLS is tested in tests/netns/test_tls.py
+    defaults = {"MERIDIOD_ROLE": role, "MERIDIOD_INSECURE": "true"}
+    environment = [f"--env={k}={v}" for k, v in {**defaults, **env}.items()]
     podman(
         "run", "--detach", "--name", name, *podman.runtime,
         f"--network={network}", "--read-only", "--cap-drop=ALL", *added,

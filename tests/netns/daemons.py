@@ -139,9 +139,9 @@ class Daemon:
         """Start the process (does not wait for readiness)."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("daemon already running")
-        env = None
-        if self.env is not None:
-            env = {**os.environ, **self.env}
+        # Plain text unless the test asks for TLS (--tls-dir, or MERIDIOD_INSECURE in env):
+        # the suite's daemons talk over TCP inside their namespaces without certificates.
+        env = {**os.environ, "MERIDIOD_INSECURE": "true", **(self.env or {})}
         with self.log_path.open("ab") as log:
             self.proc = self.netns.popen(
                 *self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env

@@ -449,7 +449,39 @@ def test_lb_frontend_defaults() -> None:
     assert "bfd" not in ports  # no gateway of attractor-a has BFD
     assert not any(p["containerPort"] == 3785 for p in container["ports"])  # BIRD: no echo
     assert "NET_RAW" not in container["securityContext"]["capabilities"]["add"]
-    assert [v["name"] for v in pod["volumes"]] == ["run"]
+    assert [v["name"] for v in pod["volumes"]] == ["run", "tls"]
+
+
+def test_mutual_tls_from_csi_driver_spiffe(
+    rendered: tuple[mf.Values, list[dict[str, Any]]],
+) -> None:
+    """Every meridiod gets its pod's SVID (a service account per role, whose SPIFFE ID the
+    tls-roles setting maps to the role) and serves health in plain text for the kubelet."""
+    from meridio.core.authz import identify, parse_role_patterns
+
+    values, docs = rendered
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    for workload, container in meridiod_containers(docs):
+        role = role_of(container)
+        pod = workload["spec"]["template"]["spec"]
+        account = pod["serviceAccountName"]
+        assert account in accounts
+        env = settings_env(container, POD_IPS[0])
+        assert env["MERIDIOD_HEALTH_PLAINTEXT"] == "true" and "MERIDIOD_INSECURE" not in env
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        mount = mounts[env["MERIDIOD_TLS_DIR"]]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["csi"] == {"driver": "spiffe.csi.cert-manager.io", "readOnly": True}
+        patterns = parse_role_patterns(env["MERIDIOD_TLS_ROLES"])
+        svid = f"spiffe://cluster.local/ns/{values.namespace}/sa/{account}"
+        assert identify([svid], "cluster.local", patterns).role == role
+    import msgspec
+
+    insecure = msgspec.structs.replace(default_values(), tls=mf.TlsValues(mode="insecure"))
+    for _, container in meridiod_containers(mf.render(insecure)):
+        env = settings_env(container, POD_IPS[0])
+        assert env["MERIDIOD_INSECURE"] == "true" and "MERIDIOD_TLS_DIR" not in env
 
 
 def test_lb_frontend_ports_and_key_secret() -> None:

@@ -22,6 +22,7 @@ from meridio.runtime.health import Health, HealthService
 from meridio.runtime.logs import get_logger
 from meridio.runtime.metrics import registry, start_metrics_server
 from meridio.runtime.netlink import NetlinkManager
+from meridio.runtime.tls import Tls
 from meridio.settings import CommonSettings
 
 if TYPE_CHECKING:
@@ -31,14 +32,23 @@ __all__ = ["Runtime", "open_runtime"]
 
 
 class Runtime:
-    def __init__(self, role: str, settings: CommonSettings, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        role: str,
+        settings: CommonSettings,
+        nursery: trio.Nursery,
+        tls: Tls | None = None,
+    ) -> None:
         self.role = role
         self.settings = settings
         self.instance = settings.instance or socket.gethostname()
         self.run_dir = Path(settings.run_dir or f"/run/meridio/{role}")
         self.bus = EventBus()
         self.health = Health()
-        self.grpc = GrpcStack(settings.max_message_bytes)
+        self.tls = tls
+        self.grpc = GrpcStack(
+            settings.max_message_bytes, tls=tls, insecure=settings.insecure, role=role
+        )
         self.log = get_logger(f"meridio.{role}")
         self._nursery = nursery
         self._netlink: dict[str | None, NetlinkManager] = {}
@@ -76,10 +86,15 @@ class Runtime:
         return manager
 
     async def _serve_health(self) -> None:
-        listen: list[str | Endpoint] = [Endpoint(path=str(self.health_socket))]
+        service = HealthService(self.health)
+        self.health_server = await self.grpc.serve(
+            [service], [Endpoint(path=str(self.health_socket))]
+        )
         if self.settings.health_listen:
-            listen.append(self.settings.health_listen)
-        self.health_server = await self.grpc.serve([HealthService(self.health)], listen)
+            # the kubelet's gRPC probes cannot present a certificate: health-plaintext
+            await self.grpc.serve(
+                [service], [self.settings.health_listen], plaintext=self.settings.health_plaintext
+            )
 
     async def aclose(self) -> None:
         await self.grpc.close()
@@ -89,11 +104,26 @@ class Runtime:
 
 
 @asynccontextmanager
-async def open_runtime(role: str, settings: CommonSettings) -> AsyncIterator[Runtime]:
-    """Open the trio-asyncio loop and the runtime services around a role's life."""
+async def open_runtime(
+    role: str, settings: CommonSettings, tls: Tls | None = None
+) -> AsyncIterator[Runtime]:
+    """Open the trio-asyncio loop and the runtime services around a role's life.
+
+    ``tls`` (see :func:`meridio.runtime.tls.check_settings`) is loaded from the settings when
+    not given; its files are then watched for changes.
+    """
+    if tls is None:
+        tls = Tls.from_settings(settings, role)
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        runtime = Runtime(role, settings, nursery)
+        runtime = Runtime(role, settings, nursery, tls)
         try:
+            if tls is not None:
+                if settings.insecure:
+                    runtime.log.warning("insecure ignored: certificates are configured")
+                runtime.log.info("mutual tls", **tls.describe())
+                nursery.start_soon(tls.watch)
+            elif settings.insecure:
+                runtime.log.warning("insecure: gRPC over TCP is plain text, unauthenticated")
             runtime.run_dir.mkdir(parents=True, exist_ok=True)
             await runtime._serve_health()
             if settings.metrics_listen:
