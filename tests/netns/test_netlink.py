@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 
 import pytest
 import trio
 
+from meridio.core import rtnl
 from meridio.runtime.bus import EventBus
-from meridio.runtime.netlink import AddressEvent, LinkEvent, NetlinkManager, RuleEvent
+from meridio.runtime.netlink import AddressEvent, LinkEvent, NetlinkManager, RuleEvent, VethSpec
+from tests.conftest import make_netns
 
 pytestmark = pytest.mark.netns
 
@@ -123,3 +126,144 @@ async def test_lean_dumps_read_what_iproute2_reads(aio_loop: object, netns: obje
     blackholes = [r for r in routes if r.table == 4096 and r.type == 6]
     assert blackholes and blackholes[0].priority == 65535
     assert any(r.dst == "198.18.0.0/16" and r.table == 254 for r in routes)
+
+
+async def test_lean_reads_agree_with_pyroute2(aio_loop: object, netns: object) -> None:
+    """Links (veth, bridge, vxlan), addresses and neighbours read lean, as pyroute2 reads them."""
+    run = netns.run  # type: ignore[attr-defined]
+    for cmd in (
+        "link add mt-br type bridge",
+        "link add mt-a mtu 1400 type veth peer name mt-b",
+        "link set mt-a master mt-br alias meridio-endpoint:x up",
+        "link set mt-b up",
+        "link add mt-vx type vxlan id 42 local 198.18.0.1 remote 198.18.0.2 dstport 4789",
+        "link add mt-vx6 type vxlan id 43 local fd00::1 remote fd00::2 dstport 8472",
+        "addr add 198.18.0.1/24 dev mt-b",
+        "addr add fd00::1/64 dev mt-b nodad",
+        "neigh add 198.18.0.9 lladdr 02:00:00:00:00:09 dev mt-b",
+        "neigh add fd00::9 lladdr 02:00:00:00:00:09 dev mt-b",
+    ):
+        run("ip", *cmd.split())
+    manager = NetlinkManager(EventBus(), netns.name)  # type: ignore[attr-defined]
+    await manager.open()
+    try:
+        heavy = {m.get("IFLA_IFNAME"): m for m in await manager.links()}
+        lean = {link.name: link for link in await manager.link_list()}
+        assert lean.keys() == heavy.keys()
+        for name, msg in heavy.items():
+            link = lean[name]
+            linkinfo = msg.get("IFLA_LINKINFO")
+            assert link.index == msg["index"]
+            assert link.flags == msg["flags"]
+            assert link.mtu == msg.get("IFLA_MTU")
+            assert link.master == (msg.get("IFLA_MASTER") or None)
+            assert link.alias == msg.get("IFLA_IFALIAS")
+            assert link.lladdr == msg.get("IFLA_ADDRESS")
+            assert link.kind == (linkinfo.get("IFLA_INFO_KIND") if linkinfo else None)
+            assert await manager.link_get(name) == link
+        assert lean["mt-a"].alias == "meridio-endpoint:x"
+        assert lean["mt-a"].master == lean["mt-br"].index
+        assert lean["mt-vx"].vxlan == rtnl.Vxlan(42, "198.18.0.1", "198.18.0.2", 4789)
+        assert lean["mt-vx6"].vxlan == rtnl.Vxlan(43, "fd00::1", "fd00::2", 8472)
+        assert await manager.link_get("mt-none") is None
+        assert "198.18.0.1/24" in await manager.addresses("mt-b")
+        assert "fd00::1/64" in await manager.addresses("mt-b")
+        assert await manager.addresses("mt-none") == []
+        neighbours = {(n.index, n.dst) for n in await manager.neighbour_list()}
+        index = lean["mt-b"].index
+        assert {(index, "198.18.0.9"), (index, "fd00::9")} <= neighbours
+        assert await manager.forget_neighbour("fd00::9/64") == 1
+        assert await manager.forget_neighbour("198.18.0.9") == 1
+        assert await manager.forget_neighbour("198.18.0.9") == 0
+    finally:
+        manager.close()
+
+
+async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path: object) -> None:
+    """create_veths: several pairs in one exchange, each a bridge port, up, with its alias;
+    a pair that cannot be made says why and does not stop the others."""
+    peers = [make_netns("peer") for _ in range(3)]
+    try:
+        netns.run("ip", "link", "add", "mt-br", "type", "bridge")  # type: ignore[attr-defined]
+        peers[2].run("ip", "link", "add", "conduit0", "type", "dummy", check=False)
+        peers[2].run("ip", "link", "add", "conduit0", "type", "bridge", check=False)
+        manager = NetlinkManager(EventBus(), netns.name)  # type: ignore[attr-defined]
+        await manager.open()
+        try:
+            bridge = await manager.link_get("mt-br")
+            assert bridge is not None
+            specs = [
+                VethSpec(
+                    f"mt-t{i}",
+                    "conduit0",
+                    f"/run/netns/{p.name}",
+                    1400,
+                    bridge.index,
+                    True,
+                    f"meridio-endpoint:t{i}",
+                )
+                for i, p in enumerate(peers)
+            ] + [VethSpec("mt-tx", "conduit0", "/run/netns/mtest-none", 1400, bridge.index)]
+            made = await manager.create_veths(specs, chunk=2)
+            for i in (0, 1):
+                link = made[i]
+                assert isinstance(link, rtnl.Link), link
+                assert (link.name, link.kind, link.mtu, link.master, link.alias) == (
+                    f"mt-t{i}",
+                    "veth",
+                    1400,
+                    bridge.index,
+                    f"meridio-endpoint:t{i}",
+                )
+                assert link.flags & 1  # up
+                assert "conduit0" in peers[i].run("ip", "-o", "link").stdout
+            assert isinstance(made[2], OSError) and made[2].errno == errno.EEXIST
+            assert isinstance(made[3], OSError) and made[3].errno == errno.ENOENT
+            again = await manager.create_veths(specs[:1])
+            assert isinstance(again[0], OSError) and again[0].errno == errno.EEXIST
+        finally:
+            manager.close()
+    finally:
+        for p in peers:
+            p.close()
+
+
+async def test_link_events_carry_the_carrier_and_skip_bridge_port_states(
+    aio_loop: object, netns: object
+) -> None:
+    bus = EventBus()
+    manager = NetlinkManager(bus, netns.name)  # type: ignore[attr-defined]
+    links = bus.subscribe(LinkEvent)
+    run = netns.run  # type: ignore[attr-defined]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run_events)
+        run("ip", "link", "add", "mt-br", "type", "bridge")
+        run(
+            "ip",
+            "link",
+            "add",
+            "mt-a",
+            "master",
+            "mt-br",
+            "up",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mt-b",
+        )
+        run("ip", "link", "set", "mt-b", "up")
+        await _next(links, LinkEvent, lambda e: e.ifname == "mt-a" and e.up and e.lower_up)
+        run("ip", "link", "set", "mt-a", "nomaster")  # the bridge reports the port gone
+        run("ip", "link", "set", "mt-a", "alias", "marker")
+        seen = []
+        with trio.move_on_after(1):
+            while True:
+                event = await links.receive()
+                if isinstance(event, LinkEvent) and event.ifname == "mt-a":
+                    seen.append(event.action)
+        assert "del" not in seen  # the link is still there: only its bridge port went
+        run("ip", "link", "del", "mt-a")
+        await _next(links, LinkEvent, lambda e: e.ifname == "mt-a" and e.action == "del")
+        nursery.cancel_scope.cancel()
+    manager.close()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from meridio.api.nsp.v1 import Target, TargetStatus, TargetType
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meridio.api.ipam.v1 import Child, IpFamily, Subnet
+from meridio.api.nsp.v1 import Conduit, Target, TargetStatus, TargetType, Trench
 from meridio.core import proxystate as ps
 from meridio.core.proxystate import Registration, SourceRule, TargetConnection
 
@@ -89,3 +95,121 @@ def test_registration_plans() -> None:
     assert plan.unregister == (gone,)
     same = ps.plan_registrations({new.key: new}, {new.key: new})
     assert same.register == () and same.unregister == ()
+
+
+# --- incremental registrations, keepalive schedule, IPAM child bytes ----------------------------
+
+connection_ids = st.sampled_from([f"c{i}" for i in range(6)])
+target_connections = st.builds(
+    TargetConnection,
+    connection_id=st.just(""),  # replaced by the id it is updated under
+    addresses=st.sampled_from(
+        [(), ("198.18.0.2/24",), ("198.18.0.3/24", "fd00::3/64"), ("fd00::3/64", "198.18.0.3/24")]
+    ),
+    identifiers=st.dictionaries(st.sampled_from(["s1", "s2"]), st.integers(1, 4), max_size=2),
+    up=st.booleans(),
+)
+
+
+@given(st.lists(st.tuples(connection_ids, st.none() | target_connections), max_size=40))
+def test_desired_registrations_follow_connections_one_by_one(
+    updates: list[tuple[str, TargetConnection | None]],
+) -> None:
+    """After every update, what is desired equals registrations() of every connection, and
+    the keys said to be affected cover every key whose registration changed."""
+    wanted = ps.DesiredRegistrations()
+    connections: dict[str, TargetConnection] = {}
+    for cid, conn in updates:
+        before = dict(wanted.desired)
+        if conn is None:
+            connections.pop(cid, None)
+            affected = wanted.update(cid, None)
+        else:
+            conn = TargetConnection(cid, conn.addresses, conn.identifiers, conn.up)
+            connections[cid] = conn
+            affected = wanted.update(cid, conn)
+        assert wanted.desired == ps.registrations(connections.values())
+        changed = {
+            k
+            for k in before.keys() | wanted.desired.keys()
+            if before.get(k) != wanted.desired.get(k)
+        }
+        assert changed <= affected
+    assert wanted.connections() == {
+        cid for cid, conn in connections.items() if ps.registrations([conn])
+    }
+
+
+def test_two_connections_with_the_same_addresses_register_once_lowest_id_first() -> None:
+    wanted = ps.DesiredRegistrations()
+    a = TargetConnection("b", ("198.18.0.2/24",), {"s": 1}, True)
+    b = TargetConnection("a", ("198.18.0.2/24",), {"s": 2}, True)
+    wanted.update("b", a)
+    wanted.update("a", b)
+    assert [r.identifier for r in wanted.desired.values()] == [2]
+    wanted.update("a", None)
+    assert [r.identifier for r in wanted.desired.values()] == [1]
+
+
+def test_schedule_gives_due_keys_earliest_first_and_forgets_replaced_times() -> None:
+    schedule: ps.Schedule[str] = ps.Schedule()
+    assert schedule.next() == float("inf")
+    schedule.set("a", 5.0)
+    schedule.set("b", 3.0)
+    schedule.set("c", 4.0)
+    schedule.set("b", 6.0)  # later now: its old time is stale
+    schedule.discard("c")
+    assert len(schedule) == 2 and "b" in schedule and "c" not in schedule
+    assert schedule.next() == 5.0
+    assert schedule.due(4.9, 10) == []
+    assert schedule.due(10.0, 1) == ["a"]
+    assert schedule.get("a") is None and schedule.get("b") == 6.0
+    assert schedule.due(10.0, 10) == ["b"]
+    assert schedule.next() == float("inf")
+
+
+def test_schedule_keeps_its_heap_small_when_keys_are_set_again_and_again() -> None:
+    schedule: ps.Schedule[int] = ps.Schedule()
+    for round_ in range(50):
+        for key in range(10):
+            schedule.set(key, float(round_ * 10 + key))
+    assert len(schedule) == 10
+    assert len(schedule._heap) <= 4 * 10 + 64
+    assert schedule.due(math.inf, 100) == list(range(10))
+
+
+@given(st.text(max_size=300))
+def test_child_bytes_are_what_betterproto_makes(name: str) -> None:
+    subnet = Subnet(
+        conduit=Conduit(name="conduit-a", trench=Trench(name="trench-a")),
+        node="node1",
+        ip_family=IpFamily.IPV6,
+    )
+    assert ps.child_bytes(name, bytes(Child(subnet=subnet))) == bytes(
+        Child(name=name, subnet=subnet)
+    )
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abcde"), st.none() | st.sampled_from([1.0, 2.0, 3.0])),
+        max_size=30,
+    ),
+    st.sampled_from([0.5, 1.0, 2.0, 3.0, math.inf]),
+)
+def test_schedule_due_takes_exactly_the_keys_due_by_then(
+    ops: list[tuple[str, float | None]], horizon: float
+) -> None:
+    schedule: ps.Schedule[str] = ps.Schedule()
+    times: dict[str, float] = {}
+    for key, when in ops:
+        if when is None:
+            schedule.discard(key)
+            times.pop(key, None)
+        else:
+            schedule.set(key, when)
+            times[key] = when
+    due = schedule.due(horizon, 100)
+    assert sorted(due) == sorted(k for k, t in times.items() if t <= horizon)
+    assert [times[k] for k in due] == sorted(times[k] for k in due)
+    assert len(schedule) == len(times) - len(due)

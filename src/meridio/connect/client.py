@@ -390,8 +390,7 @@ class ConnectClient:
         netlink = self._netlink
         spec = conn.spec
         async with self._lock:
-            links = await kernel.read_links(netlink)
-            info = links.get(spec.interface)
+            info = await kernel.get_link(netlink, spec.interface)
             if spec.mechanism == VXLAN:
                 vx = reply.mechanism.vxlan
                 want = (int(vx.vni), conn.local, vx.endpoint_address, int(vx.port))
@@ -411,14 +410,17 @@ class ConnectClient:
                         )
                     except LinkError as exc:
                         raise VniClash(str(exc)) from exc
-                    info = (await kernel.read_links(netlink))[spec.interface]
+                    info = await kernel.get_link(netlink, spec.interface)
+                    if info is None:
+                        raise LinkError(f"{spec.interface} vanished right after creation")
             elif info is None:
                 raise LinkError(f"the endpoint's veth end {spec.interface} is not here (yet)")
             master = None
             if self.end.bridge is not None:
-                master = await netlink.link_index(self.end.bridge)
-                if master is None:
+                bridge = await netlink.link_get(self.end.bridge)
+                if bridge is None:
                     raise LinkError(f"bridge {self.end.bridge} does not exist")
+                master = bridge.index
             await kernel.configure_link(
                 netlink,
                 info,

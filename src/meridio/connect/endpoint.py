@@ -9,6 +9,17 @@ connections whose client stopped refreshing, and removes links left by an earlie
 within the grace period. Serialising everything through one task means no two requests ever
 race on a connection or a link.
 
+It stays cheap with a thousand connections (a proxy with every target of a busy node):
+
+* a refresh that changes nothing (the same request again, for a link in place) is answered by
+  the handler at once, with the reply serialized when the connection was made;
+* a new connection's addresses are assigned beside the task (the role may ask IPAM), many at
+  once; the request then comes back to the task, and the bridge ports of the connections
+  whose addresses came back together are made in one exchange with the kernel;
+* link events update the connection they concern (found by link index), and the resync reads
+  every link in one lean dump (:mod:`meridio.core.rtnl`), put off while connections are being
+  set up; expiries are kept in a heap.
+
 A role plugs in what differs between the LB and the proxy through :class:`EndpointPolicy`:
 which addresses both ends get, whether the endpoint's end carries addresses or joins a bridge,
 and what happens when a connection closes.
@@ -17,9 +28,13 @@ and what happens when a connection closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 import math
+import socket
+import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpclib
@@ -38,7 +53,7 @@ from meridio.api.meridio.connect.v1 import (
 )
 from meridio.connect import kernel
 from meridio.connect.kernel import LinkError, LinkInfo, pid_netns_path
-from meridio.core import conduit
+from meridio.core import conduit, rtnl
 from meridio.core.conduit import (
     ENDPOINT_ALIAS,
     VETH,
@@ -48,11 +63,18 @@ from meridio.core.conduit import (
     RequestSpec,
 )
 from meridio.runtime.bus import Lagged
-from meridio.runtime.netlink import LinkEvent, NetlinkManager, NetlinkOverrun
+from meridio.runtime.grpc import Encoded
+from meridio.runtime.netlink import LinkEvent, NetlinkManager, NetlinkOverrun, VethSpec
 from meridio.runtime.notify import Signal
 
 #: How long a gRPC handler waits for the endpoint task to answer its request.
 HANDLER_TIMEOUT = 20.0
+#: New connections whose addresses the role assigns at once (IPAM round trips in flight).
+ASSIGN_CONCURRENCY = 256
+#: Connections the listening socket queues before they are accepted.
+LISTEN_BACKLOG = 4096
+#: Resync periods a resync may wait while new connections are being set up.
+RESYNC_DEFER = 4
 
 
 class VniTaken(Exception):
@@ -106,6 +128,9 @@ class EndpointConfig:
     grace: float | None = None
     """Seconds after start during which unclaimed links of an earlier instance are kept for
     their clients to come back; default: ``expiry``."""
+    track_changes: bool = False
+    """Collect the ids of the connections that changed in :attr:`ConnectEndpoint.changed`
+    (for a role that follows them one by one instead of reading every connection)."""
 
 
 @dataclass
@@ -120,6 +145,7 @@ class EndpointConnection:
     local: str = ""  # vxlan: this side's underlay address
     index: int | None = None
     up: bool = False
+    reply: Encoded | None = field(default=None, repr=False, compare=False)  # serialized once
 
     @property
     def connection_id(self) -> str:
@@ -135,12 +161,26 @@ class _Request:
     spec: RequestSpec
     future: asyncio.Future[Connection]
 
+    @property
+    def connection_id(self) -> str:
+        return self.spec.connection_id
+
 
 @dataclass
 class _Close:
     network_service: str
     connection_id: str
     future: asyncio.Future[Empty]
+
+
+@dataclass
+class _Assigned:
+    """A new connection's addresses, back from the role (or why there are none)."""
+
+    request: _Request
+    addresses: Assigned | None = None
+    error: Exception | None = None
+    link: LinkInfo | None = None  # its link, made together with those of others
 
 
 def _settle(
@@ -166,6 +206,27 @@ def _status_error(exc: Exception) -> grpclib.GRPCError:
     return grpclib.GRPCError(Status.UNAVAILABLE, f"the endpoint could not set up the link: {exc}")
 
 
+def link_group(network_service: str) -> int:
+    """The link group of an endpoint's links: from its network service, so that an endpoint
+    restarted finds its links in it, and, on exit, deletes them in one request."""
+    return zlib.crc32(f"meridio-endpoint:{network_service}".encode()) & 0x7FFFFFFF or 1
+
+
+def _deepen_backlog(server: Any) -> None:
+    """Let every client of a busy node connect at once: a proxy that starts with a thousand
+    targets asking gets a thousand connections at the same moment, and asyncio's default
+    listen backlog (100) makes the others fail (unix socket) or wait for SYN retries (TCP).
+
+    The runtime's server does not take a backlog, so the listening sockets are found through
+    it (every attribute looked up defensively: without them the default stays)."""
+    for inner in getattr(server, "_servers", ()):
+        for sock in getattr(getattr(inner, "_server", None), "sockets", None) or ():
+            with contextlib.suppress(OSError, ValueError):
+                dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+                with dup:
+                    dup.listen(LISTEN_BACKLOG)
+
+
 class ConnectEndpoint:
     def __init__(self, runtime: Any, config: EndpointConfig, policy: EndpointPolicy) -> None:
         self.runtime = runtime
@@ -174,6 +235,9 @@ class ConnectEndpoint:
         self.log = runtime.log.bind(endpoint=config.name)
         self.connections: dict[str, EndpointConnection] = {}
         self.changes = Signal()
+        self.changed: set[str] = set()
+        """With ``track_changes``: ids of connections that appeared, closed or changed what
+        the role sees (addresses, context, link up) since the role last emptied it."""
         self.bound: list[Any] = []
         self._send, self._recv = trio.open_memory_channel[Any](math.inf)
         self._netlink: NetlinkManager | None = None
@@ -181,11 +245,42 @@ class ConnectEndpoint:
         self._own_netns = kernel.own_netns_inode()
         self._started = 0.0
         self._links_dirty = False
+        self._by_index: dict[int, str] = {}  # link index -> connection id
+        self._expiries: list[tuple[float, str]] = []  # heap of (deadline, connection id); stale
+        # entries (the connection was refreshed or closed since) are dropped when they surface
+        self._assigning: dict[str, list[_Request | _Close]] = {}  # id -> what waits for it
+        self._assign_limit = trio.CapacityLimiter(ASSIGN_CONCURRENCY)
+        self._bridge_index: int | None = None
+        self._nursery: trio.Nursery | None = None
+        self._group = link_group(policy.network_service)
+
+    def _announce(self, *connection_ids: str) -> None:
+        if self.config.track_changes:
+            self.changed.update(connection_ids)
+        self.changes.bump()
 
     # --- from the gRPC handlers (asyncio side, same thread) ---------------------------------
 
     def submit(self, item: _Request | _Close) -> None:
         self._send.send_nowait(item)
+
+    def refresh(self, spec: RequestSpec) -> Encoded | None:
+        """A refresh that changes nothing, answered on the spot: the same request as the one
+        the connection was made or last changed with, for a link in place, with nothing
+        pending for it. It touches no link (its reply is the one given before), so it need
+        not wait for its turn in the endpoint's task; anything else does (None)."""
+        conn = self.connections.get(spec.connection_id)
+        if (
+            conn is None
+            or conn.index is None
+            or conn.reply is None
+            or spec.connection_id in self._assigning
+            or conn.spec != spec
+        ):
+            return None
+        conn.refreshed = trio.current_time()
+        heapq.heappush(self._expiries, (conn.refreshed + self.config.expiry, conn.connection_id))
+        return conn.reply
 
     # --- life ---------------------------------------------------------------------------------
 
@@ -198,9 +293,11 @@ class ConnectEndpoint:
             bus = self.runtime.bus
             with bus.subscribe(LinkEvent) as links, bus.subscribe(NetlinkOverrun) as overruns:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._forward_events, links)
                     nursery.start_soon(self._forward_events, overruns)
                     server = await self.runtime.grpc.serve([ConnectService(self)], listen)
+                    _deepen_backlog(server)
                     self.bound = list(server.bound)
                     self.log.info(
                         "connect endpoint serving",
@@ -210,26 +307,36 @@ class ConnectEndpoint:
                     task_status.started()
                     await self._loop()
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 await self._remove_all()
 
     async def _forward_events(self, sub: Any) -> None:
+        bridge = self.policy.bridge()
         async for event in sub:
             if isinstance(event, Lagged | NetlinkOverrun) or (
                 isinstance(event, LinkEvent)
                 and event.netns is None
                 and (
-                    event.ifname.startswith(self.config.link_prefix)
-                    or any(c.index == event.index for c in self.connections.values())
+                    event.index in self._by_index
+                    or event.ifname.startswith(self.config.link_prefix)
+                    or event.ifname == bridge
                 )
             ):
                 self._send.send_nowait(event)
 
     async def _loop(self) -> None:
-        next_resync = trio.current_time() + self.config.resync_period
+        period = self.config.resync_period
+        next_resync = trio.current_time() + period
+        latest_resync = next_resync + RESYNC_DEFER * period
         while True:
             items: list[Any] = []
-            with trio.move_on_at(min(next_resync, self._next_expiry())):
+            # expiries are checked to the second: a refresh makes the earliest deadline stale,
+            # and waking for each of them would cost a wake-up per refresh
+            expiry = self._next_expiry()
+            with trio.move_on_at(
+                min(next_resync, math.ceil(expiry) if expiry < math.inf else expiry)
+            ):
                 items.append(await self._recv.receive())
             while True:
                 try:
@@ -237,15 +344,28 @@ class ConnectEndpoint:
                 except trio.WouldBlock:
                     break
             try:
-                for item in items:
+                await self._make_links(items)
+            except Exception as exc:  # each is made the usual way
+                self.log.warning("making links together failed", error=str(exc))
+            for item in items:
+                try:
                     await self._handle(item)
+                except Exception as exc:  # the kernel refused something: the others go on
+                    self.log.error("endpoint reconcile failed", error=str(exc), exc_info=True)
+                    self._links_dirty = True
+            try:
                 if self._links_dirty:
                     self._links_dirty = False
-                    await self._refresh_links()
+                    await self._refresh_links(await self._read_links())
                 now = trio.current_time()
                 await self._expire(now)
-                if now >= next_resync:
-                    next_resync = now + self.config.resync_period
+                if now >= next_resync and self._assigning and now < latest_resync:
+                    # connections are being set up (a cold start): reading every link now
+                    # would only slow them down, and their links are read as they are made
+                    next_resync = min(now + 1, latest_resync)
+                elif now >= next_resync:
+                    next_resync = now + period
+                    latest_resync = next_resync + RESYNC_DEFER * period
                     await self._resync()
             except Exception as exc:  # the kernel refused something: try again shortly
                 self.log.error("endpoint reconcile failed", error=str(exc), exc_info=True)
@@ -253,41 +373,139 @@ class ConnectEndpoint:
                 next_resync = min(next_resync, trio.current_time() + 1)
 
     def _next_expiry(self) -> float:
-        if not self.connections:
-            return math.inf
-        return min(c.refreshed for c in self.connections.values()) + self.config.expiry
+        """When the connection refreshed longest ago expires (inf: no connection)."""
+        heap = self._expiries
+        while heap:
+            deadline, cid = heap[0]
+            conn = self.connections.get(cid)
+            if conn is not None and conn.refreshed + self.config.expiry == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return math.inf
 
     async def _handle(self, item: Any) -> None:
-        if isinstance(item, _Request):
-            try:
-                reply = await self._request(item.spec)
-            except Exception as exc:
-                if not isinstance(exc, InvalidRequest | VniTaken):
-                    self.log.warning(
-                        "connection request failed",
-                        connection=item.spec.connection_id,
-                        error=str(exc),
-                    )
-                _settle(item.future, error=_status_error(exc))
+        if isinstance(item, _Request | _Close):
+            waiting = self._assigning.get(item.connection_id)
+            if waiting is not None:  # its connection is being set up: after that, in order
+                waiting.append(item)
+            elif isinstance(item, _Request):
+                if item.future.done() and item.connection_id in self.connections:
+                    return  # a refresh nobody waits for any more (the client asks again)
+                await self._serve(item)
             else:
-                _settle(item.future, reply)
-        elif isinstance(item, _Close):
-            conn = self.connections.get(item.connection_id)
-            if conn is not None and item.network_service in ("", self.policy.network_service):
-                await self._close(conn, "closed by the client")
-            _settle(item.future, Empty())
+                conn = self.connections.get(item.connection_id)
+                if conn is not None and item.network_service in ("", self.policy.network_service):
+                    await self._close(conn, "closed by the client")
+                _settle(item.future, Empty())
+        elif isinstance(item, _Assigned):
+            waiting = self._assigning.pop(item.request.connection_id, [])
+            await self._serve(item.request, item)
+            for later in waiting:
+                await self._handle(later)
         elif isinstance(item, LinkEvent):
-            conn = next((c for c in self.connections.values() if c.index == item.index), None)
-            if conn is not None and item.action == "del":
+            if item.ifname == self.policy.bridge() and item.action == "del":
+                self._bridge_index = None
+            cid = self._by_index.get(item.index)
+            conn = self.connections.get(cid) if cid is not None else None
+            if conn is None or conn.index != item.index:
+                return
+            if item.action == "del":
                 await self._close(conn, "its link went away")
-            else:
-                self._links_dirty = True
+            elif item.ifname != conn.link:
+                self._links_dirty = True  # renamed: the refresh closes it
+            elif conn.up != (item.up and item.lower_up):
+                conn.up = item.up and item.lower_up
+                self._announce(conn.connection_id)
         else:  # Lagged, NetlinkOverrun: events were lost, read the links again
             self._links_dirty = True
 
+    async def _serve(self, item: _Request, assigned: _Assigned | None = None) -> None:
+        try:
+            if assigned is not None and assigned.error is not None:
+                raise assigned.error
+            if assigned is None:
+                reply = await self._request(item, None)
+            else:
+                reply = await self._request(item, assigned.addresses, assigned.link)
+        except Exception as exc:
+            made = assigned.link if assigned is not None else None
+            if made is not None and item.connection_id not in self.connections:
+                assert self._netlink is not None  # its link was made for nothing
+                with contextlib.suppress(Exception):
+                    await kernel.remove_link(self._netlink, made.name)
+            if not isinstance(exc, InvalidRequest | VniTaken):
+                self.log.warning(
+                    "connection request failed",
+                    connection=item.spec.connection_id,
+                    error=str(exc),
+                )
+            _settle(item.future, error=_status_error(exc))
+        else:
+            if reply is not None:
+                _settle(item.future, reply)
+
+    async def _make_links(self, items: list[Any]) -> None:
+        """Make the veth links of the new connections whose addresses came back together, in
+        one exchange with the kernel rather than a few round trips each (a thousand targets
+        asking at once, on a busy node, take seconds instead of minutes). Only bridge ports:
+        they need nothing else. A link that cannot be made so is made the usual way after."""
+        if self.policy.bridge() is None:
+            return
+        batch: list[tuple[_Assigned, VethSpec]] = []
+        for item in items:
+            if not isinstance(item, _Assigned) or item.error is not None:
+                continue
+            spec = item.request.spec
+            if spec.connection_id in self.connections:
+                continue
+            try:
+                mechanism, _netns, local = await self._choose(spec, None)
+                mtu = await self._mtu(mechanism, spec, local)
+                master = await self._bridge()
+            except Exception:  # served the usual way, which says what is wrong
+                continue
+            if mechanism.type != VETH:
+                continue
+            name = conduit.link_name(self.config.link_prefix, spec.connection_id)
+            vspec = VethSpec(
+                name,
+                mechanism.interface,
+                mechanism.netns_path,
+                mtu,
+                master=master,
+                up=True,
+                alias=conduit.alias_of(ENDPOINT_ALIAS, spec.connection_id),
+                group=self._group,
+            )
+            batch.append((item, vspec))
+        if not batch:
+            return
+        assert self._netlink is not None
+        made = await self._netlink.create_veths([vspec for _, vspec in batch])
+        for (item, _), link in zip(batch, made, strict=True):
+            if isinstance(link, rtnl.Link):
+                item.link = kernel.lean_link_info(link)
+
+    async def _assign(self, item: _Request) -> None:
+        """The addresses of a new connection, beside the endpoint's task (the role may ask
+        IPAM, a round trip or two): the request comes back to the task with them."""
+        result = _Assigned(item)
+        try:
+            async with self._assign_limit:
+                result.addresses = await self.policy.assign(item.spec, None)
+        except Exception as exc:
+            result.error = exc
+        self._send.send_nowait(result)
+
     # --- requests ----------------------------------------------------------------------------
 
-    async def _request(self, spec: RequestSpec) -> Connection:
+    async def _request(
+        self, item: _Request, assigned: Assigned | None, link: LinkInfo | None = None
+    ) -> Encoded | None:
+        """Serve a request: the reply, serialized; None when a new connection's addresses are
+        being assigned (the request is served again with them, and with its ``link`` when it
+        was made already)."""
+        spec = item.spec
         if spec.network_service != self.policy.network_service:
             raise InvalidRequest(
                 f"network service {spec.network_service!r} is not served here "
@@ -295,29 +513,49 @@ class ConnectEndpoint:
             )
         self.policy.check(spec)
         assert self._netlink is not None
-        links = await kernel.read_links(self._netlink)
         existing = self.connections.get(spec.connection_id)
-        mechanism, netns, local = self._choose(spec, links)
-        assigned = await self.policy.assign(spec, existing.assigned if existing else None)
+        mechanism, netns, local = await self._choose(spec, existing)
+        if assigned is None:
+            if existing is None:
+                assert self._nursery is not None
+                self._assigning[spec.connection_id] = []
+                self._nursery.start_soon(self._assign, item)
+                return None
+            assigned = await self.policy.assign(spec, existing.assigned)
         mtu = await self._mtu(mechanism, spec, local)
         name = conduit.link_name(self.config.link_prefix, spec.connection_id)
         conn = EndpointConnection(
             spec, mechanism, assigned, name, mtu, trio.current_time(), netns=netns, local=local
         )
+        relinked = False
         if existing is not None:
             conn.index, conn.up = existing.index, existing.up
             if self._relink_needed(existing, conn):
+                self._forget_index(existing)
                 await kernel.remove_link(self._netlink, name)
                 conn.index, conn.up = None, False
-                links.pop(name, None)
-        try:
-            await self._ensure(conn, links)
-        except BaseException:
-            if existing is None:
-                with trio.CancelScope(shield=True):
-                    await kernel.remove_link(self._netlink, name)
-            raise
+                relinked = True
+        if (
+            existing is None
+            or relinked
+            or conn.index is None
+            or (existing.mtu, existing.assigned) != (conn.mtu, conn.assigned)
+        ):
+            try:
+                await self._ensure(conn, link if existing is None else None)
+            except BaseException:
+                if existing is None:
+                    with trio.CancelScope(shield=True):
+                        await kernel.remove_link(self._netlink, name)
+                raise
+        elif existing.spec == spec:
+            # a refresh that changes nothing: no kernel call (the resync repairs drift, an
+            # event says when the link goes) and the same reply
+            conn.reply = existing.reply
+        if conn.reply is None:
+            conn.reply = Encoded(bytes(self._reply(conn)))
         self.connections[spec.connection_id] = conn
+        heapq.heappush(self._expiries, (conn.refreshed + self.config.expiry, conn.connection_id))
         if existing is None:
             self.log.info(
                 "connection established",
@@ -328,8 +566,8 @@ class ConnectEndpoint:
                 addresses=list(assigned.client),
             )
         if existing is None or self._visible(existing) != self._visible(conn):
-            self.changes.bump()
-        return self._reply(conn)
+            self._announce(conn.connection_id)
+        return conn.reply
 
     @staticmethod
     def _visible(conn: EndpointConnection) -> tuple[Any, ...]:
@@ -346,8 +584,8 @@ class ConnectEndpoint:
         old_vx = (a.vni, a.port, a.client_address, old.local)
         return old_vx != (b.vni, b.port, b.client_address, new.local)
 
-    def _choose(
-        self, spec: RequestSpec, links: dict[str, LinkInfo]
+    async def _choose(
+        self, spec: RequestSpec, existing: EndpointConnection | None
     ) -> tuple[MechanismSpec, int, str]:
         """The first offered mechanism this endpoint serves; for veth the client's namespace
         (inode), for vxlan this side's underlay address."""
@@ -376,7 +614,8 @@ class ConnectEndpoint:
                     raise InvalidRequest(f"vxlan: {exc}") from None
             if conduit.family(local) != conduit.family(m.client_address):
                 continue
-            self._check_vni(spec.connection_id, m, links)
+            if existing is None or (existing.mechanism, existing.local) != (m, local):
+                self._check_vni(spec.connection_id, m, await self._read_links())
             return m, 0, local
         served = ", ".join(self.config.mechanisms)
         if VXLAN in self.config.mechanisms and self.config.primary_address:
@@ -406,13 +645,52 @@ class ConnectEndpoint:
             limit = min(limit, conduit.vxlan_mtu(underlay, conduit.family(local)))
         return conduit.agree_mtu(limit, spec.mtu)
 
-    async def _ensure(self, conn: EndpointConnection, links: dict[str, LinkInfo]) -> None:
+    async def _read_links(self) -> dict[str, LinkInfo]:
+        assert self._netlink is not None
+        return await kernel.read_links(self._netlink)
+
+    async def _bridge(self) -> int | None:
+        """The index of the bridge every link joins (None: no bridge)."""
+        bridge = self.policy.bridge()
+        if bridge is None:
+            return None
+        if self._bridge_index is None:
+            assert self._netlink is not None
+            info = await kernel.get_link(self._netlink, bridge)
+            if info is None:
+                raise LinkError(f"bridge {bridge} does not exist")
+            self._bridge_index = info.index
+        return self._bridge_index
+
+    def _as_wanted(self, conn: EndpointConnection, info: LinkInfo, master: int) -> bool:
+        """Whether ``info``, a bridge port, is the link :meth:`_ensure` would make of it."""
+        m = conn.mechanism
+        if m.type == VXLAN:
+            if not kernel.vxlan_matches(info, m.vni, conn.local, m.client_address, m.port):
+                return False
+        elif info.kind != "veth":
+            return False
+        return (
+            info.up
+            and info.master == master
+            and (not conn.mtu or info.mtu == conn.mtu)
+            and info.alias == conduit.alias_of(ENDPOINT_ALIAS, conn.connection_id)
+            and info.index == conn.index
+            and info.group == self._group
+        )
+
+    def _forget_index(self, conn: EndpointConnection) -> None:
+        if conn.index is not None and self._by_index.get(conn.index) == conn.connection_id:
+            del self._by_index[conn.index]
+
+    async def _ensure(self, conn: EndpointConnection, info: LinkInfo | None = None) -> None:
         """Create the connection's link if missing (or adopt the one a previous instance left)
-        and configure it; records its index."""
+        and configure it; records its index. ``info``: the link as just read, if it is."""
         assert self._netlink is not None
         netlink = self._netlink
         m = conn.mechanism
-        info = links.get(conn.link)
+        if info is None:
+            info = await kernel.get_link(netlink, conn.link)
         if info is not None and m.type == VXLAN:
             if not kernel.vxlan_matches(info, m.vni, conn.local, m.client_address, m.port):
                 await kernel.remove_link(netlink, conn.link)
@@ -420,9 +698,18 @@ class ConnectEndpoint:
         elif info is not None and info.kind != "veth":
             await kernel.remove_link(netlink, conn.link)
             info = None
+        master = await self._bridge()
         if info is None:
             if m.type == VETH:
-                await kernel.create_veth(netlink, conn.link, m.interface, m.netns_path, conn.mtu)
+                await kernel.create_veth(
+                    netlink,
+                    conn.link,
+                    m.interface,
+                    m.netns_path,
+                    conn.mtu,
+                    master=master,
+                    group=self._group,
+                )
             else:
                 try:
                     await kernel.create_vxlan(
@@ -433,25 +720,26 @@ class ConnectEndpoint:
                         remote=m.client_address,
                         port=m.port,
                         mtu=conn.mtu,
+                        group=self._group,
                     )
                 except LinkError as exc:
                     raise VniTaken(str(exc)) from exc
-            info = (await kernel.read_links(netlink))[conn.link]
-        bridge = self.policy.bridge()
-        master = None
-        if bridge is not None:
-            master = await netlink.link_index(bridge)
-            if master is None:
-                raise LinkError(f"bridge {bridge} does not exist")
+            info = await kernel.get_link(netlink, conn.link)
+            if info is None:
+                raise LinkError(f"link {conn.link} vanished right after creation")
         await kernel.configure_link(
             netlink,
             info,
             alias=conduit.alias_of(ENDPOINT_ALIAS, conn.connection_id),
             mtu=conn.mtu,
             master=master,
-            addresses=None if bridge is not None else conn.assigned.on_link,
+            addresses=None if master is not None else conn.assigned.on_link,
+            group=self._group,
         )
+        self._forget_index(conn)
         conn.index = info.index
+        conn.up = info.running
+        self._by_index[info.index] = conn.connection_id
 
     def _reply(self, conn: EndpointConnection) -> Connection:
         m = conn.mechanism
@@ -481,22 +769,23 @@ class ConnectEndpoint:
     # --- liveness, drift, clean-up ------------------------------------------------------------
 
     async def _expire(self, now: float) -> None:
-        for conn in list(self.connections.values()):
-            if conn.refreshed + self.config.expiry <= now:
-                await self._close(conn, "its client stopped refreshing it")
+        while self._next_expiry() <= now:
+            _deadline, cid = heapq.heappop(self._expiries)
+            await self._close(self.connections[cid], "its client stopped refreshing it")
 
     async def _close(self, conn: EndpointConnection, reason: str) -> None:
         assert self._netlink is not None
         if self.connections.get(conn.connection_id) is not conn:
             return
         del self.connections[conn.connection_id]
+        self._forget_index(conn)
         conn.index = None  # our own deletion is not "the link went away"
         try:
             await kernel.remove_link(self._netlink, conn.link)
         except Exception as exc:  # the resync removes it as a link no client claims
             self.log.warning("removing a closed connection's link failed", error=str(exc))
         self.log.info("connection closed", connection=conn.connection_id, reason=reason)
-        self.changes.bump()
+        self._announce(conn.connection_id)
         try:
             await self.policy.release(conn, reason)
         except Exception as exc:
@@ -506,11 +795,12 @@ class ConnectEndpoint:
                 error=str(exc),
             )
 
-    async def _refresh_links(self) -> None:
-        """Read the links: note which are up, close connections whose link is gone."""
-        assert self._netlink is not None
-        by_index = {i.index: i for i in (await kernel.read_links(self._netlink)).values()}
-        changed = False
+    async def _refresh_links(self, links: dict[str, LinkInfo]) -> None:
+        """From the links as read: note which are up, close connections whose link is gone."""
+        by_index = {i.index: i for i in links.values()}
+        bridge = self.policy.bridge()
+        self._bridge_index = links[bridge].index if bridge in links else None
+        changed = []
         for conn in list(self.connections.values()):
             info = by_index.get(conn.index) if conn.index is not None else None
             if info is None or info.name != conn.link:
@@ -519,21 +809,24 @@ class ConnectEndpoint:
                 continue
             if conn.up != info.running:
                 conn.up = info.running
-                changed = True
+                changed.append(conn.connection_id)
         if changed:
-            self.changes.bump()
+            self._announce(*changed)
 
     async def _resync(self) -> None:
         """Repair drift of live connections; remove links of an earlier instance that no client
-        claimed within the grace period."""
+        claimed within the grace period. One read of the links, whatever their number."""
         assert self._netlink is not None
-        await self._refresh_links()
-        links = await kernel.read_links(self._netlink)
+        links = await self._read_links()
+        await self._refresh_links(links)
+        master = self._bridge_index
         for conn in list(self.connections.values()):
             info = links.get(conn.link)
             if info is not None:
+                if master is not None and self._as_wanted(conn, info, master):
+                    continue  # a bridge port as it should be: nothing to compare further
                 try:
-                    await self._ensure(conn, links)
+                    await self._ensure(conn, info)
                 except Exception as exc:
                     self.log.warning(
                         "repairing a link failed", connection=conn.connection_id, error=str(exc)
@@ -551,14 +844,24 @@ class ConnectEndpoint:
     async def _remove_all(self) -> None:
         if self._netlink is None:
             return
-        for conn in list(self.connections.values()):
+        remaining = list(self.connections.values())
+        if remaining:
+            try:  # the links of the group at once, then what is left (made by another version)
+                await self._netlink.delete_group(self._group)
+                present = await self._read_links()
+                remaining = [c for c in remaining if c.link in present]
+            except Exception as exc:
+                self.log.warning("removing the links together failed", error=str(exc))
+        for conn in remaining:
             conn.index = None
             try:
                 await kernel.remove_link(self._netlink, conn.link)
             except Exception as exc:
                 self.log.warning("removing a link failed", link=conn.link, error=str(exc))
+        closed = list(self.connections)
         self.connections.clear()
-        self.changes.bump()
+        self._by_index.clear()
+        self._announce(*closed)
 
 
 class ConnectService(ConnectBase):  # type: ignore[misc]  # generated code is untyped
@@ -582,6 +885,9 @@ class ConnectService(ConnectBase):  # type: ignore[misc]  # generated code is un
             spec = conduit.parse_request(connect_request)
         except InvalidRequest as exc:
             raise grpclib.GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+        refreshed = self.endpoint.refresh(spec)
+        if refreshed is not None:
+            return refreshed  # serialized already (the codec sends Encoded as is)
         result: Connection = await self._submit(lambda f: _Request(spec, f))
         return result
 

@@ -21,6 +21,7 @@ from typing import Any, cast
 import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
+from meridio.core import rtnl
 from meridio.core.conduit import family
 from meridio.runtime.netlink import NetlinkManager
 
@@ -47,6 +48,7 @@ class LinkInfo:
     up: bool  # administratively up
     lower_up: bool  # carrier: for veth, the peer is up too
     vxlan: VxlanInfo | None = None
+    group: int = 0  # the link group (deleted together)
 
     @property
     def running(self) -> bool:
@@ -81,9 +83,32 @@ def link_info(msg: Any) -> LinkInfo:
     )
 
 
+def lean_link_info(link: rtnl.Link) -> LinkInfo:
+    """A :class:`LinkInfo` from a lean dump's or get's :class:`meridio.core.rtnl.Link`."""
+    vx = link.vxlan
+    return LinkInfo(
+        index=link.index,
+        name=link.name,
+        kind=link.kind,
+        alias=link.alias,
+        mtu=link.mtu,
+        master=link.master,
+        up=bool(link.flags & IFF_UP),
+        lower_up=bool(link.flags & IFF_LOWER_UP),
+        vxlan=VxlanInfo(vx.vni, vx.local, vx.remote, vx.port) if vx is not None else None,
+        group=link.group,
+    )
+
+
 async def read_links(netlink: NetlinkManager) -> dict[str, LinkInfo]:
-    """Every link of the namespace, by name."""
-    return {info.name: info for info in map(link_info, await netlink.links())}
+    """Every link of the namespace, by name: one lean dump (see :mod:`meridio.core.rtnl`)."""
+    return {link.name: lean_link_info(link) for link in await netlink.link_list()}
+
+
+async def get_link(netlink: NetlinkManager, ifname: str) -> LinkInfo | None:
+    """The link named ``ifname`` (None when there is none): one message, not a dump."""
+    link = await netlink.link_get(ifname)
+    return lean_link_info(link) if link is not None else None
 
 
 # --- one request at a time -------------------------------------------------------------------
@@ -180,19 +205,39 @@ class LinkError(Exception):
 
 
 async def create_veth(
-    netlink: NetlinkManager, name: str, peer: str, netns_path: str, mtu: int
+    netlink: NetlinkManager,
+    name: str,
+    peer: str,
+    netns_path: str,
+    mtu: int,
+    *,
+    master: int | None = None,
+    group: int = 0,
 ) -> None:
     """A veth pair: ``name`` here and ``peer`` created directly in the namespace at
     ``netns_path``. The namespace file is open only during the call, so the namespace goes
-    away with its last process as it should."""
+    away with its last process as it should. With ``master``, ``name`` is made a port of that
+    bridge and up in the same request (one kernel change instead of three); with ``group``,
+    it is put in that link group."""
+    extra: dict[str, Any] = {} if master is None else {"master": master, "state": "up"}
+    if group:
+        extra["group"] = group
     for attempt in (1, 2):
         fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            await netlink.ensure_link(
-                name, "veth", mtu=mtu, peer={"ifname": peer, "net_ns_fd": fd, "mtu": mtu}
+            await netlink.create_link(
+                name,
+                "veth",
+                mtu=mtu,
+                peer={"ifname": peer, "net_ns_fd": fd, "mtu": mtu},
+                **extra,
             )
             return
-        except RuntimeError as exc:  # EEXIST for the peer's name: the link never appeared here
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+            if await netlink.link_get(name) is not None:
+                return  # made meanwhile (an earlier instance's, adopted by the caller)
             # ``name`` is not here, so a ``peer`` in the client's namespace is the other end of
             # a pair whose first end is elsewhere: an earlier instance of this endpoint (its
             # namespace gone, or going, with sockets still holding it). The names are ours.
@@ -239,10 +284,21 @@ def vxlan_matches(info: LinkInfo, vni: int, local: str, remote: str, port: int) 
 
 
 async def create_vxlan(
-    netlink: NetlinkManager, name: str, *, vni: int, local: str, remote: str, port: int, mtu: int
+    netlink: NetlinkManager,
+    name: str,
+    *,
+    vni: int,
+    local: str,
+    remote: str,
+    port: int,
+    mtu: int,
+    group: int = 0,
 ) -> None:
+    extra: dict[str, Any] = {"group": group} if group else {}
     try:
-        await netlink.ensure_link(name, "vxlan", mtu=mtu, **vxlan_attrs(vni, local, remote, port))
+        await netlink.ensure_link(
+            name, "vxlan", mtu=mtu, **vxlan_attrs(vni, local, remote, port), **extra
+        )
     except RuntimeError as exc:  # EEXIST: the VNI is taken on this port
         raise LinkError(f"cannot create vxlan {name}: VNI {vni} is in use on port {port}") from exc
 
@@ -272,8 +328,9 @@ async def configure_link(
     mtu: int | None = None,
     master: int | None = None,
     addresses: Sequence[str] | None = None,
+    group: int | None = None,
 ) -> None:
-    """Bring ``info``'s link to the wanted alias, MTU, master, addresses, and up."""
+    """Bring ``info``'s link to the wanted alias, MTU, master, addresses, group, and up."""
     if addresses is not None:
         await ensure_addresses(netlink, info.name, addresses)
     attrs: dict[str, Any] = {}
@@ -283,10 +340,12 @@ async def configure_link(
         attrs["mtu"] = mtu
     if master is not None and info.master != master:
         attrs["master"] = master
-    if attrs:
-        await netlink.set_link(info.name, **attrs)
+    if group is not None and info.group != group:
+        attrs["group"] = group
     if not info.up:
-        await netlink.ensure_link_up(info.name)
+        attrs["state"] = "up"
+    if attrs:
+        await netlink.set_link_index(info.index, **attrs)
 
 
 async def remove_link(netlink: NetlinkManager, ifname: str) -> None:
@@ -321,8 +380,15 @@ async def resolve(host: str) -> str:
 async def underlay_mtu(netlink: NetlinkManager, address: str) -> int:
     """The MTU of the link that holds ``address`` (the primary address of a vxlan side)."""
     wanted = ipaddress.ip_address(address)
-    for info in (await read_links(netlink)).values():
-        for cidr in await netlink.addresses(info.name):
-            if ipaddress.ip_interface(cidr).ip == wanted:
-                return info.mtu
+    holders = {a.index for a in await netlink.address_list() if ip_of(a.address) == wanted}
+    for link in await netlink.link_list():
+        if link.index in holders:
+            return link.mtu
     raise LinkError(f"no interface holds the primary address {address}")
+
+
+def ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None

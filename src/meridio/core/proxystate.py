@@ -15,10 +15,12 @@ end of an LB connection (Meridio's "destination" side).
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from meridio.api.nsp.v1 import Target, TargetStatus
 from meridio.core.registry import canonical_ips
@@ -165,3 +167,118 @@ def plan_registrations(
     register = tuple(r for k, r in sorted(desired.items()) if current.get(k) != r)
     unregister = tuple(r for k, r in sorted(current.items()) if k not in desired)
     return RegistrationPlan(register, unregister)
+
+
+class DesiredRegistrations:
+    """The registrations the connected targets call for, kept per connection, so that a
+    change costs what it touches rather than a pass over every target.
+
+    After any sequence of :meth:`update` calls, :attr:`desired` equals
+    ``registrations(<every connection last updated, not removed>)``: one registration per
+    (target, stream), and when two connections would register the same (stream, addresses)
+    the one with the lowest connection id does.
+    """
+
+    def __init__(self) -> None:
+        self.desired: dict[RegistrationKey, Registration] = {}
+        self._mine: dict[str, dict[RegistrationKey, Registration]] = {}
+        self._holders: dict[RegistrationKey, set[str]] = {}
+
+    def update(self, connection_id: str, conn: TargetConnection | None) -> set[RegistrationKey]:
+        """Set one connection (None: it is gone); the keys whose registration may change."""
+        affected: set[RegistrationKey] = set()
+        for key in self._mine.pop(connection_id, {}):
+            holders = self._holders[key]
+            holders.discard(connection_id)
+            if not holders:
+                del self._holders[key]
+            affected.add(key)
+        mine = registrations([conn]) if conn is not None else {}
+        if mine:
+            self._mine[connection_id] = mine
+            for key in mine:
+                self._holders.setdefault(key, set()).add(connection_id)
+                affected.add(key)
+        for key in affected:
+            holding = self._holders.get(key)
+            if holding:
+                self.desired[key] = self._mine[min(holding)][key]
+            else:
+                self.desired.pop(key, None)
+        return affected
+
+    def connections(self) -> set[str]:
+        """The ids of the connections that call for a registration."""
+        return set(self._mine)
+
+
+K = TypeVar("K")
+
+
+class Schedule(Generic[K]):
+    """When each key is next due (a keepalive): the earliest ones first, in O(log n) a key."""
+
+    def __init__(self) -> None:
+        self._when: dict[K, tuple[float, int]] = {}  # key -> (time, its entry's number)
+        self._heap: list[tuple[float, int, K]] = []
+        self._count = 0  # numbers entries: ties in time go first set, first due, and an
+        # entry replaced by a later set of its key is recognised as stale
+
+    def __len__(self) -> int:
+        return len(self._when)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._when
+
+    def get(self, key: K) -> float | None:
+        entry = self._when.get(key)
+        return entry[0] if entry is not None else None
+
+    def set(self, key: K, when: float) -> None:
+        self._count += 1
+        self._when[key] = (when, self._count)
+        heapq.heappush(self._heap, (when, self._count, key))
+        if len(self._heap) > 4 * len(self._when) + 64:  # mostly stale entries: rebuild
+            self._heap = [(w, n, k) for k, (w, n) in self._when.items()]
+            heapq.heapify(self._heap)
+
+    def discard(self, key: K) -> None:
+        self._when.pop(key, None)
+
+    def next(self) -> float:
+        """When the earliest key is due (inf: none)."""
+        heap = self._heap
+        while heap:
+            when, number, key = heap[0]
+            if self._when.get(key) == (when, number):
+                return when
+            heapq.heappop(heap)
+        return math.inf
+
+    def due(self, horizon: float, limit: int) -> list[K]:
+        """Take (remove) the keys due by ``horizon``, earliest first, at most ``limit``."""
+        out: list[K] = []
+        while len(out) < limit:
+            when = self.next()
+            if when == math.inf or when > horizon:
+                break
+            _, _, key = heapq.heappop(self._heap)
+            del self._when[key]
+            out.append(key)
+        return out
+
+
+def child_bytes(name: str, subnet_only: bytes) -> bytes:
+    """An IPAM ``Child`` message as bytes, from its ``name`` and the bytes of a ``Child`` that
+    has only its subnet (serialized once per family): the same bytes betterproto makes, which
+    spends most of an allocation's encoding on the nested subnet, conduit and trench."""
+    raw = name.encode()
+    if not raw:
+        return subnet_only
+    length = len(raw)
+    varint = bytearray()
+    while length >= 0x80:
+        varint.append(length & 0x7F | 0x80)
+        length >>= 7
+    varint.append(length)
+    return b"\x0a" + bytes(varint) + raw + subnet_only  # field 1 (name), length-delimited

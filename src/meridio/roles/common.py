@@ -114,20 +114,22 @@ class Egress:
         await fn(family=FAMILY[rule.family], priority=self.priority, table=self.table, src=rule.src)
 
     async def _read_rules(self) -> set[SourceRule]:
+        """Our rules as the kernel has them: one lean dump per family (see
+        :mod:`meridio.core.rtnl`)."""
         found = set()
-        for msg in await self.netlink.rules():
-            table = msg.get("FRA_TABLE") or msg["table"]
-            src = msg.get("FRA_SRC")
-            if table == self.table and msg.get("FRA_PRIORITY") == self.priority and src:
-                net = ipaddress.ip_network(f"{src}/{msg['src_len']}", strict=False)
+        for rule in await self.netlink.rule_list():
+            if rule.table == self.table and rule.priority == self.priority and rule.src:
+                net = ipaddress.ip_network(rule.src, strict=False)
                 found.add(SourceRule(net.version, str(net)))
         return found
 
     async def _route_present(self, family: int) -> bool:
-        for msg in await self.netlink.routes(self.table, FAMILY[family]):
-            if msg["dst_len"] == 0 and (msg.get("RTA_TABLE") or msg["table"]) == self.table:
-                return True
-        return False
+        """Whether the table's default route is there: one lean dump of the family's routes
+        (a proxy's namespace holds a few routes per target link)."""
+        return any(
+            route.table == self.table and route.dst is None
+            for route in await self.netlink.route_list(FAMILY[family])
+        )
 
 
 class NspInputs:

@@ -29,8 +29,10 @@ restarted proxy gets the same addresses (a connection a client closes releases i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
+import math
 from functools import partial
 from typing import Any
 
@@ -64,24 +66,33 @@ from meridio.core.conduit import VXLAN_PORT, InvalidRequest, RequestSpec
 from meridio.core.proxystate import (
     BRIDGE_CHILD,
     NODE_CONTEXT,
+    DesiredRegistrations,
     Registration,
     RegistrationKey,
+    Schedule,
     TargetConnection,
+    child_bytes,
     cidr,
     egress_next_hops,
     egress_rules,
     lb_child,
     lb_connection_id,
     lb_peers,
-    plan_registrations,
-    registrations,
     target_child,
 )
 from meridio.roles.base import Role
 from meridio.roles.common import IP_FAMILIES, Egress, NspInputs, wait_any, watch
+from meridio.runtime.grpc import Encoded
+from meridio.runtime.notify import Signal
 from meridio.settings import CommonSettings
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
+REGISTER_CONCURRENCY = 32  # NSP calls in flight at once
+KEEPALIVE_SLICE = 100  # keepalives sent together at most
+FULL_PASS = 60.0  # seconds between two reads of every connection by the registrar
+REGISTER_RETRY = 1.0  # seconds before a failed registration is tried again
+UNREGISTER_ALL_TIMEOUT = 3.0
+NSP_TIMEOUT = 5.0  # seconds an NSP call may take
 NSP_ERRORS = (grpclib.GRPCError, StreamTerminatedError, OSError, TimeoutError)
 
 
@@ -147,18 +158,15 @@ class ProxyPolicy:
         role = self.role
         if previous is not None:
             return previous
-        client = []
-        for family in role.families:
-            client.append(await role.allocate(target_child(spec.connection_id), family))
+        client = await role.allocate_all(target_child(spec.connection_id))
         endpoint = tuple(role.bridge_addresses[f] for f in role.families)
-        return Assigned(tuple(client), endpoint)
+        return Assigned(client, endpoint)
 
     def bridge(self) -> str | None:
         return self.role.proxy.bridge
 
     async def release(self, connection: EndpointConnection, reason: str) -> None:
-        for family in self.role.families:
-            await self.role.release(target_child(connection.connection_id), family)
+        await self.role.release_all(target_child(connection.connection_id))
 
 
 class ProxyRole(NspInputs, Role):
@@ -208,6 +216,10 @@ class ProxyRole(NspInputs, Role):
         self.connected: dict[str, bool] = {}
         self.registered: dict[RegistrationKey, Registration] = {}
         self.draining = False
+        self._registry_wake = Signal()
+        self._messages: dict[Registration, Encoded] = {}
+        self._wanted = DesiredRegistrations()  # the registrations the targets call for
+        self._subnets: dict[int, bytes] = {}  # family -> a Child with only its subnet
         self._inputs_changed = trio.Event()
         trench = Trench(name=settings.trench)
         self.conduit_msg = Conduit(name=settings.conduit, trench=trench)
@@ -220,12 +232,38 @@ class ProxyRole(NspInputs, Role):
             subnet=Subnet(conduit=self.conduit_msg, node=self.node, ip_family=IPAM_FAMILY[family]),
         )
 
+    def _encoded_child(self, name: str, family: int) -> Encoded:
+        subnet = self._subnets.get(family)
+        if subnet is None:
+            subnet = self._subnets[family] = bytes(self._child("", family))
+        return Encoded(child_bytes(name, subnet))
+
     async def allocate(self, name: str, family: int) -> str:
         prefix = await self.runtime.grpc.call(self.ipam.allocate, self._child(name, family))
         return cidr(prefix.address, prefix.prefix_length)
 
+    async def allocate_all(self, name: str) -> tuple[str, ...]:
+        """``name``'s address in every family of the conduit, asked for at once."""
+
+        async def both() -> tuple[str, ...]:
+            prefixes = await asyncio.gather(
+                *(self.ipam.allocate(self._encoded_child(name, f)) for f in self.families)
+            )
+            return tuple(cidr(p.address, p.prefix_length) for p in prefixes)
+
+        result: tuple[str, ...] = await self.runtime.grpc.call(both)
+        return result
+
     async def release(self, name: str, family: int) -> None:
         await self.runtime.grpc.call(self.ipam.release, self._child(name, family))
+
+    async def release_all(self, name: str) -> None:
+        """Release ``name``'s address in every family, at once."""
+
+        async def both() -> None:
+            await asyncio.gather(*(self.ipam.release(self._child(name, f)) for f in self.families))
+
+        await self.runtime.grpc.call(both)
 
     async def _allocate_bridge(self) -> None:
         delay = 0.1
@@ -270,10 +308,9 @@ class ProxyRole(NspInputs, Role):
         it when that port goes (an LB leaving): targets would keep the old address of their
         next hop in their neighbour cache and lose replies until it expires.
         """
-        for msg in await self.netlink.links():
-            if msg.get("IFLA_IFNAME") == name:
-                await self.netlink.set_link(name, address=msg.get("IFLA_ADDRESS"))
-                return
+        link = await self.netlink.link_get(name)
+        if link is not None and link.lladdr:
+            await self.netlink.set_link_index(link.index, address=link.lladdr)
 
     # --- life ---------------------------------------------------------------------------------
 
@@ -287,7 +324,8 @@ class ProxyRole(NspInputs, Role):
         self.netlink = kernel.serial(await self.runtime.netlink(events=True))
         self.ipam = IpamStub(await self.runtime.grpc.channel(settings.ipam), timeout=5)
         nsp = await self.runtime.grpc.channel(settings.nsp)
-        self.registry = TargetRegistryStub(nsp, timeout=5)
+        # calls go in batches, with a deadline for each batch (see _nsp_batch)
+        self.registry = TargetRegistryStub(nsp)
         # streams live as long as the proxy: no deadline (the stub's 5 s would end them)
         watcher = TargetRegistryStub(nsp)
         config = ConfigurationManagerStub(nsp)
@@ -302,6 +340,8 @@ class ProxyRole(NspInputs, Role):
                 primary_address=settings.primary_address,
                 vxlan_port=settings.vxlan_port,
                 expiry=settings.connect_expiry,
+                resync_period=settings.resync_period,
+                track_changes=True,
             ),
             ProxyPolicy(self),
         )
@@ -364,6 +404,7 @@ class ProxyRole(NspInputs, Role):
 
     async def drain(self) -> None:
         self.draining = True
+        self._registry_wake.bump()  # the registrar stops registering
         await self._unregister_all()
 
     async def _cleanup(self) -> None:
@@ -477,15 +518,16 @@ class ProxyRole(NspInputs, Role):
 
     # --- target registrations ----------------------------------------------------------------
 
-    def _targets(self) -> list[TargetConnection]:
-        out = []
-        for conn in self.endpoint.connections.values():
-            try:
-                ids = identifiers.decode(conn.context)
-            except ValueError:
-                continue
-            out.append(TargetConnection(conn.connection_id, conn.assigned.client, ids, conn.up))
-        return out
+    def _target(self, connection_id: str) -> TargetConnection | None:
+        """What the registrations of a connection come from (None: gone, or no streams)."""
+        conn = self.endpoint.connections.get(connection_id)
+        if conn is None:
+            return None
+        try:
+            ids = identifiers.decode(conn.context)
+        except ValueError:
+            return None
+        return TargetConnection(conn.connection_id, conn.assigned.client, ids, conn.up)
 
     def _target_message(self, reg: Registration, status: TargetStatus) -> Target:
         return Target(
@@ -496,73 +538,220 @@ class ProxyRole(NspInputs, Role):
             stream=Stream(name=reg.stream, conduit=self.conduit_msg),
         )
 
-    async def _registrar(self) -> None:
-        """Keep NSP's registrations equal to the connected targets, refreshed."""
-        interval = self.proxy.register_interval
-        next_refresh = trio.current_time() + interval
-        failed: dict[RegistrationKey, Registration] = {}
-        while True:
-            seen = self.endpoint.changes.version
-            refresh = trio.current_time() >= next_refresh
-            if refresh:
-                next_refresh = trio.current_time() + interval
-                failed.clear()
-            desired = {} if self.draining else registrations(self._targets())
-            plan = plan_registrations(self.registered, desired)
-            for reg in plan.unregister:
-                await self._unregister(reg)
-            for reg in plan.register:
-                if failed.get(reg.key) == reg:
-                    continue  # refused before: try again at the next refresh
-                if await self._register(reg, new=reg.key not in self.registered):
-                    self.registered[reg.key] = reg
-                    failed.pop(reg.key, None)
-                else:
-                    failed[reg.key] = reg
-            if refresh:
-                for reg in list(self.registered.values()):
-                    if reg.key in desired and not await self._register(reg, new=False):
-                        next_refresh = trio.current_time() + 1
-            with trio.move_on_at(next_refresh):
-                await self.endpoint.changes.wait_past(seen)
+    def _encoded(self, reg: Registration) -> Encoded:
+        """``reg`` as NSP is sent it, serialized once (a keepalive sends the same bytes)."""
+        data = self._messages.get(reg)
+        if data is None:
+            status = TargetStatus.ENABLED if reg.enabled else TargetStatus.DISABLED
+            data = self._messages[reg] = Encoded(bytes(self._target_message(reg, status)))
+        return data
 
-    async def _register(self, reg: Registration, *, new: bool) -> bool:
-        status = TargetStatus.ENABLED if reg.enabled else TargetStatus.DISABLED
+    async def _registrar(self) -> None:
+        """Keep NSP's registrations equal to the connected targets, each refreshed every
+        ``register-interval``.
+
+        The registrations wanted are kept per connection and follow the connections that
+        changed (all of them are read again every FULL_PASS seconds, which would repair
+        anything missed). A pass registers what is new or changed and unregisters what is
+        gone, all at once (at most REGISTER_CONCURRENCY calls in flight). Keepalives go on
+        beside the passes (:meth:`_keepalive_loop`), so a change never waits for them; a
+        registration has at most one call in flight at a time (a change waits for its
+        keepalive to answer), so NSP never sees them out of order. A registration that fails
+        is tried again REGISTER_RETRY seconds later (not on every change meanwhile).
+        """
+        interval = self.proxy.register_interval
+        keepalives: Schedule[RegistrationKey] = Schedule()
+        retry: dict[RegistrationKey, float] = {}
+        in_flight: set[RegistrationKey] = set()
+        landed = Signal()  # a keepalive answered: what waited for it can go
+        waiting: set[RegistrationKey] = set()  # affected, but in flight when last looked at
+        next_full = -math.inf
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive_loop, keepalives, in_flight, landed)
+            while True:
+                seen = (
+                    self.endpoint.changes.version,
+                    self._registry_wake.version,
+                    landed.version,
+                )
+                now = trio.current_time()
+                changed, self.endpoint.changed = self.endpoint.changed, set()
+                affected = waiting | {k for k, when in retry.items() if when <= now}
+                if self.draining:
+                    affected |= set(self._wanted.desired) | set(self.registered)
+                    self._wanted = DesiredRegistrations()
+                else:
+                    if now >= next_full:
+                        next_full = now + FULL_PASS
+                        changed |= set(self.endpoint.connections) | self._wanted.connections()
+                        affected |= set(self.registered)
+                    for cid in changed:
+                        affected |= self._wanted.update(cid, self._target(cid))
+                desired = self._wanted.desired
+                waiting = affected & in_flight
+                affected -= in_flight
+                unregister = [
+                    self.registered[k]
+                    for k in affected
+                    if k in self.registered and k not in desired
+                ]
+                register = [
+                    desired[k]
+                    for k in affected
+                    if k in desired
+                    and desired[k] != self.registered.get(k)
+                    and retry.get(k, -math.inf) <= now
+                ]
+                jobs = [(reg, "unregister") for reg in unregister] + [
+                    (reg, "new" if reg.key not in self.registered else "change") for reg in register
+                ]
+                in_flight.update(reg.key for reg, _ in jobs)
+                try:
+                    results = await self.runtime.grpc.call(self._nsp_batch, jobs) if jobs else []
+                finally:
+                    in_flight.difference_update(reg.key for reg, _ in jobs)
+                now = trio.current_time()
+                for reg, what, ok in results:
+                    if what == "unregister":
+                        self._forget(reg.key)
+                        keepalives.discard(reg.key)
+                        retry.pop(reg.key, None)
+                    elif ok:
+                        old = self.registered.get(reg.key)
+                        if old is not None and old != reg:
+                            self._messages.pop(old, None)
+                        self.registered[reg.key] = reg
+                        retry.pop(reg.key, None)
+                        keepalives.set(reg.key, now + interval)
+                    else:
+                        retry[reg.key] = now + REGISTER_RETRY
+                for key in [k for k in retry if k not in desired and k not in self.registered]:
+                    del retry[key]
+                wake = min(retry.values(), default=math.inf)
+                with trio.move_on_at(max(wake, now + 0.05)):
+                    await wait_any(
+                        math.inf,
+                        partial(self.endpoint.changes.wait_past, seen[0]),
+                        partial(self._registry_wake.wait_past, seen[1]),
+                        *([partial(landed.wait_past, seen[2])] if waiting else []),
+                    )
+
+    async def _keepalive_loop(
+        self,
+        keepalives: Schedule[RegistrationKey],
+        in_flight: set[RegistrationKey],
+        landed: Signal,
+    ) -> None:
+        """Refresh each registration when its keepalive is due (those due within a tenth of
+        the interval go together, at most KEEPALIVE_SLICE at a time), beside the registrar's
+        passes. A registration being changed, or with a call in flight, is not refreshed: the
+        change refreshes it, or its keepalive is put off a little."""
+        interval = self.proxy.register_interval
+        while True:
+            now = trio.current_time()
+            batch = []
+            for key in keepalives.due(now + interval / 10, KEEPALIVE_SLICE):
+                reg = self.registered.get(key)
+                if reg is None:
+                    continue  # unregistered
+                if key in in_flight:
+                    keepalives.set(key, now + 1)
+                elif self._wanted.desired.get(key) == reg and not self.draining:
+                    batch.append(reg)
+                # else a change of it is due: the registrar's pass refreshes it
+            if batch:
+                keys = [reg.key for reg in batch]
+                in_flight.update(keys)
+                try:
+                    results = await self.runtime.grpc.call(
+                        self._nsp_batch, [(reg, "keepalive") for reg in batch]
+                    )
+                finally:
+                    in_flight.difference_update(keys)
+                    landed.bump()
+                now = trio.current_time()
+                for reg, _what, ok in results:
+                    if reg.key in self.registered:
+                        keepalives.set(reg.key, now + (interval if ok else REGISTER_RETRY))
+                continue  # more may be due
+            await trio.sleep_until(max(min(keepalives.next(), now + 1.0), now + 0.05))
+
+    async def _nsp_batch(
+        self, jobs: list[tuple[Registration, str]]
+    ) -> list[tuple[Registration, str, bool]]:
+        """(asyncio) Send every job (unregister, new, change, keepalive), at most
+        REGISTER_CONCURRENCY at once; each with whether it succeeded."""
+        limit = asyncio.Semaphore(REGISTER_CONCURRENCY)
+
+        async def one(reg: Registration, what: str) -> bool:
+            async with limit:
+                if what == "unregister":
+                    return await self._unregister_aio(reg)
+                return await self._register_aio(reg, what)
+
+        if not jobs:
+            return []
+        # One deadline for the batch rather than one per call (a timer each): what has not
+        # answered by then failed, and is tried again.
+        tasks = [asyncio.ensure_future(one(reg, what)) for reg, what in jobs]
+        deadline = NSP_TIMEOUT * (1 + len(jobs) // REGISTER_CONCURRENCY)
         try:
-            message = self._target_message(reg, status)
-            await self.runtime.grpc.call(self.registry.register, message)
-            if new and reg.enabled:
+            _done, pending = await asyncio.wait(tasks, timeout=deadline)
+        finally:
+            for task in tasks:
+                task.cancel()
+        if pending:
+            self.log.warning("NSP did not answer in time", calls=len(pending))
+        return [
+            (reg, what, task.done() and not task.cancelled() and task.result())
+            for (reg, what), task in zip(jobs, tasks, strict=True)
+        ]
+
+    async def _register_aio(self, reg: Registration, what: str) -> bool:
+        """(asyncio) Register ``reg``: ``new`` (NSP does not have it), ``change`` or
+        ``keepalive``."""
+        message = self._encoded(reg)
+        try:
+            await self.registry.register(message)
+            if what == "new" and reg.enabled:
                 # NSP stores a target it did not know as disabled whatever it asks for; the
                 # second registration enables it (one that NSP knew stays enabled throughout,
                 # e.g. after a restart of this proxy)
-                await self.runtime.grpc.call(self.registry.register, message)
+                await self.registry.register(message)
         except NSP_ERRORS as exc:
             self.log.warning(
                 "registering a target failed", ips=list(reg.ips), stream=reg.stream, error=str(exc)
             )
             return False
-        if new or reg != self.registered.get(reg.key):
+        if what != "keepalive":
             self.log.info(
                 "target registered",
                 ips=list(reg.ips),
                 stream=reg.stream,
                 identifier=reg.identifier,
-                status=status.name,
+                status="ENABLED" if reg.enabled else "DISABLED",
             )
         return True
 
-    async def _unregister(self, reg: Registration) -> None:
+    async def _unregister_aio(self, reg: Registration) -> bool:
         try:
-            await self.runtime.grpc.call(
-                self.registry.unregister, self._target_message(reg, TargetStatus.ENABLED)
-            )
-            self.log.info("target unregistered", ips=list(reg.ips), stream=reg.stream)
+            await self.registry.unregister(self._target_message(reg, TargetStatus.ENABLED))
         except NSP_ERRORS as exc:
             self.log.warning("unregistering a target failed", ips=list(reg.ips), error=str(exc))
-        self.registered.pop(reg.key, None)
+            return False
+        self.log.info("target unregistered", ips=list(reg.ips), stream=reg.stream)
+        return True
+
+    def _forget(self, key: RegistrationKey) -> None:
+        reg = self.registered.pop(key, None)
+        if reg is not None:
+            self._messages.pop(reg, None)
 
     async def _unregister_all(self) -> None:
-        for reg in list(self.registered.values()):
-            with trio.move_on_after(2):
-                await self._unregister(reg)
+        """Unregister every target, several at once, in at most UNREGISTER_ALL_TIMEOUT."""
+        with trio.move_on_after(UNREGISTER_ALL_TIMEOUT):
+            await self.runtime.grpc.call(
+                self._nsp_batch, [(reg, "unregister") for reg in self.registered.values()]
+            )
         self.registered.clear()
+        self._messages.clear()

@@ -1,8 +1,10 @@
 """The netlink manager: idempotent kernel changes and kernel events on the bus.
 
 Changes go through pyroute2's ``AsyncIPRoute`` inside the trio-asyncio loop. Events come from a
-separate trio-native netlink multicast socket opened in the target namespace and parsed with
-pyroute2's marshal, so receiving events never involves asyncio. Every helper is idempotent:
+separate trio-native netlink multicast socket opened in the target namespace and parsed by
+:mod:`meridio.core.rtnl` (only the fields the events carry), so receiving events never involves
+asyncio. Reads that may return thousands of objects (rules, routes, links, addresses) are lean
+dumps on a socket of their own, parsed the same way. Every helper is idempotent:
 ``ensure_*`` makes a thing present (or absent) and is harmless to repeat.
 """
 
@@ -10,8 +12,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +39,6 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_IPV6_RULE,
     RTMGRP_LINK,
 )
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from meridio.core import rtnl
 from meridio.runtime.bus import EventBus
@@ -54,7 +56,10 @@ EVENT_GROUPS = (
     | RTMGRP_IPV6_RULE
 )
 NETLINK_ROUTE = 0
+CREATE_TIMEOUT = 30.0  # seconds the kernel may take to answer a batch of link creations
 IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+AF_BRIDGE_BYTE = bytes([socket.AF_BRIDGE])
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -73,7 +78,8 @@ class LinkEvent(NetlinkEvent):
     index: int
     ifname: str
     kind: str | None
-    up: bool
+    up: bool  # administratively up
+    lower_up: bool = False  # carrier (a veth: its peer is up too)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,20 @@ class RuleEvent(NetlinkEvent):
 
 
 @dataclass(frozen=True)
+class VethSpec:
+    """A veth pair to create (:meth:`NetlinkManager.create_veths`)."""
+
+    name: str
+    peer: str  # the other end, created in the namespace at netns_path
+    netns_path: str
+    mtu: int
+    master: int | None = None  # the bridge ``name`` joins
+    up: bool = False
+    alias: str | None = None
+    group: int = 0  # the link group of ``name``
+
+
+@dataclass(frozen=True)
 class NetlinkOverrun(NetlinkEvent):
     """The kernel dropped events for us (ENOBUFS): re-read whatever state matters."""
 
@@ -119,6 +139,7 @@ def event_from_message(msg: Any, netns: str | None) -> NetlinkEvent | None:
             ifname=msg.get("IFLA_IFNAME") or "",
             kind=linkinfo.get("IFLA_INFO_KIND") if linkinfo else None,
             up=bool(msg["flags"] & IFF_UP),
+            lower_up=bool(msg["flags"] & IFF_LOWER_UP),
         )
     if kind in (RTM_NEWADDR, RTM_DELADDR):
         return AddressEvent(
@@ -148,6 +169,60 @@ def event_from_message(msg: Any, netns: str | None) -> NetlinkEvent | None:
             table=msg.get("FRA_TABLE") or msg["table"],
             fwmark=msg.get("FRA_FWMARK"),
             src=msg.get("FRA_SRC"),
+        )
+    return None
+
+
+def event_from_bytes(msg_type: int, payload: bytes, netns: str | None) -> NetlinkEvent | None:
+    """:func:`event_from_message` straight from the bytes of one message (see
+    :mod:`meridio.core.rtnl`): the same events, without pyroute2's generic parser, which costs
+    tens of microseconds a message (a thousand targets' links make thousands of events)."""
+    if msg_type in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
+        if payload[:1] == AF_BRIDGE_BYTE:
+            # a bridge port's state (forwarding, learning; "del" when it leaves the bridge),
+            # not the link's: the link itself is reported in its own family
+            return None
+        link = rtnl.parse_link(payload)
+        return LinkEvent(
+            netns,
+            "new" if msg_type == rtnl.RTM_NEWLINK else "del",
+            index=link.index,
+            ifname=link.name,
+            kind=link.kind,
+            up=bool(link.flags & IFF_UP),
+            lower_up=bool(link.flags & IFF_LOWER_UP),
+        )
+    if msg_type in (rtnl.RTM_NEWADDR, rtnl.RTM_DELADDR):
+        address = rtnl.parse_address(payload)
+        return AddressEvent(
+            netns,
+            "new" if msg_type == rtnl.RTM_NEWADDR else "del",
+            index=address.index,
+            address=address.address,
+            prefixlen=address.prefixlen,
+        )
+    if msg_type in (RTM_NEWROUTE, RTM_DELROUTE):
+        route = rtnl.parse_route_fields(payload)
+        return RouteEvent(
+            netns,
+            "new" if msg_type == RTM_NEWROUTE else "del",
+            family=route.family,
+            table=route.table,
+            dst=route.dst,
+            dst_len=route.dst_len,
+            gateway=route.gateway,
+            oif=route.oif,
+        )
+    if msg_type in (RTM_NEWRULE, RTM_DELRULE):
+        rule = rtnl.parse_rule(payload)
+        return RuleEvent(
+            netns,
+            "new" if msg_type == RTM_NEWRULE else "del",
+            family=rule.family,
+            priority=rule.priority,
+            table=rule.table,
+            fwmark=rule.fwmark,
+            src=rule.src.split("/", 1)[0] if rule.src else None,
         )
     return None
 
@@ -203,6 +278,9 @@ class NetlinkManager:
         self._dump_socket: trio.socket.SocketType | None = None
         self._dump_lock = trio.Lock()
         self._dump_seq = 0
+        self._create_socket: socket.socket | None = None  # blocking, used in a thread
+        self._create_lock = trio.Lock()
+        self._create_seq = 0
 
     async def open(self) -> None:
         async def aio_open() -> Any:
@@ -219,30 +297,55 @@ class NetlinkManager:
         if self._dump_socket is not None:
             self._dump_socket.close()
             self._dump_socket = None
+        if self._create_socket is not None:
+            self._create_socket.close()
+            self._create_socket = None
 
     async def _lean_dump(self, kind: str, family: int) -> list[bytes]:
-        """The payloads of one rule or route dump, read on a socket of our own (no pyroute2
-        parsing: see :mod:`meridio.core.rtnl`)."""
+        """The payloads of one rule, route, link or address dump, read on a socket of our own
+        (no pyroute2 parsing: see :mod:`meridio.core.rtnl`)."""
+        return await self._lean_exchange(lambda seq: rtnl.dump_request(kind, family, seq), True)
+
+    def _next_seq(self) -> int:
+        self._dump_seq = (self._dump_seq + 1) & 0xFFFFFFFF or 1
+        return self._dump_seq
+
+    async def _lean_socket(self) -> trio.socket.SocketType:
+        if self._dump_socket is None:
+            sock = await trio.to_thread.run_sync(open_dump_socket, self.netns)
+            self._dump_socket = trio.socket.from_stdlib_socket(sock)
+        return self._dump_socket
+
+    async def _lean_exchange(self, request: Callable[[int], bytes], dump: bool) -> list[bytes]:
+        """Send ``request(seq)`` on our own socket; the payloads of the answer (a dump's until
+        NLMSG_DONE, else the one message). An error answer raises NetlinkDumpError."""
         async with self._dump_lock:
-            if self._dump_socket is None:
-                sock = await trio.to_thread.run_sync(open_dump_socket, self.netns)
-                self._dump_socket = trio.socket.from_stdlib_socket(sock)
-            self._dump_seq = (self._dump_seq + 1) & 0xFFFFFFFF or 1
-            seq = self._dump_seq
+            sock = await self._lean_socket()
+            seq = self._next_seq()
             try:
-                await self._dump_socket.send(rtnl.dump_request(kind, family, seq))
+                await sock.send(request(seq))
                 payloads: list[bytes] = []
                 while True:
-                    data = await self._dump_socket.recv(1 << 20)
+                    data = await sock.recv(1 << 20)
                     for msg_type, payload in rtnl.messages(data, seq):
                         if msg_type == rtnl.NLMSG_DONE:
                             return payloads
                         payloads.append(payload)
+                        if not dump:
+                            return payloads
+            except rtnl.NetlinkDumpError:
+                if dump:
+                    self._close_dump_socket()
+                raise
             except BaseException:
                 # a dump cut short leaves the rest of it in the socket: start afresh next time
-                self._dump_socket.close()
-                self._dump_socket = None
+                self._close_dump_socket()
                 raise
+
+    def _close_dump_socket(self) -> None:
+        if self._dump_socket is not None:
+            self._dump_socket.close()
+            self._dump_socket = None
 
     async def rule_list(self, family: int | None = None) -> list[rtnl.Rule]:
         """Every rule of ``family`` (both when None), lean: see :mod:`meridio.core.rtnl`."""
@@ -254,6 +357,151 @@ class NetlinkManager:
         families = [family] if family else [socket.AF_INET, socket.AF_INET6]
         return [
             rtnl.parse_route(p) for fam in families for p in await self._lean_dump("route", fam)
+        ]
+
+    async def link_list(self) -> list[rtnl.Link]:
+        """Every link of the namespace, in one dump, lean: see :mod:`meridio.core.rtnl`."""
+        return [rtnl.parse_link(p) for p in await self._lean_dump("link", socket.AF_UNSPEC)]
+
+    async def link_get(self, ifname: str) -> rtnl.Link | None:
+        """The link named ``ifname`` (None when there is none), lean: one message, not a
+        dump of every link."""
+        try:
+            found = await self._lean_exchange(lambda seq: rtnl.link_request(ifname, seq), False)
+        except rtnl.NetlinkDumpError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        return rtnl.parse_link(found[0]) if found else None
+
+    async def create_veths(
+        self, specs: Sequence[VethSpec], chunk: int = 64
+    ) -> list[rtnl.Link | OSError]:
+        """Create veth pairs, many per round trip: for each, one request creates the pair
+        (here a bridge port, up, with ``master``), one sets the alias and one reads the link
+        back, all sent at once (``chunk`` pairs at a time) on our own socket. The answer for
+        each is the link as created, or why not (an ``OSError``; EEXIST when ``name`` or
+        ``peer`` exists)."""
+        out: list[rtnl.Link | OSError] = []
+        for start in range(0, len(specs), chunk):
+            out.extend(await self._create_veths(specs[start : start + chunk]))
+        return out
+
+    async def _create_veths(self, specs: Sequence[VethSpec]) -> list[rtnl.Link | OSError]:
+        async with self._create_lock:
+            # The kernel makes the links inside the send call (a millisecond or more each):
+            # in a thread, so that the rest of the process goes on meanwhile.
+            return await trio.to_thread.run_sync(self._create_veths_blocking, specs)
+
+    def _create_veths_blocking(self, specs: Sequence[VethSpec]) -> list[rtnl.Link | OSError]:
+        if self._create_socket is None:
+            self._create_socket = open_dump_socket(self.netns)
+            self._create_socket.settimeout(CREATE_TIMEOUT)
+        sock = self._create_socket
+        answers: list[rtnl.Link | OSError] = []
+        fds: list[int] = []
+        plan: list[tuple[int, int] | OSError] = []  # per spec: (create seq, get seq)
+        try:
+            request = b""
+            for spec in specs:
+                try:
+                    fd = os.open(spec.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    plan.append(exc)
+                    continue
+                fds.append(fd)
+                self._create_seq += 3
+                create, alias, get = self._create_seq - 2, self._create_seq - 1, self._create_seq
+                request += rtnl.veth_request(
+                    create,
+                    spec.name,
+                    spec.peer,
+                    fd,
+                    spec.mtu,
+                    master=spec.master,
+                    up=spec.up,
+                    group=spec.group,
+                )
+                if spec.alias:
+                    request += rtnl.alias_request(alias, spec.name, spec.alias)
+                request += rtnl.link_request(spec.name, get)
+                plan.append((create, get))
+            wanted = {seq for p in plan if not isinstance(p, OSError) for seq in p}
+            got: dict[int, tuple[int, bytes]] = {}
+            try:
+                if request:
+                    sock.sendall(request)
+                while not wanted <= got.keys():
+                    for seq, _type, error, payload in rtnl.answers(sock.recv(1 << 20)):
+                        if seq in wanted:
+                            got[seq] = (error, payload)  # an acknowledgement has no payload
+            except BaseException:
+                sock.close()  # answers may be left in it: start afresh next time
+                self._create_socket = None
+                raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for p in plan:
+            if isinstance(p, OSError):
+                answers.append(p)
+                continue
+            create, get = p
+            error, _ = got[create]
+            if error:
+                answers.append(OSError(error, os.strerror(error)))
+                continue
+            error, payload = got[get]
+            if error:
+                answers.append(OSError(error, "the link vanished after creation"))
+                continue
+            answers.append(rtnl.parse_link(payload))
+        return answers
+
+    async def delete_group(self, group: int) -> None:
+        """Delete every link of ``group`` in one request (``ip link del group``): the kernel
+        takes down a thousand links in a fraction of a second, a request each takes tens of
+        seconds. In a thread, like link creation: the kernel works inside the call."""
+        if not group:
+            raise ValueError("group 0 holds every link not put in another")
+        async with self._create_lock:
+            await trio.to_thread.run_sync(self._delete_group_blocking, group)
+
+    def _delete_group_blocking(self, group: int) -> None:
+        if self._create_socket is None:
+            self._create_socket = open_dump_socket(self.netns)
+            self._create_socket.settimeout(CREATE_TIMEOUT)
+        sock = self._create_socket
+        self._create_seq += 1
+        seq = self._create_seq
+        try:
+            sock.sendall(rtnl.group_delete_request(seq, group))
+            while True:
+                for got, _type, error, _payload in rtnl.answers(sock.recv(1 << 20)):
+                    if got == seq:
+                        if error and error != errno.ENODEV:
+                            raise OSError(error, f"deleting link group {group}")
+                        return
+        except BaseException:
+            sock.close()
+            self._create_socket = None
+            raise
+
+    async def neighbour_list(self, family: int | None = None) -> list[rtnl.Neighbour]:
+        """Every neighbour entry (of ``family``; both when None), in one lean dump: a proxy's
+        bridge knows every target of its node."""
+        families = [family] if family else [socket.AF_INET, socket.AF_INET6]
+        return [
+            rtnl.parse_neighbour(p)
+            for fam in families
+            for p in await self._lean_dump("neighbour", fam)
+        ]
+
+    async def address_list(self, family: int | None = None) -> list[rtnl.Address]:
+        """Every address of every link (of ``family``; both when None), in one dump."""
+        return [
+            rtnl.parse_address(p)
+            for p in await self._lean_dump("address", family or socket.AF_UNSPEC)
         ]
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -296,6 +544,10 @@ class NetlinkManager:
             raise RuntimeError(f"link {ifname} vanished right after creation")
         return index
 
+    async def create_link(self, ifname: str, kind: str, **attrs: Any) -> None:
+        """Create a link (no lookup before or after: EEXIST raises NetlinkError)."""
+        await self._call("link", "add", ifname=ifname, kind=kind, **attrs)
+
     async def ensure_link_absent(self, ifname: str) -> bool:
         index = await self.link_index(ifname)
         if index is None:
@@ -313,20 +565,24 @@ class NetlinkManager:
             raise LookupError(f"no link named {ifname}")
         await self._call("link", "set", index=index, **attrs)
 
+    async def set_link_index(self, index: int, **attrs: Any) -> None:
+        """Change the link at ``index`` (no lookup by name first)."""
+        await self._call("link", "set", index=index, **attrs)
+
     async def ensure_link_up(self, ifname: str) -> None:
         await self.set_link(ifname, state="up")
 
     # addresses
 
     async def addresses(self, ifname: str | None = None) -> list[str]:
-        kwargs: dict[str, Any] = {}
+        """The addresses (CIDRs) of ``ifname``, or of every link: one lean dump."""
+        index = None
         if ifname is not None:
-            index = await self.link_index(ifname)
-            if index is None:
+            found = await self.link_get(ifname)
+            if found is None:
                 return []
-            kwargs["index"] = index
-        msgs = await self._dump("addr", "dump", **kwargs)
-        return [f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}" for m in msgs]
+            index = found.index
+        return [a.cidr for a in await self.address_list() if index is None or a.index == index]
 
     async def ensure_address(self, ifname: str, cidr: str) -> None:
         iface = ipaddress.ip_interface(cidr)
@@ -484,10 +740,10 @@ class NetlinkManager:
         old MAC address until the kernel probes it again, seconds later.
         """
         ip = str(ipaddress.ip_interface(ip).ip)
-        stale = [m for m in await self._dump("neigh", "dump") if m.get("NDA_DST") == ip]
-        for msg in stale:
+        stale = [n for n in await self.neighbour_list(_family(ip)) if n.dst == ip]
+        for neighbour in stale:
             try:
-                await self._call("neigh", "del", ifindex=msg["ifindex"], dst=ip)
+                await self._call("neigh", "del", ifindex=neighbour.index, dst=ip)
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.ESRCH):
                     raise
@@ -500,7 +756,6 @@ class NetlinkManager:
     ) -> None:
         """Publish kernel events of this namespace on the bus until cancelled."""
         raw = await trio.to_thread.run_sync(open_event_socket, self.netns)
-        marshal = MarshalRtnl()
         with trio.socket.from_stdlib_socket(raw) as sock:
             self.events_running = True
             task_status.started()
@@ -513,7 +768,7 @@ class NetlinkManager:
                     log.warning("netlink events overrun", netns=self.netns)
                     self.bus.publish(NetlinkOverrun(self.netns, "overrun"))
                     continue
-                for msg in marshal.parse(data):
-                    event = event_from_message(msg, self.netns)
+                for msg_type, payload in rtnl.messages(data, None):
+                    event = event_from_bytes(msg_type, payload, self.netns)
                     if event is not None:
                         self.bus.publish(event)
