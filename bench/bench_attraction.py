@@ -132,7 +132,10 @@ def run_lab(routing: str, workdir: Path) -> dict[str, list[tuple[float | None, d
     lab = Lab(workdir / routing, prefix)
     results: dict[str, list[tuple[float | None, dict[str, Any]]]] = {c: [] for c in CASES}
     try:
-        lab.up(LabSpec(prefix=prefix, lbs=2, proxies=1, targets=3, routing=routing))
+        # without restarts: a killed LB stays dead for the rest of the run, which is what the
+        # figures are about (its supervisor would otherwise start it again within seconds)
+        spec = LabSpec(prefix=prefix, lbs=2, proxies=1, targets=3, routing=routing, restart=False)
+        lab.up(spec)
         progress(f"{routing} lab up")
         for case in CASES:
             for _ in range(REPEAT):

@@ -260,14 +260,19 @@ def test_a_restarted_target_gets_its_identifiers_back_and_the_tables_stay_the_sa
     identifiers = {lb: lb_tables(lab, lb) for lb in ("lb-1", "lbb-1")}
     run = lab.start_traffic(["--duration", "5", *LONG], stream="stream-a")
     time.sleep(1.5)
-    old = lab.load().processes[target]
-    lab.restart(target, kill=True)  # SIGKILL, started again; waits for OPEN and the tables
-    new = lab.load().processes[target]
-    assert new.pid != old.pid and not system.alive(old)
+    proc = lab.load().processes[target]
+    old = system.role_pid(proc)
+    # SIGKILL; its supervisor starts it again; this waits for OPEN and the tables
+    lab.restart(target, kill=True)
+    new = system.role_pid(proc)
+    assert old is not None and new is not None and new != old
+    assert system.proc_start_time(old) is None
+    status = system.supervised(proc)
+    assert status is not None and status.restarts == 1
     assert tap_rows(lab, target) == {"stream-a": "OPEN", "stream-c": "OPEN"}
     assert digests(lab) == before
     assert {lb: lb_tables(lab, lb) for lb in ("lb-1", "lbb-1")} == identifiers
-    assert "reopening the streams of the last run" in Path(new.log).read_text()
+    assert "reopening the streams of the last run" in Path(proc.log).read_text()
     # the application (the traffic server) never noticed its sidecar crashing
     assert_clean(run.result(), serving("stream-a"), lab, "stream-a across the sidecar restart")
 
@@ -311,11 +316,10 @@ def test_watch_shows_unavailable_while_the_nsp_is_down_and_open_again_after_it_i
         until(opened, 15)
         before = digests(lab)
         killed = time.monotonic()
-        lab.kill("nsp")
+        lab.kill("nsp")  # its supervisor starts it again; nobody calls Open
         unavailable = until(dict.fromkeys(OPENED[target], "UNAVAILABLE"), 10) - killed
-        time.sleep(1)
-        lab.restart("nsp")  # waits until every target's streams are OPEN again; nobody opens
         back = until(opened, 30) - killed
+        lab.wait_whole(30)
         print(f"NSP killed: UNAVAILABLE after {unavailable:.2f} s, OPEN again {back:.2f} s after")
     finally:
         watch.terminate()

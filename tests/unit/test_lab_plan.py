@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import json
 import subprocess
+from collections import Counter
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 from hypothesis import given
@@ -19,7 +22,7 @@ from meridio.daemon import load_role
 from meridio.lab import plan, system
 from meridio.lab.lab import Lab
 from meridio.lab.plan import LabSpec, PlanError, ScalePlan
-from meridio.lab.state import LabState, load, save
+from meridio.lab.state import LabState, Process, load, save
 from meridio.lab.system import LabError
 from meridio.settings import load_settings, parse_flag_args
 
@@ -602,6 +605,14 @@ def test_the_state_file_round_trips(tmp_path: Path) -> None:
     (tmp_path / "lab.json").write_text(text)
     older = load(tmp_path)
     assert older is not None and (older.streams, older.conduits) == (1, 1)
+    # a state file from before the supervisors: restarts on, its processes not supervised
+    assert older.restart and LabState.from_spec(LabSpec(restart=False)).spec.restart is False
+    proc = msgspec.json.decode(
+        b'{"name": "nsp", "role": "nsp", "netns": "mlab-nsp", "pid": 1, "start_time": 2,'
+        b' "log": "nsp.log", "argv": ["meridiod"]}',
+        type=Process,
+    )
+    assert not proc.supervised and proc.status_file == ""
     (tmp_path / "lab.json").write_text("{not json")
     assert load(tmp_path) is None
     assert load(tmp_path / "nowhere") is None
@@ -773,3 +784,251 @@ def test_a_tap_that_is_not_there(tmp_path: Path) -> None:
     stream = system.tap_stream("trench-a", "conduit-a", "stream-a")
     with pytest.raises(LabError, match="no TAPA"):
         system.run_async(system.tap_call(tmp_path / "none.sock", "open", stream, timeout=1))
+
+
+# --- supervision ----------------------------------------------------------------------------------
+
+
+def test_the_restart_delay_doubles_while_a_process_dies_young_and_starts_afresh() -> None:
+    delays = []
+    delay = None
+    for _ in range(9):
+        delay = plan.restart_delay(delay, ran=1.0)
+        delays.append(delay)
+    assert delays == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0]
+    # a process that ran long enough starts afresh
+    assert plan.restart_delay(10.0, ran=plan.RESTART_RESET_AFTER) == 0.2
+    assert plan.restart_delay(None, ran=0.0) == 0.2
+
+
+@given(st.lists(st.floats(min_value=0, max_value=100), max_size=30))
+def test_the_restart_delay_stays_within_its_bounds(runs: list[float]) -> None:
+    delay = None
+    for ran in runs:
+        delay = plan.restart_delay(delay, ran)
+        assert plan.RESTART_DELAY_MIN <= delay <= plan.RESTART_DELAY_MAX
+
+
+def test_the_supervisor_command_line(tmp_path: Path) -> None:
+    args = plan.supervise_args(tmp_path, "lb-1")
+    assert args == [
+        "--status", str(tmp_path / "lb-1" / "supervise.json"),
+        "--name", "lb-1",
+        "--hold", str(tmp_path / "down"),
+        "--",
+    ]  # fmt: skip
+    assert plan.supervise_args(tmp_path, "nsp", restart=False)[-2:] == ["--no-restart", "--"]
+    assert set(plan.SUPERVISED_ROLES) == set(plan.ROLE_ORDER) - {"gateway"}
+
+
+# --- chaos ----------------------------------------------------------------------------------------
+
+
+def test_what_chaos_kills() -> None:
+    assert [plan.chaos_kind(n) for n in ("nsp", "ipam", "lb-2", "lbb-1", "proxy-1")] == [
+        "nsp", "ipam", "lb", "lb", "proxy",
+    ]  # fmt: skip
+    assert [plan.chaos_kind(n) for n in ("proxyb-2", "target-3", "server-3")] == [
+        "proxy", "target", "server",
+    ]  # fmt: skip
+    assert plan.chaos_kind("bird-gw") is None and plan.chaos_kind("target-x") is None
+    assert plan.parse_chaos_kinds("target, nsp,lb") == ("nsp", "lb", "target")
+    assert plan.parse_chaos_kinds("server") == ("server",)
+    for bad in ("", "nsp,gateway", ",,"):
+        with pytest.raises(PlanError, match="--kinds"):
+            plan.parse_chaos_kinds(bad)
+    assert plan.target_of("server-2") == "target-2" and plan.target_of("target-4") == "target-4"
+    assert plan.target_of("lb-1") is None
+
+
+def test_chaos_draws_a_kind_evenly_then_an_instance() -> None:
+    import random
+
+    names = ["nsp", "ipam", "lb-1", "lb-2", "proxy-1", "proxy-2", "bird-gw"]
+    names += [f"target-{i}" for i in range(1, 9)] + [f"server-{i}" for i in range(1, 9)]
+    rand = random.Random(7)
+    drawn = [plan.chaos_pick(rand, names, plan.CHAOS_KINDS) for _ in range(5000)]
+    kinds = Counter(k for k, _ in drawn if k)
+    assert set(kinds) == set(plan.CHAOS_KINDS)  # never a server or a gateway by default
+    assert all(900 < n < 1100 for n in kinds.values()), kinds
+    targets = Counter(n for k, n in drawn if k == "target")
+    assert len(targets) == 8 and min(targets.values()) > 80
+    # the same seed, the same draws
+    again = random.Random(7)
+    assert [plan.chaos_pick(again, names, plan.CHAOS_KINDS) for _ in range(5000)] == drawn
+    # kinds without a candidate are not drawn; nothing to kill at all is None
+    assert plan.chaos_pick(rand, ["nsp", "target-1"], ("lb", "nsp")) == ("nsp", "nsp")
+    assert plan.chaos_pick(rand, ["bird-gw"], plan.CHAOS_KINDS) is None
+
+
+def test_losses_are_put_down_to_the_last_kill_before_them() -> None:
+    kills = [
+        plan.ChaosKill(at=100.0, kind="lb", name="lb-1", back=1.0, whole=2.0),
+        plan.ChaosKill(at=110.0, kind="target", name="target-2", back=1.0, whole=1.5, settled=3),
+        plan.ChaosKill(at=120.0, kind="nsp", name="nsp", back=2.0, whole=None),
+    ]
+    lost = [
+        plan.ChaosLoss(at=95.0, host="target-1"),  # before any kill
+        plan.ChaosLoss(at=111.0, host="target-2"),
+        plan.ChaosLoss(at=112.0, host="target-3"),
+        plan.ChaosLoss(at=109.95, host="target-2"),  # within the slack: the target kill's
+        plan.ChaosLoss(at=109.5, host="target-4"),  # the lab whole since 102: no kill's
+        plan.ChaosLoss(at=113.9, host="target-1"),  # kernels as before at 113, grace 1 s
+        plan.ChaosLoss(at=150.0, host="target-1"),  # the NSP kill never recovered: its
+    ]
+    failed = [plan.ChaosLoss(at=100.2), plan.ChaosLoss(at=100.9), plan.ChaosLoss(at=100.5)]
+    per_kill, unexplained = plan.attribute(kills, lost)
+    assert [x.host for x in unexplained] == ["target-1", "target-4"]
+    assert [x.host for x in per_kill[1]] == ["target-2", "target-2", "target-3", "target-1"]
+    assert per_kill[0] == [] and [x.at for x in per_kill[2]] == [150.0]
+    assert kills[1].recovered == 113.0 and kills[0].recovered == 102.0
+    assert kills[2].recovered is None
+    failed_per_kill, _ = plan.attribute(kills, failed)
+    figures = {
+        f.kind: f for f in plan.chaos_figures(kills, per_kill, failed_per_kill, plan.CHAOS_KINDS)
+    }
+    assert figures["target"].lost == 4 and figures["target"].lost_elsewhere == 2
+    assert figures["lb"].failed_connects == 3
+    assert figures["lb"].failure_span == pytest.approx(0.7)
+    assert figures["lb"].back_max == 1.0 and figures["lb"].whole_max == 2.0
+    assert figures["nsp"].not_recovered == 1 and figures["proxy"].kills == 0
+    missed = plan.chaos_verdict(figures.values())
+    assert missed == [
+        "nsp: the lab was not whole again after 1 kill(s)",
+        "nsp: 1 connection(s) lost",
+        "target: 2 connection(s) to other targets lost",
+    ]
+    # an LB kill failing new connects for a second or more misses its goal
+    slow = [plan.ChaosLoss(at=100.0), plan.ChaosLoss(at=101.2)]
+    figures_lb = plan.chaos_figures(kills[:1], {0: []}, {0: slow}, ("lb",))
+    assert plan.chaos_verdict(figures_lb) == ["lb: new connects failed for 1.20 s (at most 1 s)"]
+    assert plan.failure_span([]) == 0.0 and plan.failure_span(slow[:1]) == 0.0
+
+
+def test_when_a_lost_connection_broke() -> None:
+    timed_out = {"state": "lost", "ended": 20.0, "error": "no reply for more than 3s"}
+    reset = {"state": "lost", "ended": 20.0, "error": "Connection reset by peer"}
+    assert plan.broke_at(1000.0, timed_out, 3.0) == 1017.0
+    assert plan.broke_at(1000.0, reset, 3.0) == 1020.0
+    assert plan.broke_at(1000.0, {"state": "lasted", "ended": 20.0}, 3.0) is None
+
+
+# --- what a namespace's kernel holds --------------------------------------------------------------
+
+
+def test_kernel_states_compare_what_matters() -> None:
+    links = [
+        {"ifindex": 7, "ifname": "ext0", "flags": ["UP"], "address": "aa:bb:cc:00:00:01",
+         "master": None, "ifalias": "meridio-lb-external", "linkinfo": {"info_kind": "macvlan"},
+         "addr_info": [
+             {"family": "inet", "local": "192.0.2.11", "prefixlen": 24, "scope": "global"},
+             {"family": "inet6", "local": "fe80::a8bb:ccff:fe00:1", "prefixlen": 64,
+              "scope": "link"},
+         ]},
+    ]  # fmt: skip
+    again = [dict(links[0], ifindex=9, address="aa:bb:cc:00:00:02")]
+    again[0]["addr_info"] = [links[0]["addr_info"][0]]
+    assert system.normal_links(links) == system.normal_links(again)
+    assert system.normal_addresses(links) == ["ext0 192.0.2.11/24"]
+    routes = [
+        {"dst": "default", "gateway": "198.18.0.4", "dev": "lbx", "table": "5010",
+         "protocol": "static", "flags": []},
+        {"type": "local", "dst": "fe80::1", "dev": "eth0", "table": "local"},
+        {"dst": "203.0.113.1", "nexthops": [{"gateway": "192.0.2.12", "dev": "ext", "flags": []},
+                                            {"gateway": "192.0.2.11", "dev": "ext"}]},
+    ]  # fmt: skip
+    normal = system.normal_routes(routes, 4)
+    assert len(normal) == 2 and all(r.startswith("v4 ") for r in normal)
+    swapped = [routes[0], dict(routes[2], nexthops=list(reversed(routes[2]["nexthops"])))]
+    assert system.normal_routes(swapped, 4) == normal
+    ruleset = {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "inet", "name": "meridio-lb", "handle": 3}},
+            {"rule": {"family": "inet", "table": "meridio-lb", "chain": "c", "handle": 9,
+                      "expr": [{"counter": {"packets": 5, "bytes": 300}}, {"accept": None}]}},
+        ]
+    }  # fmt: skip
+    renumbered = json.loads(
+        json.dumps(ruleset)
+        .replace('"handle": 3', '"handle": 4')
+        .replace('"packets": 5', '"packets": 9')
+    )
+    assert system.normal_nft(ruleset) == system.normal_nft(renumbered)
+    assert len(system.normal_nft(ruleset)) == 2
+    saved = "# Generated by iptables-save\n*raw\n:PREROUTING ACCEPT [12:345]\n"
+    saved += "-A PREROUTING -j X\nCOMMIT\n"
+    assert system.normal_xtables(saved, 4) == [
+        "v4 raw -A PREROUTING -j X",
+        "v4 raw :PREROUTING ACCEPT",
+    ]
+    before = {"rules": ["a", "b"], "processes": ["bird", "meridiod"]}
+    after = {"rules": ["b", "c"], "processes": ["bird", "bird", "meridiod"]}
+    assert system.kernel_state_diff(before, after) == [
+        "+ processes bird", "+ rules c", "- rules a",
+    ]  # fmt: skip
+    assert system.kernel_state_diff(before, before) == []
+
+
+def test_the_chaos_report_from_the_traffic_reports() -> None:
+    from datetime import UTC, datetime
+    from typing import cast
+
+    from rich.console import Console
+
+    from meridio.lab.chaos import Chaos, ChaosSettings, KillRecord, kill_lines
+    from meridio.lab.cli import print_chaos
+
+    t0 = 1_800_000_000.0
+    iso = datetime.fromtimestamp(t0, UTC).isoformat(timespec="milliseconds")
+    chaos = Chaos(cast(Lab, None), ChaosSettings(duration=30, seed=5, kinds=("lb", "target")))
+    chaos.kills = [
+        KillRecord(at=t0 + 5, kind="lb", name="lb-1", pid=10, back=2.0, whole=2.5, settled=3),
+        KillRecord(at=t0 + 12, kind="target", name="target-2", pid=11, back=1, whole=1, settled=1),
+    ]
+    conn = {"hosts": {}, "sent": 0, "received": 0, "dropped": 0}
+    tcp = {
+        **conn,
+        "started": iso,
+        "settings": {"timeout": 3.0},
+        "hosts": {"target-1": 2, "target-2": 1},
+        "lost_connections": 2,
+        "lost_per_host": {"target-2": 1, "target-1": 1},
+        "failed_connects": 1,
+        "connections": [
+            {"state": "lost", "host": "target-2", "ended": 12.5, "error": "reset"},
+            {"state": "lost", "host": "target-1", "ended": 20.0, "error": "no reply for 3s"},
+            {"state": "failed", "host": None, "started": 5.3, "ended": 7.3, "error": "timeout"},
+            {"state": "lasted", "host": "target-1", "ended": 30.0, "error": None},
+        ],
+    }
+    probe = {
+        "started": iso,
+        "attempts": 600,
+        "ok": 598,
+        "failed": 2,
+        "errors": {"timeout": 2},
+        "failures": [{"t": 5.1, "error": "timeout"}, {"t": 5.5, "error": "timeout"}],
+    }
+    report = chaos._report({"tcp": tcp, "probe": probe}, elapsed=40.0)
+    kinds = {f["kind"]: f for f in report["kinds"]}
+    assert kinds["lb"]["failed_connects"] == 3 and kinds["lb"]["lost"] == 0
+    assert kinds["lb"]["failure_span"] == pytest.approx(0.4)
+    assert kinds["target"]["lost"] == 1 and kinds["target"]["lost_elsewhere"] == 0
+    # the connection lost at 17 s (20 s less the timeout) broke while the lab was whole
+    assert [x["host"] for x in report["unexplained"]["lost"]] == ["target-1"]
+    assert report["kills"][0]["failed_after"] == [0.1, 0.3, 0.5]
+    assert report["missed"] == [
+        "no kill to blame (before the first, or while the lab was whole): 1 connection(s) lost"
+    ]
+    assert not report["ok"] and report["seed"] == 5
+    assert report["traffic"]["probe"]["failed"] == 2
+    lines = kill_lines(report)
+    assert lines[0].split() == [
+        "0.0", "s", "lb-1", "0", "lost,", "3", "connects", "failed", "within", "0.40", "s",
+    ]  # fmt: skip
+    assert "target-2 x1" in lines[1]
+    out = io.StringIO()
+    print_chaos(Console(file=out, width=200), report)
+    text = out.getvalue()
+    assert "no kill to blame: 1 lost" in text and "missed:" in text

@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from meridio.lab import plan
+from meridio.lab.chaos import ChaosSettings, kill_lines, run_chaos
 from meridio.lab.lab import DEFAULT_STATE_DIR, Lab, Step, resolve_external
 from meridio.lab.plan import LabSpec, PlanError
 from meridio.lab.system import LabError
@@ -183,6 +184,13 @@ def _lab(ctx: click.Context, reporter: RichReporter | None = None) -> Lab:
     "2001:db8::2, port 5000, opened by the odd targets; its own LBs lbb-N and proxies "
     "proxyb-N).",
 )
+@click.option(
+    "--restart/--no-restart",
+    default=True,
+    show_default=True,
+    help="Supervise every role's process and start it again, with backoff, when it dies (a "
+    "pod's restart policy); --no-restart leaves a dead process dead, to study a failure.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary.")
 @click.pass_context
 def up(
@@ -198,6 +206,7 @@ def up(
     gateways: int,
     streams: int,
     conduits: int,
+    restart: bool,
     quiet: bool,
 ) -> None:
     """Build the lab and wait until every role is ready (a lab already here is removed first)."""
@@ -217,6 +226,7 @@ def up(
             prefix=prefix,
             streams=streams,
             conduits=conduits,
+            restart=restart,
         )
         spec.check()
     except (PlanError, LabError) as exc:
@@ -262,9 +272,10 @@ def print_summary(status: dict[str, Any], seconds: float, *, hints: bool = True)
         "meridioctl lab traffic                   # 10 s of TCP to every VIP, a report per target",
         "meridioctl lab traffic --udp -c 50 -r 500",
         "meridioctl lab scale --targets 5         # and --lbs N",
-        "meridioctl lab kill lb-2                 # an LB crashes; `scale --lbs 2` replaces it",
+        "meridioctl lab kill lb-2                 # an LB crashes; its supervisor restarts it",
         "meridioctl lab tap target-1 close stream-a   # the application leaves a stream (TAPA)",
         "meridioctl lab restart nsp --kill        # the NSP crashes and comes back",
+        "meridioctl lab chaos --duration 60       # a random role killed every 5 s, under traffic",
         "meridioctl lab status | logs lb-1 | down",
         f"ip netns exec {gateway['namespace']} bash  # a shell on the external host",
     ):
@@ -298,12 +309,27 @@ def _streams_text(row: dict[str, Any]) -> str:
     )
 
 
+def _gone_text(row: dict[str, Any]) -> str:
+    """An instance whose process does not run: waiting for its supervisor to start it again,
+    exited (``--no-restart``), or gone."""
+    supervisor = row.get("supervisor")
+    end = (supervisor or {}).get("last_exit") or {}
+    how = end.get("signal") or (f"status {end['code']}" if end.get("code") is not None else "")
+    if supervisor and supervisor["state"] == "waiting":
+        return f"[yellow]restarting in {supervisor['next_start'] or 0:g} s" + (
+            f" ({how})" if how else ""
+        )
+    if supervisor and supervisor["state"] == "exited":
+        return f"[red]exited ({how or '?'}), not restarted"
+    return "[red]gone"
+
+
 def _instances_table(status: dict[str, Any]) -> Table:
     table = Table(title=None)
-    for column in ("name", "role", "namespace", "pid", "state", "addresses", "log"):
+    for column in ("name", "role", "namespace", "pid", "restarts", "state", "addresses", "log"):
         table.add_column(column)
     for row in status["instances"]:
-        state = "ready" if row["ready"] else ("running" if row["running"] else "[red]gone")
+        state = "ready" if row["ready"] else ("running" if row["running"] else _gone_text(row))
         if "targets" in row:
             state += f", {row['targets']} targets"
         if "sessions" in row:
@@ -320,6 +346,7 @@ def _instances_table(status: dict[str, Any]) -> Table:
             row["role"],
             row["namespace"],
             str(row["pid"] or "-"),
+            str(row["restarts"]) if row.get("supervisor") else "-",
             state,
             ", ".join(row["addresses"]),
             row["log"],
@@ -393,6 +420,7 @@ def status(ctx: click.Context, output: str) -> None:
             f"lab {report['phase']} ({report['state_dir']}): {report['lbs']} LBs, "
             f"{report['proxies']} proxies, {report['targets']} targets, {report['ip_family']}, "
             f"{report['mechanism']}, LB mode {report['lb_mode']}, {report['routing']} routing"
+            + ("" if report.get("restart", True) else ", no restarts (--no-restart)")
         )
         console.print(_instances_table(report))
         gateway = report["gateway"]
@@ -457,20 +485,26 @@ def scale(ctx: click.Context, targets: int | None, lbs: int | None, quiet: bool)
 @click.option(
     "--netns",
     is_flag=True,
-    help="lb-N, gateway-2: remove the namespace too, with everything in it (the pod is gone).",
+    help="target-N, lb-N, gateway-2: the pod is gone: its supervisors, everything in its "
+    "namespace and the namespace (scale replaces it).",
 )
 @click.pass_context
 def kill(ctx: click.Context, name: str, netns: bool) -> None:
-    """Kill an instance at once with SIGKILL: target-N (its namespace goes too, as when a
-    pod dies), lb-N or lbb-N (the LB process crashes; its namespace stays unless --netns),
-    gateway-N (the gateway router's BIRD: gateway-1 is gw's, gateway-2 gw-2's), or nsp,
-    ipam, proxy-N, proxyb-N (the process crashes). `scale` replaces a killed target or LB;
-    `restart` starts the others again."""
+    """Kill an instance at once with SIGKILL: the process of nsp, ipam, lb-N, lbb-N, proxy-N,
+    proxyb-N, target-N (the sidecar) or server-N (the target's application) crashes, as a
+    container does, and its supervisor starts it again (not after `up --no-restart`: then
+    `restart` does); gateway-N: the gateway router's BIRD (gateway-1 is gw's, gateway-2
+    gw-2's), which only `restart gateway-N` starts again."""
     try:
-        _lab(ctx).kill(name, netns=netns)
+        pid = _lab(ctx).kill(name, netns=netns)
     except LabError as exc:
         raise _fail(exc) from None
-    click.echo(f"{name} killed" + (" and its namespace removed" if netns else ""))
+    if netns:
+        click.echo(f"{name}'s pod is gone: its processes and its namespace")
+    elif pid is not None:
+        click.echo(f"{name} killed (pid {pid})")
+    else:
+        click.echo(f"{name} killed")
 
 
 @lab.command()
@@ -479,10 +513,11 @@ def kill(ctx: click.Context, name: str, netns: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.pass_context
 def restart(ctx: click.Context, name: str, kill: bool, quiet: bool) -> None:
-    """Stop an instance (SIGTERM, or SIGKILL with --kill) if it runs and start it again in its
-    namespace: nsp, ipam, lb-N, lbb-N, proxy-N, proxyb-N, target-N (the sidecar: it reopens
-    its streams by itself) or gateway-N; then wait until it is ready and the LBs' tables are
-    whole again."""
+    """Stop an instance's process (SIGTERM, or SIGKILL with --kill) if it runs and have it
+    started again in its namespace: nsp, ipam, lb-N, lbb-N, proxy-N, proxyb-N, target-N (the
+    sidecar: it reopens its streams by itself) or gateway-N; then wait until it is ready and
+    the LBs' tables are whole again. Its supervisor starts it again (the restart is counted);
+    after `up --no-restart` a new supervisor does."""
     try:
         if quiet:
             _lab(ctx).restart(name, kill=kill)
@@ -637,3 +672,191 @@ def traffic(
         sys.exit(subprocess.call(argv))
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+@lab.command()
+@click.option(
+    "-d",
+    "--duration",
+    type=click.FloatRange(1),
+    default=600.0,
+    show_default=True,
+    help="Seconds during which instances are killed.",
+)
+@click.option(
+    "-i",
+    "--interval",
+    type=click.FloatRange(0.5),
+    default=5.0,
+    show_default=True,
+    help="Seconds between kills (at least: a kill waits until the lab is whole again).",
+)
+@click.option("--seed", type=int, help="Seed of the draws (default: a random one, printed).")
+@click.option(
+    "--kinds",
+    default=",".join(plan.CHAOS_KINDS),
+    show_default=True,
+    help="What may be killed: a comma-separated list of "
+    + ", ".join(plan.CHAOS_KIND_CHOICES)
+    + " (server: a target's application).",
+)
+@click.option(
+    "-c", "--connections", type=click.IntRange(1), default=40, show_default=True,
+    help="Long-lived connections of the traffic client.",
+)  # fmt: skip
+@click.option(
+    "-r", "--rate", type=click.FloatRange(1), default=200.0, show_default=True,
+    help="Packets per second over all the long-lived connections.",
+)  # fmt: skip
+@click.option(
+    "--probe-rate", type=click.FloatRange(0.1), default=20.0, show_default=True,
+    help="New connections per second (traffic probe).",
+)  # fmt: skip
+@click.option("--udp", is_flag=True, help="UDP flows beside the TCP connections.")
+@click.option(
+    "--recover-timeout", type=click.FloatRange(1), default=60.0, show_default=True,
+    help="Seconds the lab may take to be whole again after a kill; longer ends the run.",
+)  # fmt: skip
+@click.option(
+    "--check-kernel/--no-check-kernel",
+    default=True,
+    show_default=True,
+    help="Compare every namespace's kernel state before each kill and once the lab is whole "
+    "again after it (stale rules, routes, links, nft and xtables rules, processes).",
+)
+@click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@click.option(
+    "--save",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Also write the JSON report to this file.",
+)
+@click.pass_context
+def chaos(
+    ctx: click.Context,
+    duration: float,
+    interval: float,
+    seed: int | None,
+    kinds: str,
+    connections: int,
+    rate: float,
+    probe_rate: float,
+    udp: bool,
+    recover_timeout: float,
+    check_kernel: bool,
+    output: str,
+    save: Path | None,
+) -> None:
+    """Kill a random role instance every few seconds while traffic runs, and report.
+
+    Long-lived connections (the traffic client) and new ones (traffic probe) run from the
+    external host to the VIPs; every INTERVAL seconds a kind is drawn from KINDS, then one of
+    its instances, whose process gets SIGKILL (its supervisor starts it again). Each lost
+    connection and failed connect is put down to the last kill before it. Goals (issue 15):
+    no connection lost to an NSP, IPAM or LB kill, new connects failing for under 1 s after
+    an LB kill, and a target kill losing that target's connections only. Exit status 1 when
+    a goal is missed.
+    """
+    try:
+        kind_list = plan.parse_chaos_kinds(kinds)
+    except PlanError as exc:
+        raise click.BadParameter(str(exc), param_hint="--kinds") from None
+    settings = ChaosSettings(
+        duration=duration,
+        interval=interval,
+        seed=seed,
+        kinds=kind_list,
+        connections=connections,
+        rate=rate,
+        probe_rate=probe_rate,
+        udp=udp,
+        recover_timeout=recover_timeout,
+        check_kernel=check_kernel,
+    )
+    console = err_console()
+    try:
+        report = run_chaos(_lab(ctx), settings, lambda text: console.print(text, highlight=False))
+    except LabError as exc:
+        raise _fail(exc) from None
+    if save is not None:
+        save.write_text(json.dumps(report, indent=2) + "\n")
+    if output == "json":
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_chaos(out_console(), report)
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_chaos(console: Console, report: dict[str, Any]) -> None:
+    """The chaos report as tables: per kind, what the kills cost; the kills that cost
+    something; the traffic; the goals missed."""
+    settings = report["settings"]
+    console.print(
+        f"\n[bold]chaos[/]: {len(report['kills'])} kills in {report['elapsed']:.0f} s "
+        f"(seed {report['seed']}, a kill every {settings['interval']:g} s or more)"
+        + (f"; stopped: {report['stopped']}" if report["stopped"] else ""),
+        highlight=False,
+    )
+    table = Table(title=None)
+    for column in (
+        "kind", "kills", "back (max s)", "whole (max s)", "lost", "lost elsewhere",
+        "failed connects", "failure span (s)", "goal",
+    ):  # fmt: skip
+        table.add_column(column)
+    for f in report["kinds"]:
+        table.add_row(
+            f["kind"],
+            str(f["kills"]),
+            _seconds(f["back_max"]),
+            _seconds(f["whole_max"]),
+            str(f["lost"]),
+            str(f["lost_elsewhere"]),
+            str(f["failed_connects"]),
+            f"{f['failure_span']:.2f}",
+            report["goals"].get(f["kind"], "(reported)"),
+        )
+    console.print(table)
+    lines = kill_lines(report)
+    if lines:
+        console.print("Kills that cost something:", highlight=False)
+        for line in lines:
+            console.print(f"  {line}", highlight=False)
+    for name, t in report["traffic"].items():
+        if name == "probe":
+            console.print(
+                f"new connections (probe): {t['attempts']} attempts, {t['failed']} failed "
+                f"{t['errors'] or ''}",
+                highlight=False,
+            )
+        else:
+            console.print(
+                f"long-lived {name}: {t['connections']} connections, {t['lost']} lost "
+                f"{t['lost_per_host'] or ''}, {t['failed_connects']} failed connects",
+                highlight=False,
+            )
+    unexplained = report.get("unexplained", {})
+    if unexplained.get("lost") or unexplained.get("failed"):
+        first = min((k["at"] for k in report["kills"]), default=0.0)
+        console.print(
+            f"no kill to blame: {len(unexplained['lost'])} lost, {len(unexplained['failed'])} "
+            "connects failed (before the first kill, or while the lab was whole), at "
+            + ", ".join(
+                f"{x['at'] - first:.1f} s"
+                for x in [*unexplained["lost"], *unexplained["failed"]][:10]
+            ),
+            highlight=False,
+        )
+    stale = [line for k in report["kills"] for line in k["stale"]]
+    for line in stale[:20]:
+        console.print(f"  [red]stale[/] {line}", highlight=False)
+    if report["missed"]:
+        for line in report["missed"]:
+            console.print(f"[red]missed:[/] {line}", highlight=False)
+    else:
+        console.print("[green]every goal met[/]", highlight=False)

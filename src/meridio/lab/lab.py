@@ -12,6 +12,12 @@ run BIRD (instances ``bird-gw``, ``bird-gw-2``), started and stopped by the lab 
 other processes; the lab never edits their routes, it waits until their kernel tables route
 the VIPs over the LBs it expects and reads them back for ``status``.
 
+Every role's process and every target's application runs under a supervisor of its own
+(``meridio.lab.supervise``), which starts it again when it dies, as a kubelet does; a
+process's ``pid`` in the state is its supervisor's, its own is in the supervisor's status file
+(``system.role_pid``). ``kill`` crashes the process (its supervisor starts it again) or, with
+``netns``, removes the pod; ``down`` stops the supervisors, which stop their processes.
+
 The targets' sidecars open no stream by themselves: the lab opens each target's streams
 (``plan.target_streams``) through its TAPA socket, as an application would, and reads them back
 from it to know what every LB's tables should hold.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -29,20 +36,30 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
+from meridio import pki
 from meridio.lab import plan, system
 from meridio.lab.plan import LabSpec
 from meridio.lab.state import LabState, Process, load, save, state_path
 from meridio.lab.system import LabError
 
+# Roles that run as meridiod and get a certificate (the traffic server does not).
+MERIDIOD_ROLES = frozenset({"nsp", "ipam", "lb", "proxy", "target"})
+
 DEFAULT_STATE_DIR = Path("/run/meridio-lab")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+CRASH_LOOP = 3
+"""A process started again this often while the lab waits for it to be ready is given up on
+(its log says why)."""
+RESTART_TIMEOUT = STOP_TIMEOUT + plan.RESTART_DELAY_MAX + 5
+"""How long ``restart`` and ``kill`` wait for a supervisor to start its program again."""
 GATEWAY_TIMEOUT = 60.0
 """How long ``up`` and ``scale`` wait for the gateways to route the VIPs over the LBs (a BGP
 session takes about 5 s to come up)."""
@@ -96,6 +113,11 @@ def meridiod() -> list[str]:
 
 def traffic_tool() -> list[str]:
     return [sys.executable, "-m", "meridio.traffic"]
+
+
+def supervisor() -> list[str]:
+    """The supervisor every role's process runs under (``meridio.lab.supervise``)."""
+    return [sys.executable, "-m", "meridio.lab.supervise"]
 
 
 def resolve_external(choice: str) -> str:
@@ -211,6 +233,8 @@ class Lab:
             self.down()
         state = LabState.from_spec(spec)
         self._save(state)
+        with contextlib.suppress(FileNotFoundError):
+            plan.hold_path(self.state_dir).unlink()
         nodes = list(range(1, spec.proxies + 1))
         placement = plan.place_targets({}, range(1, spec.targets + 1), nodes)
         lbs = list(range(1, spec.lbs + 1))
@@ -396,9 +420,19 @@ class Lab:
     ) -> Process:
         if program is None:
             program = traffic_tool() if role == "server" else meridiod()
-        proc = system.spawn(
-            name, role, self.netns(host), [*program, *args], plan.log_path(self.state_dir, name)
-        )
+        if role in MERIDIOD_ROLES:
+            # mutual TLS: a certificate of the lab's CA for this instance (kept across restarts)
+            pki.ensure_credentials(plan.pki_dir(self.state_dir), role, name)
+        argv = [*program, *args]
+        log = plan.log_path(self.state_dir, name)
+        if role in plan.SUPERVISED_ROLES:
+            # a pod: its supervisor starts the program again when it dies
+            options = plan.supervise_args(self.state_dir, name, restart=state.restart)
+            wrapper = [*supervisor(), *options]
+            status = plan.supervise_status_path(self.state_dir, name)
+            proc = system.spawn(name, role, self.netns(host), argv, log, wrapper, status)
+        else:
+            proc = system.spawn(name, role, self.netns(host), argv, log)
         state.processes[name] = proc
         self._save(state)
         return proc
@@ -540,12 +574,19 @@ class Lab:
         step = self.reporter.step(title, len(names))
         pending = list(names)
         deadline = time.monotonic() + READY_TIMEOUT
+        restarts = {n: _restarts(state.processes[n]) for n in names}
         while pending:
             for name in pending:
                 proc = state.processes[name]
                 if not system.alive(proc):
                     raise LabError(
                         f"{name} exited before it was ready; the end of {proc.log}:\n"
+                        + system.tail(proc.log)
+                    )
+                if _restarts(proc) - restarts[name] >= CRASH_LOOP:
+                    raise LabError(
+                        f"{name} keeps dying before it is ready (started again "
+                        f"{_restarts(proc) - restarts[name]} times); the end of {proc.log}:\n"
                         + system.tail(proc.log)
                     )
             answers = await asyncio.gather(*(self._ready_async(state, n) for n in pending))
@@ -564,10 +605,18 @@ class Lab:
             await asyncio.sleep(0.1)
         step.finish()
 
+    def ready(self, name: str) -> bool:
+        """Whether instance ``name`` is ready now (a role: its Readiness; a traffic server:
+        serving since it was last started; a gateway: its BIRD answering)."""
+        state = self.load()
+        if name not in state.processes:
+            raise LabError(f"no instance {name!r}")
+        return system.run_async(self._ready_async(state, name))
+
     async def _ready_async(self, state: LabState, name: str) -> bool:
         proc = state.processes[name]
         if proc.role == "server":
-            return system.announced(proc.log, "serving on")
+            return system.role_pid(proc) is not None and system.announced(proc.log, "serving on")
         if proc.role == "gateway":
             return system.bird_ready(plan.bird_socket(self.state_dir, name))
         return await system.readiness(plan.health_socket(self.state_dir, name))
@@ -864,6 +913,109 @@ class Lab:
             "since": since,
         }
 
+    # -- whole, and what the kernels hold
+
+    def problems(self) -> list[str]:
+        """What keeps the lab from being whole now; empty when it is: every process running
+        and ready (a gateway's BIRD answering), every target's TAPA listing its streams
+        ``OPEN``, every LB's table holding exactly the targets with each stream open and
+        routing to them, and (``bgp``, ``static-bfd``) every running gateway router routing
+        each VIP over exactly the running LBs."""
+        state = self.load()
+        problems = system.run_async(self._problems(state))
+        if problems or not state.spec.dynamic:
+            return problems
+        want = self._gateway_want(state, self._running_lbs(state))
+        for router in state.spec.routers:
+            if not self._gateway_running(state, router):
+                continue
+            for conduit, lbs in want.items():
+                for family, (got, others) in self._route_lbs(state, router, conduit).items():
+                    if got != lbs or others:
+                        over = [plan.lb_host(i, conduit) for i in got] + others
+                        problems.append(
+                            f"{plan.gateway_host(router)} routes {plan.vip_cidr(family, conduit)}"
+                            f" over {', '.join(over) or 'nothing'}"
+                        )
+        return problems
+
+    async def _problems(self, state: LabState) -> list[str]:
+        names = [
+            n
+            for n, p in sorted(state.processes.items(), key=lambda kv: _order(kv[1]))
+            if p.role in (*plan.SUPERVISED_ROLES, "gateway")
+        ]
+        answers = await asyncio.gather(*(self._ready_async(state, n) for n in names))
+        problems = [f"{n} not ready" for n, ok in zip(names, answers, strict=True) if not ok]
+        if problems:
+            return problems
+        running = self._running_targets(state)
+        lists = await asyncio.gather(
+            *(
+                system.tap_list(plan.tap_socket(self.state_dir, plan.target_host(i)))
+                for i in running
+            )
+        )
+        opened: dict[int, list[tuple[str, str]]] = {}
+        for index, rows in zip(running, lists, strict=True):
+            name = plan.target_host(index)
+            if rows is None:
+                problems.append(f"{name}'s TAPA does not answer")
+                continue
+            problems += [
+                f"{name}/{r['stream']} {r['status']}" for r in rows if r["status"] != "OPEN"
+            ]
+            opened[index] = [(r["conduit"], r["stream"]) for r in rows]
+        if problems:
+            return problems
+        checks = await self._table_checks(state, opened)
+        return [f"{n} table {c.text(n)}" for n, c in checks.items() if not c.done]
+
+    def wait_whole(self, timeout: float = READY_TIMEOUT) -> float:
+        """Wait until ``problems`` is empty; how long it took. LabError with what is still
+        wrong when it is not within ``timeout``."""
+        started = time.monotonic()
+        while True:
+            problems = self.problems()
+            if not problems:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise LabError(
+                    f"the lab is not whole within {timeout:g}s: {'; '.join(problems[:8])}"
+                )
+            time.sleep(0.2)
+
+    def kernel_states(self) -> dict[str, system.KernelState]:
+        """What every namespace of the lab holds in its kernel (``system.kernel_state``), by
+        namespace: links, addresses, routes, rules, nftables and xtables rules, processes."""
+        state = self.load()
+        present = set(system.netns_list())
+        names = [n for n in sorted(state.namespaces) if n in present]
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            states = pool.map(lambda n: system.kernel_state(n, state.spec.families), names)
+            return dict(zip(names, states, strict=True))
+
+    def kernel_changes(
+        self, before: dict[str, system.KernelState], timeout: float = 10.0
+    ) -> tuple[list[str], float]:
+        """Wait until every namespace's kernel holds again what ``before`` says (a reading of
+        ``kernel_states``), at most ``timeout`` seconds: what still differs then
+        (``namespace: + kind item``, empty when nothing does: nothing stale) and how long it
+        took. A process started again may take a moment to put everything back (a proxy
+        routes replies over a restarted LB once that LB says it takes them)."""
+        started = time.monotonic()
+        while True:
+            after = self.kernel_states()
+            changes = [
+                f"{netns}: {line}"
+                for netns in sorted(set(before) | set(after))
+                for line in system.kernel_state_diff(before.get(netns, {}), after.get(netns, {}))
+            ]
+            took = time.monotonic() - started
+            if not changes or took > timeout:
+                return changes, took
+            time.sleep(0.5)
+
     # -- what runs
 
     def _running_targets(self, state: LabState) -> list[int]:
@@ -893,6 +1045,9 @@ class Lab:
         of the lab; the names of the namespaces removed."""
         state = load(self.state_dir)
         procs = list(state.processes.values()) if state else []
+        if self.state_dir.exists():
+            # first of all: no supervisor starts anything again while the lab goes
+            plan.hold_path(self.state_dir).touch()
         # in stages, so that each role drains while what it talks to is still there (the LBs
         # withdraw from the gateways' BIRD); deleting a namespace kills whatever still runs in
         # it, such as an LB's own BIRD
@@ -908,13 +1063,16 @@ class Lab:
         return sorted(names & present)
 
     def _remove_files(self, state: LabState | None) -> None:
-        """The state file and the instances' directories (nothing else in the state dir)."""
+        """The state file, the instances' directories and the lab's CA (nothing else in the
+        state dir)."""
         names = set(state.processes) if state else set()
         for path in self.state_dir.glob("*") if self.state_dir.exists() else []:
             if path.is_dir() and (path.name in names or _instance_dir(path.name)):
                 shutil.rmtree(path, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            state_path(self.state_dir).unlink()
+        shutil.rmtree(plan.pki_dir(self.state_dir), ignore_errors=True)
+        for path in (state_path(self.state_dir), plan.hold_path(self.state_dir)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         with contextlib.suppress(OSError):
             self.state_dir.rmdir()
 
@@ -1048,69 +1206,69 @@ class Lab:
 
     # -- kill
 
-    def kill(self, name: str, *, netns: bool = False) -> None:
-        """Kill an instance at once (SIGKILL).
+    def kill(self, name: str, *, netns: bool = False) -> int | None:
+        """Kill an instance at once (SIGKILL); the pid killed (None for a pod or a gateway).
 
-        - ``target-N``: as a pod dies: its processes get SIGKILL and its network namespace
-          (so its conduit link) goes.
-        - ``lb-N`` (``lbb-N``: conduit-b's): the LB process crashes: only it gets SIGKILL, its
-          namespace stays with whatever else runs there (an LB's BIRD must die with it, or it
-          keeps attracting traffic); with ``netns`` the namespace goes too, with everything in
-          it (the pod is gone: its link to the gateways goes down).
+        - A role's process (``nsp``, ``ipam``, ``lb-N``, ``lbb-N``, ``proxy-N``, ``proxyb-N``,
+          ``target-N``: the sidecar) or a target's application (``server-N``, its traffic
+          server) crashes, as a container does: its supervisor starts it again (not with
+          ``--no-restart``: then ``restart`` does, or ``scale`` for a target or an LB). Its
+          namespace stays, with whatever else runs there (an LB's BIRD must die with the LB,
+          or it keeps attracting traffic).
+        - With ``netns`` (``target-N``, ``server-N``, ``lb-N``, ``lbb-N``) the pod is gone: its
+          supervisors, everything in its namespace and the namespace itself (its links: a
+          target's conduit link, an LB's link to the gateways); ``scale`` replaces it.
         - ``gateway-N`` (``gateway``: ``gw``'s, ``gateway-2``: ``gw-2``'s): the gateway
-          router's BIRD gets SIGKILL (its kernel routes stay, as BIRD leaves them); with
-          ``netns`` (``gw-2`` only) the router's namespace goes.
-        - ``nsp``, ``ipam``, ``proxy-N``, ``proxyb-N``: the process crashes; its namespace
-          stays (``restart`` starts it again).
-
-        ``scale`` replaces a killed target or LB.
+          router's BIRD gets SIGKILL (its kernel routes stay, as BIRD leaves them); nothing
+          starts it again but ``restart gateway-N``; with ``netns`` (``gw-2`` only) the
+          router's namespace goes.
         """
         state = self.load()
         router = plan.gateway_router_from_name(name)
-        kind, _, number = name.partition("-")
-        lb = plan.lb_from_name(name)
         if router is not None:
             self._kill_gateway(state, router, netns=netns)
-        elif lb is not None and lb[1] in state.lbs_of(lb[0]):
-            self._kill_lb(state, lb[1], netns=netns, conduit=lb[0])
-        elif kind == "target" and number.isdigit() and int(number) in state.target_nodes:
-            self._kill_target(state, int(number))
-        elif name in self._restartable(state) and not netns:
-            system.send_signal(state.processes[name], signal.SIGKILL)
-            system.wait_gone([state.processes[name]], STOP_TIMEOUT)
-        else:
-            choices = [
-                *self._target_names(state),
-                *self._lb_names(state),
-                *(f"gateway-{r}" for r in state.spec.routers if state.spec.dynamic),
-                *(n for n in self._restartable(state) if state.processes[n].role in OTHERS),
-            ]
-            if netns and name in self._restartable(state):
-                raise LabError("--netns: only a target's, an LB's or gw-2's namespace can go")
-            raise LabError(f"nothing named {name!r} to kill; there are {', '.join(choices)}")
-
-    def _kill_target(self, state: LabState, index: int) -> None:
-        name = plan.target_host(index)
-        for proc_name in (name, f"server-{index}"):
-            proc = state.processes.get(proc_name)
-            if proc is not None:
-                system.send_signal(proc, signal.SIGKILL)
-        self._delete_netns(state, name)
-
-    def _kill_lb(
-        self,
-        state: LabState,
-        index: int,
-        *,
-        netns: bool,
-        conduit: plan.ConduitPlan = plan.CONDUIT_A,
-    ) -> None:
-        host = plan.lb_host(index, conduit)
-        proc = state.processes.get(host)
-        if proc is not None:
-            system.send_signal(proc, signal.SIGKILL)
+            return None
+        lb = plan.lb_from_name(name)
+        target = plan.target_of(name)
         if netns:
-            self._delete_netns(state, host)
+            if lb is not None and lb[1] in state.lbs_of(lb[0]):
+                self._kill_pod(state, [plan.lb_host(lb[1], lb[0])], plan.lb_host(lb[1], lb[0]))
+            elif target is not None and _index(target) in state.target_nodes:
+                self._kill_pod(state, [target, f"server-{_index(target)}"], target)
+            else:
+                raise LabError(
+                    f"--netns: only a target's, an LB's or gw-2's namespace can go, not {name!r}"
+                )
+            return None
+        proc = state.processes.get(name)
+        if proc is None or plan.chaos_kind(name) is None:
+            raise LabError(
+                f"nothing named {name!r} to kill; there are {', '.join(self._killable(state))}"
+            )
+        if proc.netns not in system.netns_list():
+            raise LabError(f"{name}'s namespace is gone: `meridioctl lab scale` replaces it")
+        pid = system.kill_role(proc)
+        if pid is None:
+            raise LabError(f"{name} is not running{_waiting_text(proc)}")
+        return pid
+
+    def _killable(self, state: LabState) -> list[str]:
+        procs = sorted(state.processes.values(), key=_order)
+        names = [p.name for p in procs if plan.chaos_kind(p.name) is not None]
+        routers = [f"gateway-{r}" for r in state.spec.routers if state.spec.dynamic]
+        return [*names, *routers]
+
+    def _kill_pod(self, state: LabState, names: Sequence[str], host: str) -> None:
+        """The pod is gone: its supervisors first (nothing is started again), then its
+        processes, then its namespace with whatever else is in it."""
+        procs = [state.processes[n] for n in names if n in state.processes]
+        pids = [pid for pid in map(system.role_pid, procs) if pid is not None]
+        for proc in procs:
+            system.send_signal(proc, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._delete_netns(state, host)
 
     def _kill_gateway(self, state: LabState, router: int, *, netns: bool) -> None:
         if router not in state.spec.routers:
@@ -1147,11 +1305,15 @@ class Lab:
         return [p.name for p in procs if p.role in roles]
 
     def restart(self, name: str, *, kill: bool = False) -> None:
-        """Stop instance ``name`` if it runs (SIGTERM, gracefully; with ``kill`` SIGKILL, a
-        crash) and start it again in its namespace with the same command line, then wait until
-        it is ready: a target until the streams it reopens by itself (from its state file) are
-        ``OPEN``; for anything but the IPAM also until every LB's table holds every target
-        again. ``gateway-N``: the gateway router's BIRD."""
+        """Stop instance ``name``'s process if it runs (SIGTERM, gracefully; with ``kill``
+        SIGKILL, a crash) and start it again in its namespace with the same command line,
+        then wait until it is ready: a target until the streams it reopens by itself (from
+        its state file) are ``OPEN``; for anything but the IPAM also until every LB's table
+        holds every target again. ``gateway-N``: the gateway router's BIRD.
+
+        A supervised process is stopped and its supervisor starts it again (as a container
+        restarted in its pod: ``restarts`` counts it); where no supervisor would (``--no-restart``,
+        or the supervisor is gone), a new supervisor starts it."""
         state = self.load()
         router = plan.gateway_router_from_name(name)
         if router is not None:
@@ -1168,10 +1330,20 @@ class Lab:
             raise LabError(
                 f"{name}'s namespace {proc.netns} is gone: `meridioctl lab scale` replaces it"
             )
-        if system.alive(proc):
-            self._stop_one(proc, kill=kill)
-        host = proc.netns.removeprefix(self.prefix)
-        self._start(state, name, proc.role, host, proc.argv, program=[])
+        status = system.supervised(proc)
+        if status is not None and status.restart and system.alive(proc):
+            # its supervisor starts it again once it has gone
+            old = system.signal_role(proc, signal.SIGKILL if kill else signal.SIGTERM)
+            if system.wait_restarted(proc, old, RESTART_TIMEOUT) is None:
+                raise LabError(
+                    f"{name} was not started again within {RESTART_TIMEOUT:g}s"
+                    f"{_waiting_text(proc)}; the end of {proc.log}:\n{system.tail(proc.log)}"
+                )
+        else:
+            if system.alive(proc):
+                self._stop_one(proc, kill=kill)
+            host = proc.netns.removeprefix(self.prefix)
+            self._start(state, name, proc.role, host, proc.argv, program=[])
         self._wait_ready(state, [name], f"{name} started again")
         if proc.role != "ipam":
             # the targets reconnect (the NSP, a proxy) or reopen their streams (a target)
@@ -1194,9 +1366,17 @@ class Lab:
 
     @staticmethod
     def _stop_one(proc: Process, *, kill: bool) -> None:
+        """Stop an instance for good (its supervisor too): SIGTERM, which a supervisor passes
+        on, or SIGKILL to the supervisor first (so that it starts nothing again) and then to
+        the process."""
         if kill:
+            pid = system.role_pid(proc)
             system.send_signal(proc, signal.SIGKILL)
             system.wait_gone([proc], STOP_TIMEOUT)
+            if pid is not None and pid != proc.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                system.wait_pid_gone(pid, STOP_TIMEOUT)
         else:
             system.stop([proc], STOP_TIMEOUT)
 
@@ -1271,14 +1451,17 @@ class Lab:
     async def _status(self, state: LabState, spec: LabSpec) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         for name, proc in sorted(state.processes.items(), key=lambda kv: _order(kv[1])):
-            running = system.alive(proc)
+            pid = system.role_pid(proc)
+            running = pid is not None
             row: dict[str, Any] = {
                 "name": name,
                 "role": proc.role,
                 "namespace": proc.netns,
-                "pid": proc.pid if running else None,
+                "pid": pid,
                 "running": running,
                 "ready": False,
+                "restarts": _restarts(proc),
+                "supervisor": _supervisor_row(proc),
                 "addresses": self._addresses(state, proc),
                 "log": proc.log,
             }
@@ -1314,6 +1497,7 @@ class Lab:
             "external": spec.external,
             "routing": spec.routing,
             "gateways": spec.gateways,
+            "restart": state.restart,
             "conduits": [c.name for c in spec.conduit_plans],
             "streams": [
                 {
@@ -1469,6 +1653,55 @@ class Lab:
     def traffic(self, args: Sequence[str], families: Iterable[int] | None = None) -> dict[str, Any]:
         """Run a traffic client to its end; its report."""
         return self.start_traffic(args, families).result()
+
+
+def _waiting_text(proc: Process) -> str:
+    """``; its supervisor starts it again in 1.6 s`` (or why it does not), for messages."""
+    status = system.supervised(proc)
+    if status is None:
+        return "" if system.alive(proc) else " (gone)"
+    if not system.alive(proc):
+        return " (its supervisor is gone)"
+    if status.state == "waiting" and status.next_start is not None:
+        seconds = max(0.0, status.next_start - time.time())
+        return f"; its supervisor starts it again in {seconds:.1f} s"
+    return f" (its supervisor is {status.state})"
+
+
+def _supervisor_row(proc: Process) -> dict[str, Any] | None:
+    """What ``status`` says of an instance's supervisor: its pid (None when it is gone), its
+    state (``running``, ``waiting`` to start the program again, ``exited``, ...), the
+    restarts, how the program last ended and, while ``waiting``, in how many seconds it starts
+    again. None for a process without one."""
+    if not proc.supervised:
+        return None
+    status = system.supervised(proc)
+    alive = system.alive(proc)
+    row: dict[str, Any] = {
+        "pid": proc.pid if alive else None,
+        "state": (status.state if status is not None else "starting") if alive else "gone",
+        "restarts": status.restarts if status is not None else 0,
+        "last_exit": None,
+        "next_start": None,
+    }
+    if status is not None and status.last_exit is not None:
+        end = status.last_exit
+        row["last_exit"] = {
+            "code": end.code,
+            "signal": end.signal,
+            "ago": round(time.time() - end.at, 1),
+            "ran": end.ran,
+        }
+    if alive and status is not None and status.state == "waiting" and status.next_start:
+        row["next_start"] = round(max(0.0, status.next_start - time.time()), 1)
+    if not alive and status is not None and status.state == "exited":
+        row["state"] = "exited"
+    return row
+
+
+def _restarts(proc: Process) -> int:
+    status = system.supervised(proc)
+    return status.restarts if status is not None else 0
 
 
 def _order(proc: Process) -> tuple[int, str, int, str]:

@@ -205,6 +205,8 @@ class LabSpec:
     conduits: int = 1
     """Conduits: 1 (``conduit-a``) or 2 (and ``conduit-b``: ``stream-c``, its own VIPs, LBs
     and proxies)."""
+    restart: bool = True
+    """Supervisors start a role's process again when it dies (``--no-restart``: they do not)."""
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -939,8 +941,24 @@ def bird_pid_path(state_dir: Path, name: str) -> Path:
     return run_dir(state_dir, name) / "bird.pid"
 
 
+def pki_dir(state_dir: Path) -> Path:
+    """The lab's throwaway CA (``ca.crt``, ``ca.key``) and a directory of credentials per
+    instance (docs/security.md)."""
+    return state_dir / "pki"
+
+
+def tls_dir(state_dir: Path, name: str) -> Path:
+    """Instance ``name``'s certificate, key and trust bundle: its ``--tls-dir``."""
+    return pki_dir(state_dir) / name
+
+
 def _common(state_dir: Path, name: str) -> list[str]:
-    return [f"--instance={name}", f"--run-dir={run_dir(state_dir, name)}", "--log-format=json"]
+    return [
+        f"--instance={name}",
+        f"--run-dir={run_dir(state_dir, name)}",
+        "--log-format=json",
+        f"--tls-dir={tls_dir(state_dir, name)}",
+    ]
 
 
 def nsp_args(state_dir: Path) -> list[str]:
@@ -1068,3 +1086,296 @@ def server_args(index: int, ports: Iterable[int] = (PORT,)) -> list[str]:
     """The traffic server beside target ``index`` (``meridioctl traffic server``)."""
     addresses = [word for port in sorted(set(ports)) for word in ("--address", f"[::]:{port}")]
     return ["server", "--name", target_host(index), *addresses]
+
+
+# --- supervision -------------------------------------------------------------------------------
+
+SUPERVISED_ROLES = ("nsp", "ipam", "lb", "proxy", "target", "server")
+"""The lab's processes that run under a supervisor (``meridio.lab.supervise``), as a pod's
+containers run under the kubelet: every role daemon and the targets' traffic servers (the
+applications). The gateway routers' BIRD is the world outside the cluster: not supervised."""
+RESTART_DELAY_MIN = 0.2
+RESTART_DELAY_MAX = 10.0
+RESTART_RESET_AFTER = 10.0
+"""A child that ran at least this long (seconds) before it died is started again after the
+shortest pause, as if it had never died before."""
+
+
+def restart_delay(previous: float | None, ran: float) -> float:
+    """How long a supervisor waits before it starts its child again, which ran ``ran`` seconds
+    before it ended; ``previous`` is the pause before that run (None: there was none).
+
+    0.2 s, then twice the previous pause while the child keeps dying young, at most 10 s (a
+    kubelet's CrashLoopBackOff, shortened); a child that ran 10 s or more starts afresh at
+    0.2 s.
+    """
+    if previous is None or ran >= RESTART_RESET_AFTER:
+        return RESTART_DELAY_MIN
+    return min(max(previous, RESTART_DELAY_MIN) * 2, RESTART_DELAY_MAX)
+
+
+def supervise_status_path(state_dir: Path, name: str) -> Path:
+    """Where the supervisor of instance ``name`` keeps its status (``meridio.lab.supervise``)."""
+    return role_dir(state_dir, name) / "supervise.json"
+
+
+def hold_path(state_dir: Path) -> Path:
+    """While this file exists the lab's supervisors start nothing again (``down`` makes it
+    first)."""
+    return state_dir / "down"
+
+
+def supervise_args(state_dir: Path, name: str, *, restart: bool = True) -> list[str]:
+    """The arguments of instance ``name``'s supervisor, up to the ``--`` before the program it
+    runs."""
+    return [
+        "--status",
+        str(supervise_status_path(state_dir, name)),
+        "--name",
+        name,
+        "--hold",
+        str(hold_path(state_dir)),
+        *([] if restart else ["--no-restart"]),
+        "--",
+    ]
+
+
+# --- chaos -------------------------------------------------------------------------------------
+
+CHAOS_KINDS = ("nsp", "ipam", "lb", "proxy", "target")
+"""What ``lab chaos`` kills by default: a role's process (SIGKILL), which its supervisor
+starts again."""
+CHAOS_KIND_CHOICES = (*CHAOS_KINDS, "server")
+"""``server``: a target's application (its traffic server) crashes; its connections break."""
+CHAOS_GOALS = {
+    "nsp": "no connection lost, no connect failed",
+    "ipam": "no connection lost, no connect failed",
+    "lb": "no connection lost; new connects fail for under 1 s",
+    "target": "only the killed target's connections lost",
+    "server": "only the killed target's connections lost",
+}
+"""The goals ``lab chaos`` judges each kind of kill by (issue 15); proxies' are reported."""
+LB_FAILOVER_LIMIT = 1.0
+"""An LB kill may fail new connections for less than this long (seconds, from the first failed
+attempt's start to the last one's)."""
+
+
+def chaos_kind(name: str) -> str | None:
+    """The kind of a lab instance for ``lab chaos``: ``nsp``, ``ipam``, ``lb`` (``lb-N``,
+    ``lbb-N``), ``proxy`` (``proxy-N``, ``proxyb-N``), ``target``, ``server``; None for any
+    other (the gateways)."""
+    if name in ("nsp", "ipam"):
+        return name
+    if lb_from_name(name) is not None:
+        return "lb"
+    if proxy_from_name(name) is not None:
+        return "proxy"
+    kind, _, number = name.partition("-")
+    if kind in ("target", "server") and number.isdigit():
+        return kind
+    return None
+
+
+def parse_chaos_kinds(text: str) -> tuple[str, ...]:
+    """``--kinds nsp,lb``: the kinds, in the order of ``CHAOS_KIND_CHOICES``."""
+    asked = {k.strip() for k in text.split(",") if k.strip()}
+    unknown = sorted(asked - set(CHAOS_KIND_CHOICES))
+    if unknown or not asked:
+        raise PlanError(
+            f"--kinds {text!r}: a comma-separated list of {', '.join(CHAOS_KIND_CHOICES)}"
+        )
+    return tuple(k for k in CHAOS_KIND_CHOICES if k in asked)
+
+
+def chaos_pick(
+    rand: Any, candidates: Iterable[str], kinds: Sequence[str]
+) -> tuple[str, str] | None:
+    """The next victim of ``lab chaos``: a kind drawn evenly from ``kinds`` that has a
+    candidate, then one of its candidates, evenly (so an NSP dies as often as all the targets
+    together). ``rand`` is a ``random.Random``. (kind, name); None when nothing can be
+    killed."""
+    by_kind: dict[str, list[str]] = {}
+    for name in sorted(set(candidates)):
+        kind = chaos_kind(name)
+        if kind is not None and kind in kinds:
+            by_kind.setdefault(kind, []).append(name)
+    present = [k for k in kinds if k in by_kind]
+    if not present:
+        return None
+    kind = present[rand.randrange(len(present))]
+    names = by_kind[kind]
+    return kind, names[rand.randrange(len(names))]
+
+
+@dataclass(frozen=True)
+class ChaosKill:
+    """One kill of ``lab chaos``: when (seconds since the epoch), what, and how long until
+    the instance was ready again (``back``), the whole lab was (``whole``) and every kernel
+    held again what it held before (``settled``); seconds after the kill, None when it was
+    not within the time allowed (or, for ``settled``, not looked at)."""
+
+    at: float
+    kind: str
+    name: str
+    back: float | None = None
+    whole: float | None = None
+    settled: float | None = None
+
+    @property
+    def recovered(self) -> float | None:
+        """When the lab was itself again after this kill (seconds since the epoch)."""
+        end = self.settled if self.settled is not None else self.whole
+        return None if end is None else self.at + end
+
+
+@dataclass(frozen=True)
+class ChaosLoss:
+    """A long-lived connection lost (``at``: when it broke, seconds since the epoch; ``host``:
+    the target that served it), or a new connection that failed (``host`` None)."""
+
+    at: float
+    host: str | None = None
+    error: str = ""
+
+
+def broke_at(started: float, connection: Mapping[str, Any], timeout: float) -> float | None:
+    """When a lost connection of a traffic client's report broke (seconds since the epoch;
+    ``started``: the run's start): its end, less the timeout when it ended for want of a reply
+    (it broke when the first unanswered packet left). None when it was not lost."""
+    if connection.get("state") != "lost" or connection.get("ended") is None:
+        return None
+    ended = started + float(connection["ended"])
+    error = str(connection.get("error") or "")
+    return ended - timeout if error.startswith("no reply") else ended
+
+
+ATTRIBUTION_SLACK = 0.1
+"""Seconds a loss may seem to come before the kill that caused it (the traffic tools' clocks
+start a moment after the times their reports count from)."""
+RECOVERED_GRACE = 1.0
+"""Seconds after the lab was itself again during which a loss is still put down to the kill."""
+
+
+def attribute(
+    kills: Sequence[ChaosKill],
+    losses: Iterable[ChaosLoss],
+    slack: float = ATTRIBUTION_SLACK,
+    grace: float = RECOVERED_GRACE,
+) -> tuple[dict[int, list[ChaosLoss]], list[ChaosLoss]]:
+    """Each loss to the kill it followed: the last kill before it (``slack`` seconds of
+    leeway), unless the lab had been itself again (``ChaosKill.recovered``) for more than
+    ``grace`` seconds by then. Per kill (its index in ``kills``) the losses it caused, and
+    those no kill explains: before the first kill, or while the lab was whole."""
+    order = sorted(range(len(kills)), key=lambda i: kills[i].at)
+    per_kill: dict[int, list[ChaosLoss]] = {i: [] for i in order}
+    unexplained: list[ChaosLoss] = []
+    for loss in sorted(losses, key=lambda x: x.at):
+        blamed = [i for i in order if kills[i].at <= loss.at + slack]
+        if not blamed:
+            unexplained.append(loss)
+            continue
+        recovered = kills[blamed[-1]].recovered
+        if recovered is not None and loss.at > recovered + grace:
+            unexplained.append(loss)
+        else:
+            per_kill[blamed[-1]].append(loss)
+    return per_kill, unexplained
+
+
+def target_of(name: str) -> str | None:
+    """The target a kill of ``name`` takes connections from: ``target-N`` for ``target-N`` and
+    ``server-N``; None for anything else."""
+    kind, _, number = name.partition("-")
+    return f"target-{number}" if kind in ("target", "server") and number.isdigit() else None
+
+
+def failure_span(failures: Sequence[ChaosLoss]) -> float:
+    """From the first failed new connection's start to the last one's (0 for one or none)."""
+    if len(failures) < 2:
+        return 0.0
+    times = [f.at for f in failures]
+    return max(times) - min(times)
+
+
+@dataclass(frozen=True)
+class ChaosKindFigures:
+    """What the kills of one kind cost."""
+
+    kind: str
+    kills: int
+    lost: int
+    """Long-lived connections lost after a kill of this kind."""
+    lost_elsewhere: int
+    """Of those, connections to another target than the one killed (target and server kills;
+    every loss for the other kinds)."""
+    failed_connects: int
+    """New connections (the probe's) and reconnects (the client's) that failed."""
+    failure_span: float
+    """The longest span of failed new connections after one kill."""
+    back_max: float | None
+    """The longest time until the killed instance was ready again."""
+    whole_max: float | None
+    """The longest time until the whole lab was ready again."""
+    not_recovered: int
+    """Kills after which the lab was not whole again within the time allowed."""
+
+
+def chaos_figures(
+    kills: Sequence[ChaosKill],
+    lost: Mapping[int, Sequence[ChaosLoss]],
+    failed: Mapping[int, Sequence[ChaosLoss]],
+    kinds: Sequence[str],
+) -> list[ChaosKindFigures]:
+    """Per kind (in the order of ``kinds``): kills and what they cost (``lost`` and ``failed``
+    per kill index, from ``attribute``)."""
+    out = []
+    for kind in kinds:
+        mine = [i for i, k in enumerate(kills) if k.kind == kind]
+        lost_here = [loss for i in mine for loss in lost.get(i, ())]
+        elsewhere = sum(
+            1
+            for i in mine
+            for loss in lost.get(i, ())
+            if target_of(kills[i].name) is None or loss.host != target_of(kills[i].name)
+        )
+        backs = [b for i in mine if (b := kills[i].back) is not None]
+        wholes = [w for i in mine if (w := kills[i].whole) is not None]
+        out.append(
+            ChaosKindFigures(
+                kind=kind,
+                kills=len(mine),
+                lost=len(lost_here),
+                lost_elsewhere=elsewhere,
+                failed_connects=sum(len(failed.get(i, ())) for i in mine),
+                failure_span=max((failure_span(failed.get(i, ())) for i in mine), default=0.0),
+                back_max=max(backs) if backs else None,
+                whole_max=max(wholes) if wholes else None,
+                not_recovered=sum(1 for i in mine if kills[i].whole is None),
+            )
+        )
+    return out
+
+
+def chaos_verdict(figures: Iterable[ChaosKindFigures]) -> list[str]:
+    """What missed the goals (``CHAOS_GOALS``); empty when every goal was met. Proxy kills
+    have no goal of their own here: they are reported."""
+    missed = []
+    for f in figures:
+        if f.not_recovered:
+            missed.append(f"{f.kind}: the lab was not whole again after {f.not_recovered} kill(s)")
+        if f.kind in ("nsp", "ipam"):
+            if f.lost:
+                missed.append(f"{f.kind}: {f.lost} connection(s) lost")
+            if f.failed_connects:
+                missed.append(f"{f.kind}: {f.failed_connects} connect(s) failed")
+        elif f.kind == "lb":
+            if f.lost:
+                missed.append(f"lb: {f.lost} connection(s) lost")
+            if f.failure_span >= LB_FAILOVER_LIMIT:
+                missed.append(
+                    f"lb: new connects failed for {f.failure_span:.2f} s "
+                    f"(at most {LB_FAILOVER_LIMIT:g} s)"
+                )
+        elif f.kind in ("target", "server") and f.lost_elsewhere:
+            missed.append(f"{f.kind}: {f.lost_elsewhere} connection(s) to other targets lost")
+    return missed

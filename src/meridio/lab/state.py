@@ -30,6 +30,13 @@ class Process(msgspec.Struct, kw_only=True):
     never taken for it."""
     log: str
     argv: list[str]
+    """The program and its arguments (without the supervisor's)."""
+    supervised: bool = False
+    """It runs under a supervisor (``meridio.lab.supervise``): ``pid`` and ``start_time`` are
+    the supervisor's, which outlives the program's crashes (a pod, whose container is
+    restarted); the program's own pid is in the supervisor's status file."""
+    status_file: str = ""
+    """The supervisor's status file (``supervised`` only)."""
 
 
 class LabState(msgspec.Struct, kw_only=True):
@@ -52,6 +59,9 @@ class LabState(msgspec.Struct, kw_only=True):
     conduits: int = 1
     """Conduits (1: ``conduit-a``; 2: and ``conduit-b``, with LBs ``lbb-N`` and proxies
     ``proxyb-N`` of its own)."""
+    restart: bool = True
+    """Whether the supervisors start a role's process again when it dies (``lab up
+    --no-restart``: they do not, to study a failure)."""
     phase: str = "building"
     """``building`` until ``up`` has finished, then ``up``."""
     namespaces: list[str] = msgspec.field(default_factory=list)
@@ -86,6 +96,7 @@ class LabState(msgspec.Struct, kw_only=True):
             prefix=spec.prefix,
             streams=spec.streams,
             conduits=spec.conduits,
+            restart=spec.restart,
         )
 
     @property
@@ -103,6 +114,7 @@ class LabState(msgspec.Struct, kw_only=True):
             prefix=self.prefix,
             streams=self.streams,
             conduits=self.conduits,
+            restart=self.restart,
         )
 
     def lbs_of(self, conduit: ConduitPlan) -> list[int]:

@@ -14,12 +14,14 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from meridio.api.grpc.health.v1 import (
 )
 from meridio.api.meridio.admin.v1 import LbInspectStub, ShowRequest, ShowResponse
 from meridio.lab.state import Process
+from meridio.lab.supervise import SuperviseStatus, read_status
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -97,12 +100,32 @@ def netns_processes(name: str, command: str | None = None) -> list[int]:
     return [p for p in pids if command is None or process_name(p) == command]
 
 
-def delete_netns(name: str) -> None:
-    """Kill every process left in the namespace, then delete it (its links go with it)."""
-    for pid in netns_pids(name):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        reap(pid)
+def is_supervisor(pid: int) -> bool:
+    """Whether ``pid`` is a lab supervisor (``python -m meridio.lab.supervise``)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"meridio.lab.supervise" in cmdline
+
+
+def delete_netns(name: str, timeout: float = 5.0) -> None:
+    """Kill every process left in the namespace, then delete it (its links go with it). The
+    supervisors go first, so that none starts its program again; and again until nothing is
+    left, so that nothing outlives the namespace's name."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = netns_pids(name)
+        if not pids:
+            break
+        for pid in sorted(pids, key=lambda p: not is_supervisor(p)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            reap(pid)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     run("ip", "netns", "del", name, check=False)
 
 
@@ -223,12 +246,26 @@ def clean_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MERIDIOD_")}
 
 
-def spawn(name: str, role: str, netns: str, argv: Sequence[str], log: Path) -> Process:
-    """Start ``argv`` in ``netns`` in a session of its own, output appended to ``log``."""
+def spawn(
+    name: str,
+    role: str,
+    netns: str,
+    argv: Sequence[str],
+    log: Path,
+    supervisor: Sequence[str] | None = None,
+    status_file: Path | None = None,
+) -> Process:
+    """Start ``argv`` in ``netns`` in a session of its own, output appended to ``log``; with
+    ``supervisor`` (the supervisor's command line up to its ``--``) under that supervisor,
+    which keeps ``status_file``."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    command = [*supervisor, *argv] if supervisor is not None else list(argv)
+    if status_file is not None:
+        with contextlib.suppress(FileNotFoundError):
+            status_file.unlink()
     with log.open("ab") as out:
         child = subprocess.Popen(
-            ["ip", "netns", "exec", netns, *argv],
+            ["ip", "netns", "exec", netns, *command],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -247,7 +284,82 @@ def spawn(name: str, role: str, netns: str, argv: Sequence[str], log: Path) -> P
         start_time=start,
         log=str(log),
         argv=list(argv),
+        supervised=supervisor is not None,
+        status_file=str(status_file or ""),
     )
+
+
+def supervised(proc: Process) -> SuperviseStatus | None:
+    """What the supervisor of ``proc`` says (None when it is not supervised, or its status
+    file is not there yet)."""
+    if not proc.supervised or not proc.status_file:
+        return None
+    return read_status(proc.status_file)
+
+
+def role_pid(proc: Process) -> int | None:
+    """The pid of the instance's own program while it runs: the supervisor's child, or the
+    process itself when it is not supervised; None when it does not run."""
+    if not alive(proc):
+        return None
+    if not proc.supervised:
+        return proc.pid
+    status = supervised(proc)
+    if status is None or status.pid is None or status.start_time is None:
+        return None
+    return status.pid if proc_start_time(status.pid) == status.start_time else None
+
+
+def signal_role(proc: Process, signum: int) -> int | None:
+    """Send ``signum`` to the instance's own program (not to its supervisor, which starts it
+    again when it dies); the pid signalled, None when it was not running."""
+    pid = role_pid(proc)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    return pid
+
+
+def kill_role(proc: Process, signum: int = signal.SIGKILL, wait: float = 2.0) -> int | None:
+    """``signal_role`` with SIGKILL (a crash), then wait up to ``wait`` seconds until that
+    process is gone; the pid killed, None when it was not running."""
+    pid = role_pid(proc)
+    if pid is None:
+        return None
+    start = proc_start_time(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+    if start is not None:
+        wait_pid_gone(pid, wait, start)
+    return pid
+
+
+def wait_pid_gone(pid: int, timeout: float, start_time: int | None = None) -> bool:
+    """Wait until ``pid`` (started at ``start_time``, when given) has exited (or is a zombie);
+    whether it has."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = proc_start_time(pid)
+        if now is None or (start_time is not None and now != start_time):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def wait_restarted(proc: Process, old_pid: int | None, timeout: float) -> int | None:
+    """Wait until the supervisor of ``proc`` runs its program again, under another pid than
+    ``old_pid``; the new pid, None when it does not within ``timeout`` (or the supervisor
+    is gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = role_pid(proc)
+        if pid is not None and pid != old_pid:
+            return pid
+        if not alive(proc):
+            return None
+        time.sleep(0.02)
+    return None
 
 
 def send_signal(proc: Process, signum: int) -> None:
@@ -460,6 +572,9 @@ def run_async(coro: Awaitable[T]) -> T:
 
 
 CLIENT_ERRORS = (OSError, TimeoutError, grpclib.GRPCError, StreamTerminatedError)
+ASK_ERRORS = (*CLIENT_ERRORS, AttributeError)
+"""What asking a daemon that may be dying raises: grpclib raises AttributeError (``'Connection'
+object has no attribute '_transport'``) when the server goes while the connection is made."""
 
 
 async def readiness(socket: Path, timeout: float = 1.0, service: str = "Readiness") -> bool:
@@ -473,7 +588,7 @@ async def readiness(socket: Path, timeout: float = 1.0, service: str = "Readines
             HealthCheckRequest(service=service), timeout=timeout
         )
         return bool(reply.status == HealthCheckResponseServingStatus.SERVING)
-    except CLIENT_ERRORS:
+    except ASK_ERRORS:
         return False
     finally:
         channel.close()
@@ -487,7 +602,7 @@ async def lb_show(socket: Path, timeout: float = 2.0) -> ShowResponse | None:
     try:
         reply: ShowResponse = await LbInspectStub(channel).show(ShowRequest(), timeout=timeout)
         return reply
-    except CLIENT_ERRORS:
+    except ASK_ERRORS:
         return None
     finally:
         channel.close()
@@ -552,7 +667,7 @@ async def tap_list(socket: Path, timeout: float = 2.0) -> list[dict[str, str]] |
     replies = TapStub(channel).watch(TapStream(), timeout=timeout)
     try:
         reply = await anext(replies)
-    except (*CLIENT_ERRORS, StopAsyncIteration):
+    except (*ASK_ERRORS, StopAsyncIteration):
         return None
     finally:
         await replies.aclose()
@@ -572,9 +687,212 @@ def tap_rows(reply: StreamResponse) -> list[dict[str, str]]:
     ]
 
 
+SUPERVISOR_START = '{"event": "started", '
+"""How a supervisor's line saying it started its program begins (``meridio.lab.supervise``)."""
+
+
 def announced(log: Path | str, words: str) -> bool:
-    """Whether ``words`` appear in the log (e.g. the traffic server's "serving on")."""
+    """Whether ``words`` appear in the log (e.g. the traffic server's "serving on") since the
+    program was last started by its supervisor (the whole log when it has none)."""
     try:
-        return words in Path(log).read_text(errors="replace")
+        text = Path(log).read_text(errors="replace")
     except OSError:
         return False
+    return words in text[text.rfind(SUPERVISOR_START) + 1 :]
+
+
+# --- what a namespace's kernel holds -------------------------------------------------------------
+
+KernelState = dict[str, list[str]]
+"""Per kind (``links``, ``addresses``, ``routes``, ``rules``, ``nft``, ``xtables``,
+``processes``), what a namespace holds, each item a canonical line, sorted: two states are
+equal when nothing was added, left behind or lost, whatever the handles, indexes, MAC addresses
+and counters (which a restarted process may change without leaving anything stale)."""
+
+_VOLATILE_ROUTE_KEYS = {"expires", "cacheinfo", "age", "flags", "pref"}
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _link_local(text: object) -> bool:
+    return isinstance(text, str) and text.lower().startswith("fe80:")
+
+
+def normal_links(links: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``ip -j -d link show``: name, kind, master, alias and whether it is up."""
+    out = []
+    for link in links:
+        info = link.get("linkinfo") or {}
+        up = "UP" in (link.get("flags") or [])
+        item = {
+            "name": link.get("ifname"),
+            "kind": info.get("info_kind"),
+            "master": link.get("master"),
+            "alias": link.get("ifalias"),
+            "up": up,
+        }
+        out.append(_canonical(item))
+    return sorted(out)
+
+
+def normal_addresses(links: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``ip -j addr show``: ``ifname address/prefixlen``, link-local ones left out (they follow
+    the MAC address of a link made again)."""
+    out = []
+    for link in links:
+        for addr in link.get("addr_info") or []:
+            if addr.get("scope") == "link" or _link_local(addr.get("local")):
+                continue
+            out.append(f"{link.get('ifname')} {addr.get('local')}/{addr.get('prefixlen')}")
+    return sorted(out)
+
+
+def normal_routes(routes: Sequence[Mapping[str, Any]], family: int) -> list[str]:
+    """``ip -j route show table all``: every route but those of link-local addresses."""
+    out = []
+    for route in routes:
+        if _link_local(route.get("dst")):
+            continue
+        item = {k: v for k, v in route.items() if k not in _VOLATILE_ROUTE_KEYS}
+        if isinstance(item.get("nexthops"), list):
+            item["nexthops"] = sorted(
+                (
+                    {k: v for k, v in hop.items() if k not in _VOLATILE_ROUTE_KEYS}
+                    for hop in item["nexthops"]
+                    if isinstance(hop, dict)
+                ),
+                key=_canonical,
+            )
+        out.append(f"v{family} {_canonical(item)}")
+    return sorted(out)
+
+
+def normal_rules(rules: Sequence[Mapping[str, Any]], family: int) -> list[str]:
+    return sorted(f"v{family} {_canonical(dict(rule))}" for rule in rules)
+
+
+def _strip_nft(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"counter"} and isinstance(value["counter"], dict):
+            return {"counter": {}}
+        return {k: _strip_nft(v) for k, v in value.items() if k not in ("handle", "expires")}
+    if isinstance(value, list):
+        return [_strip_nft(v) for v in value]
+    return value
+
+
+def normal_nft(ruleset: Mapping[str, Any]) -> list[str]:
+    """``nft -j list ruleset``: every table, chain, rule, set, map and element, without
+    handles, counters' values and timeouts' remaining times."""
+    items = [i for i in ruleset.get("nftables", []) if isinstance(i, dict) and "metainfo" not in i]
+    return sorted(_canonical(_strip_nft(i)) for i in items)
+
+
+def normal_xtables(text: str, family: int) -> list[str]:
+    """``iptables-save`` (``ip6tables-save``): its tables, chains and rules, without comments
+    and counters."""
+    out = []
+    table = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or line == "COMMIT":
+            continue
+        if line.startswith("*"):
+            table = line[1:]
+            continue
+        line = re.sub(r"\s*\[\d+:\d+\]$", "", line)
+        out.append(f"v{family} {table} {line}")
+    return sorted(out)
+
+
+LASTING_AGE = 2.0
+"""Seconds a process must have run to count in a namespace's state: the roles run tools for a
+moment (``nft``, ``ip``, ``iptables-restore``, a BIRD checking a configuration, helper
+processes), and a reading must not catch them; what a killed process left behind is older."""
+
+
+def process_age(pid: int) -> float | None:
+    """How long ``pid`` has run (seconds), None when it is gone."""
+    start = proc_start_time(pid)
+    if start is None:
+        return None
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start / os.sysconf("SC_CLK_TCK")
+
+
+def lasting_processes(netns: str) -> list[str]:
+    """The command names of the processes in ``netns`` that have run for ``LASTING_AGE``
+    seconds or more (not the tools the roles run for a moment)."""
+    names = []
+    for pid in netns_pids(netns):
+        age = process_age(pid)
+        name = process_name(pid)
+        if age is None or name is None or age < LASTING_AGE:
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+NICE = ("nice", "-n", "19") if shutil.which("nice") else ()
+"""How the tools that read a namespace's kernel are run: at the lowest CPU priority."""
+
+
+def kernel_state(netns: str, families: Iterable[int] = (4, 6)) -> KernelState:
+    """What namespace ``netns`` holds now (see ``KernelState``); the processes by command name
+    (an LB's BIRD, its ``meridiod``, a supervisor's ``python``). The reading tools run at the
+    lowest priority (``NICE``): a burst of them must not starve the lab's BIRDs, whose BFD
+    gives up on a peer silent for 300 ms."""
+
+    def ip_json(*args: str) -> Any:
+        out = run(*NICE, "ip", "-n", netns, "-j", *args, check=False).stdout
+        try:
+            return json.loads(out or "[]")
+        except json.JSONDecodeError:
+            return []
+
+    state: KernelState = {
+        "links": normal_links(ip_json("-d", "link", "show")),
+        "addresses": normal_addresses(ip_json("addr", "show")),
+        "routes": [],
+        "rules": [],
+        "nft": [],
+        "xtables": [],
+        "processes": lasting_processes(netns),
+    }
+    for family in families:
+        state["routes"] += normal_routes(
+            ip_json(f"-{family}", "route", "show", "table", "all"), family
+        )
+        state["rules"] += normal_rules(ip_json(f"-{family}", "rule", "show"), family)
+        save = "iptables-save" if family == 4 else "ip6tables-save"
+        if shutil.which(save):
+            text = run(*NICE, "ip", "netns", "exec", netns, save, check=False).stdout
+            state["xtables"] += normal_xtables(text, family)
+    if shutil.which("nft"):
+        nft = ("ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset")
+        out = run(*NICE, *nft, check=False).stdout
+        try:
+            state["nft"] = normal_nft(json.loads(out or "{}"))
+        except json.JSONDecodeError:
+            state["nft"] = [f"unreadable: {out[:200]}"]
+    for key in ("routes", "rules", "xtables"):
+        state[key].sort()
+    return state
+
+
+def kernel_state_diff(before: KernelState, after: KernelState) -> list[str]:
+    """What changed from ``before`` to ``after``: ``+ kind item`` (there now, not before: left
+    behind, or made twice) and ``- kind item`` (gone); empty when nothing did. Duplicates count
+    (two BIRDs where there was one)."""
+    lines = []
+    for kind in sorted(set(before) | set(after)):
+        old = Counter(before.get(kind, []))
+        new = Counter(after.get(kind, []))
+        lines += [f"+ {kind} {item}" for item in sorted((new - old).elements())]
+        lines += [f"- {kind} {item}" for item in sorted((old - new).elements())]
+    return lines
