@@ -245,6 +245,37 @@ def test_established_connections_survive_removal(topo: LbTopology) -> None:
         assert len(broken) <= 0.1 * len(remaining), f"{broken} of {len(remaining)}"
 
 
+def test_flows_whose_replies_came_first_are_served(topo: LbTopology) -> None:
+    """With several LBs a target's replies may pass this LB before any packet of the client
+    does (an LB took the flow over from another). The LB's conntrack then holds the reply as
+    the connection's original direction: the client's packets must still reach their target,
+    and the target's answers the client (never be steered back to a target)."""
+    sender = topo.targets[0]
+    for family in FAMILIES:
+        flows = topo.udp_flows(family, 16)
+        vip, client = (VIP4, CLIENT4) if family == 4 else (VIP6, CLIENT6)
+        try:
+            # a reply of an earlier conversation, VIP:PORT -> client, before the client's
+            with inside(sender.ns.name):
+                if family == 4:
+                    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                else:  # IPPROTO_RAW: the IPv6 header is ours too
+                    raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            with raw:
+                for port in flows.ports:
+                    raw.sendto(udp_packet(vip, client, PORT, port, b"earlier"), (client, 0))
+            if topo.mode == "first-packet":  # the only mode that tracks connections
+                seen = topo.lb_ns.run("conntrack", "-L", "-s", vip, check=False).stdout
+                assert f"dport={flows.ports[0]} " in seen, f"IPv{family}: not tracked:\n{seen}"
+            answers = flows.probe()
+            which = topo.which(family, flows.ports, "udp")
+        finally:
+            flows.close()
+        assert None not in answers.values(), f"IPv{family}: {answers}"
+        wrong = [p for p, t in answers.items() if f"t{which[p].identifier}" != t]
+        assert not wrong, f"IPv{family}: not the Maglev choice for {wrong}"
+
+
 # -- 5. ICMP errors follow their flow -----------------------------------------------------------
 
 

@@ -235,9 +235,11 @@ def test_first_packet_keeps_the_connections_mark() -> None:
     rules = chain(got, "prerouting")
     assert rules[0] == "type filter hook prerouting priority mangle; policy accept;"
     web = "ip daddr 203.0.113.1 meta l4proto tcp th dport { 80, 8000-8080 } ip saddr 192.168.0.0/16"
-    assert rules[1:3] == [
-        # a tracked connection's packets, ICMP errors related to it too, go where it went
-        "ct direction original ct mark vmap @targets",
+    assert rules[1:4] == [
+        # a tracked connection's packets to a VIP, ICMP errors related to it too, go where it
+        # went (never its replies, whichever direction conntrack saw first)
+        "ip daddr @vips4 ct mark vmap @targets",
+        "ip6 daddr @vips6 ct mark vmap @targets",
         f"{web} {JHASH4} mod 5 seed 0x00001234 vmap @stream-stream-a",
     ]
     assert chain(got, "r-5001") == [

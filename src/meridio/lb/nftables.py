@@ -13,14 +13,19 @@ Modes (``TableSpec.mode``)
     accept; an ``ip rule fwmark <mark> lookup <mark>`` per target then routes it. Plus, when
     ``fast`` is given, the **ingress fast path** (below).
 ``first-packet``
-    The same table, its chain after conntrack (priority mangle). A packet of a connection the
-    LB steered (``ct direction original``), or an ICMP error related to one, goes where the
+    The same table, its chain after conntrack (priority mangle). A packet to a VIP of a
+    connection the LB steered, or an ICMP error to a VIP related to one, goes where the
     connection's first packet went while that target is live (``ct mark vmap @targets``);
     any other packet is hashed as in ``kernel`` and its target's chain also saves the mark
-    in the connection (``ct mark set``). So connections to the remaining targets stay put when
-    the target set changes, with no packet in user space: the first packet is steered by the
-    same in-kernel map. As with nfqlb's SYN-only mode, the flows decide on a connection's
-    first packet; its later packets follow it.
+    in the connection (``ct mark set``). The test is the packet's destination, not the
+    connection's direction: with several LBs a connection's replies may reach this LB before
+    its client's packets (conntrack then takes the reply for the original direction), and
+    the replies, which leave to the client by the main table, must never get the mark. So
+    connections to the remaining targets stay put when the target set changes, with no
+    packet in user space: the first packet is steered by the same in-kernel map as in
+    ``kernel`` mode, identical on every LB, so an LB that takes a connection over (another
+    LB killed, scaled in or leaving) picks the same target. As with nfqlb's SYN-only mode,
+    the flows decide on a connection's first packet; its later packets follow it.
 ``nfqueue``
     Packets are queued to the user-space readers (iptables NFQUEUE, see
     :mod:`meridio.lb.iptables`, or the ``queue`` statement where the kernel has it); the table
@@ -799,9 +804,10 @@ def _routed_table(spec: TableSpec) -> list[str]:
     if spec.defrag and spec.defrag_by_conntrack and not sticky:
         rules += ["ip daddr @vips4 notrack", "ip6 daddr @vips6 notrack"]
     if sticky:
-        # a packet of a connection this LB steered (or an ICMP error related to one) goes where
-        # its first packet went while that target is live; only VIP connections get our marks
-        rules.append("ct direction original ct mark vmap @targets")
+        # a packet to a VIP of a connection this LB steered (or an ICMP error related to one)
+        # goes where its first packet went while that target is live; by destination, not by
+        # direction: a connection whose replies came first has them as its original direction
+        rules += ["ip daddr @vips4 ct mark vmap @targets", "ip6 daddr @vips6 ct mark vmap @targets"]
     # ICMP errors go to their chain before the first flow an ICMP packet could match (one
     # without a protocol list); flows of TCP, UDP and SCTP only come first, so their packets
     # skip the test
