@@ -32,8 +32,9 @@ Measured per case and round:
 On 2 cores the generator, the forwarding and the queue reader share the machine: compare
 ratios, not absolute rates. The generator runs on CPU 0, the LB (and the C reader) on CPU 1.
 Run: ``make bench`` or ``.venv/bin/python -m bench datapath``; needs root. Environment:
-``MERIDIO_BENCH_CASES=kernel,nfqueue`` runs a subset, ``MERIDIO_BENCH_ROUNDS`` (default 3) and
-``MERIDIO_BENCH_SECONDS`` (default 3) set the rounds and the length of each measurement.
+``MERIDIO_BENCH_CASES=kernel,nfqueue`` runs a subset, ``MERIDIO_BENCH_ROUNDS`` (default 10)
+and ``MERIDIO_BENCH_SECONDS`` (default 1.5) set the UDP rounds and the length of each UDP
+measurement (TCP: half the rounds, at least 3, of 2 s each).
 ``MERIDIO_BENCH_NO_ARGS=1`` leaves out the cases' LB flags (to measure an older meridiod that
 does not know them, with ``PYTHONPATH`` pointing at its sources).
 """
