@@ -185,7 +185,7 @@ def start(
     name = f"meridio-test-{os.getpid()}-{role}-{secrets.token_hex(3)}"
     added = [f"--cap-add={c}" for c in capabilities]
     # plain text between the containers: mutual TLS is tested in tests/netns/test_tls.py
-    defaults = {"MERIDIOD_ROLE": role, "MERIDIOD_INSECURE": "true"}
+    defaults = {"MERIDIOD_ROLE": role, "MERIDIOD_INSECURE": "true", "MERIDIOCTL_INSECURE": "true"}
     environment = [f"--env={k}={v}" for k, v in {**defaults, **env}.items()]
     podman(
         "run", "--detach", "--name", name, *podman.runtime,
