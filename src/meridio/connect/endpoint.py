@@ -32,6 +32,7 @@ import contextlib
 import heapq
 import math
 import socket
+import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ from meridio.api.meridio.connect.v1 import (
 )
 from meridio.connect import kernel
 from meridio.connect.kernel import LinkError, LinkInfo, pid_netns_path
+from meridio.connect.netnsguard import NetnsGuard
 from meridio.core import conduit, rtnl
+from meridio.core.authz import RefusalLog
 from meridio.core.conduit import (
     ENDPOINT_ALIAS,
     VETH,
@@ -62,10 +65,12 @@ from meridio.core.conduit import (
     MechanismSpec,
     RequestSpec,
 )
+from meridio.core.netnsref import Refused
 from meridio.runtime.bus import Lagged
 from meridio.runtime.grpc import Encoded
 from meridio.runtime.netlink import LinkEvent, NetlinkManager, NetlinkOverrun, VethSpec
 from meridio.runtime.notify import Signal
+from meridio.runtime.tls import CallPeer, current_peer, refused_counter
 
 #: How long a gRPC handler waits for the endpoint task to answer its request.
 HANDLER_TIMEOUT = 20.0
@@ -131,6 +136,10 @@ class EndpointConfig:
     track_changes: bool = False
     """Collect the ids of the connections that changed in :attr:`ConnectEndpoint.changed`
     (for a role that follows them one by one instead of reading every connection)."""
+    netns_allow: frozenset[str] = frozenset()
+    """Names under /run/netns a veth request may name whoever calls (the
+    ``connect-netns-allow`` setting); any other reference must be the caller's own
+    namespace (see :mod:`meridio.core.netnsref`)."""
 
 
 @dataclass
@@ -160,6 +169,8 @@ class EndpointConnection:
 class _Request:
     spec: RequestSpec
     future: asyncio.Future[Connection]
+    proven: Mapping[str, int] = field(default_factory=dict)
+    """Namespace references of the request proved to be the caller's -> their inode."""
 
     @property
     def connection_id(self) -> str:
@@ -197,6 +208,8 @@ def _settle(
 def _status_error(exc: Exception) -> grpclib.GRPCError:
     if isinstance(exc, InvalidRequest):
         return grpclib.GRPCError(Status.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, Refused):
+        return grpclib.GRPCError(Status.PERMISSION_DENIED, str(exc))
     if isinstance(exc, VniTaken):
         return grpclib.GRPCError(Status.ALREADY_EXISTS, str(exc))
     if isinstance(exc, LinkError):
@@ -253,6 +266,8 @@ class ConnectEndpoint:
         self._bridge_index: int | None = None
         self._nursery: trio.Nursery | None = None
         self._group = link_group(policy.network_service)
+        self.guard = NetnsGuard(config.netns_allow)
+        self._refusals = RefusalLog()
 
     def _announce(self, *connection_ids: str) -> None:
         if self.config.track_changes:
@@ -263,6 +278,46 @@ class ConnectEndpoint:
 
     def submit(self, item: _Request | _Close) -> None:
         self._send.send_nowait(item)
+
+    async def prove(self, spec: RequestSpec, peer: CallPeer | None) -> dict[str, int]:
+        """The namespace references of ``spec``'s veth mechanisms (those this endpoint
+        serves), each proved to be the caller's: path -> inode. Refused (logged once a minute
+        per caller and path, counted) when one is not."""
+        if VETH not in self.config.mechanisms:
+            return {}
+        proven: dict[str, int] = {}
+        for m in spec.mechanisms:
+            if m.type != VETH or m.netns_path in proven:
+                continue
+            try:
+                proven[m.netns_path] = await self.guard.check(m.netns_path, peer)
+            except Refused as exc:
+                self._refused(spec, m.netns_path, peer, str(exc))
+                raise
+        return proven
+
+    def _refused(self, spec: RequestSpec, path: str, peer: CallPeer | None, reason: str) -> None:
+        identity = peer.identity if peer is not None else None
+        role = (identity.role or "") if identity is not None else ""
+        refused_counter().labels(
+            reason="netns", role=role or "none", method="/meridio.connect.v1.Connect/Request"
+        ).inc()
+        who = str(identity) if identity is not None else None
+        caller: str | None = None
+        if peer is not None:
+            caller = f"pid {peer.pid}" if peer.pid is not None else peer.address
+        repeats = self._refusals.note((who, caller, path), time.monotonic())
+        if repeats is None:
+            return
+        self.log.warning(
+            "connect refused: netns not the caller's",
+            connection=spec.connection_id,
+            peer=who,
+            caller=caller,
+            netns=path,
+            reason=reason,
+            **({"repeats_not_logged": repeats} if repeats else {}),
+        )
 
     def refresh(self, spec: RequestSpec) -> Encoded | None:
         """A refresh that changes nothing, answered on the spot: the same request as the one
@@ -433,7 +488,7 @@ class ConnectEndpoint:
                 assert self._netlink is not None  # its link was made for nothing
                 with contextlib.suppress(Exception):
                     await kernel.remove_link(self._netlink, made.name)
-            if not isinstance(exc, InvalidRequest | VniTaken):
+            if not isinstance(exc, InvalidRequest | VniTaken | Refused):
                 self.log.warning(
                     "connection request failed",
                     connection=item.spec.connection_id,
@@ -459,7 +514,7 @@ class ConnectEndpoint:
             if spec.connection_id in self.connections:
                 continue
             try:
-                mechanism, _netns, local = await self._choose(spec, None)
+                mechanism, _netns, local = await self._choose(spec, None, item.request.proven)
                 mtu = await self._mtu(mechanism, spec, local)
                 master = await self._bridge()
             except Exception:  # served the usual way, which says what is wrong
@@ -514,7 +569,7 @@ class ConnectEndpoint:
         self.policy.check(spec)
         assert self._netlink is not None
         existing = self.connections.get(spec.connection_id)
-        mechanism, netns, local = await self._choose(spec, existing)
+        mechanism, netns, local = await self._choose(spec, existing, item.proven)
         if assigned is None:
             if existing is None:
                 assert self._nursery is not None
@@ -585,10 +640,11 @@ class ConnectEndpoint:
         return old_vx != (b.vni, b.port, b.client_address, new.local)
 
     async def _choose(
-        self, spec: RequestSpec, existing: EndpointConnection | None
+        self, spec: RequestSpec, existing: EndpointConnection | None, proven: Mapping[str, int]
     ) -> tuple[MechanismSpec, int, str]:
         """The first offered mechanism this endpoint serves; for veth the client's namespace
-        (inode), for vxlan this side's underlay address."""
+        (inode), which must still be the one proved to be the caller's (``proven``), for
+        vxlan this side's underlay address."""
         offered = []
         for m in spec.mechanisms:
             offered.append(m.type)
@@ -601,6 +657,11 @@ class ConnectEndpoint:
                     raise InvalidRequest(
                         f"cannot open the client's netns {m.netns_path}: {exc.strerror}"
                     ) from None
+                if proven.get(m.netns_path) != netns:
+                    raise Refused(
+                        f"netns {m.netns_path} is not the namespace proved to be the caller's "
+                        "(it changed, or was not checked)"
+                    )
                 if netns == self._own_netns:
                     raise InvalidRequest(
                         f"netns {m.netns_path} is the endpoint's own namespace; veth needs two"
@@ -701,6 +762,15 @@ class ConnectEndpoint:
         master = await self._bridge()
         if info is None:
             if m.type == VETH:
+                try:
+                    now_netns = kernel.netns_inode(m.netns_path)
+                except OSError as exc:
+                    raise LinkError(f"cannot open netns {m.netns_path}: {exc.strerror}") from None
+                if now_netns != conn.netns:  # the process named exited, its pid was reused
+                    raise LinkError(
+                        f"netns {m.netns_path} is no longer the client's namespace; "
+                        "it must connect again"
+                    )
                 await kernel.create_veth(
                     netlink,
                     conn.link,
@@ -885,10 +955,14 @@ class ConnectService(ConnectBase):  # type: ignore[misc]  # generated code is un
             spec = conduit.parse_request(connect_request)
         except InvalidRequest as exc:
             raise grpclib.GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+        try:  # least authority: a veth end goes only into the caller's own namespace
+            proven = await self.endpoint.prove(spec, current_peer())
+        except Refused as exc:
+            raise grpclib.GRPCError(Status.PERMISSION_DENIED, str(exc)) from None
         refreshed = self.endpoint.refresh(spec)
         if refreshed is not None:
             return refreshed  # serialized already (the codec sends Encoded as is)
-        result: Connection = await self._submit(lambda f: _Request(spec, f))
+        result: Connection = await self._submit(lambda f: _Request(spec, f, proven))
         return result
 
     async def close(self, close_request: CloseRequest) -> Empty:

@@ -61,7 +61,7 @@ from meridio.connect.endpoint import (
     EndpointConnection,
     pid_netns_path,
 )
-from meridio.core import conduit, identifiers
+from meridio.core import conduit, identifiers, netnsref
 from meridio.core.conduit import VXLAN_PORT, InvalidRequest, RequestSpec
 from meridio.core.proxystate import (
     BRIDGE_CHILD,
@@ -130,6 +130,9 @@ class ProxySettings(CommonSettings, kw_only=True):
     resync_period: float = 5.0
     netns_path: str = ""
     """This proxy's network namespace as LBs open it (veth); default /proc/<pid>/ns/net."""
+    connect_netns_allow: str = ""
+    """Names under /run/netns (comma-separated) a target's veth request may name whoever
+    calls; any other namespace must be the caller's own (see docs/security.md)."""
 
 
 def _mechanism_list(text: str) -> tuple[str, ...]:
@@ -193,6 +196,7 @@ class ProxyRole(NspInputs, Role):
                 ipaddress.ip_address(settings.primary_address)
             except ValueError as exc:
                 raise ValueError(f"setting 'primary-address': {exc}") from None
+        netnsref.parse_allow_list(settings.connect_netns_allow)  # ValueError naming the item
         if not conduit.valid_ifname(settings.bridge):
             raise ValueError(f"setting 'bridge': {settings.bridge!r} is not an interface name")
         if not 0 < settings.table < 253 and not 255 < settings.table < 2**32:
@@ -342,6 +346,7 @@ class ProxyRole(NspInputs, Role):
                 expiry=settings.connect_expiry,
                 resync_period=settings.resync_period,
                 track_changes=True,
+                netns_allow=netnsref.parse_allow_list(settings.connect_netns_allow),
             ),
             ProxyPolicy(self),
         )

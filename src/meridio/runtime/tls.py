@@ -221,7 +221,8 @@ def refused_counter() -> Any:
         _refused = Counter(
             "meridio_grpc_refused",
             "gRPC connections and calls refused: reason handshake (no or an untrusted "
-            "certificate), permission (the table), message (a field the role may not send), "
+            "certificate), permission (the table), message (a field the role may not send), netns "
+            "(a connect request naming a namespace not the caller's), "
             "server (a server of the wrong role)",
             ["reason", "role", "method"],
             registry=metrics.registry(),
