@@ -121,6 +121,7 @@ def cli(ctx: click.Context, role: str | None, config_file: str | None) -> None:
         tls = check_tls(settings, role_cls.name)
     except (SettingsError, ValueError) as exc:
         fail(str(exc))
+    lean.loaded()
     try:
         trio.run(run_role, role_cls, settings, tls)
     except* SettingsError as group:  # plain text refused by the gRPC stack, for one

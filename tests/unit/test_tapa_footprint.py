@@ -77,3 +77,19 @@ def test_betterproto_still_knows_its_version() -> None:
 def test_builtin_roles_are_the_registered_entry_points() -> None:
     registered = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
     assert registered == BUILTIN_ROLES
+
+
+def test_no_garbage_collection_while_loading_and_all_of_it_after_start() -> None:
+    result = python(
+        "import gc, json\n"
+        "from meridio import lean\n"
+        "lean.install()\n"
+        "off = not gc.isenabled()\n"
+        "import meridio.daemon, meridio.runtime\n"
+        "meridio.daemon.load_role('target')\n"
+        "lean.loaded()\n"
+        "frozen = gc.isenabled() and gc.get_freeze_count() > 0\n"
+        "lean.trim()\n"
+        "print(json.dumps([off, frozen, gc.isenabled() and gc.get_freeze_count() == 0]))\n"
+    )
+    assert result == [True, True, True]
