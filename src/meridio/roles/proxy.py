@@ -81,7 +81,7 @@ from meridio.core.proxystate import (
     target_child,
 )
 from meridio.roles.base import Role
-from meridio.roles.common import IP_FAMILIES, Egress, NspInputs, wait_any, watch
+from meridio.roles.common import IP_FAMILIES, KERNEL_ERRORS, Egress, NspInputs, wait_any, watch
 from meridio.runtime.grpc import Encoded
 from meridio.runtime.notify import Signal
 from meridio.settings import CommonSettings
@@ -497,7 +497,7 @@ class ProxyRole(NspInputs, Role):
                     # An LB that comes back gets its old addresses on a new link: forget the
                     # bridge's entries with the old MAC, or replies go astray for seconds.
                     for address in conn.endpoint_addresses:
-                        with contextlib.suppress(Exception):
+                        with contextlib.suppress(*KERNEL_ERRORS):
                             await self.netlink.forget_neighbour(address)
             known = {id(c) for c in established}
             if self.vips is not None:
@@ -515,7 +515,7 @@ class ProxyRole(NspInputs, Role):
                             vips=sorted(r.src for r in rules),
                             next_hops={f"ipv{f}": list(h) for f, h in hops.items()},
                         )
-                except Exception as exc:
+                except KERNEL_ERRORS as exc:  # anything else is a bug: crash, be restarted
                     self.log.error("egress update failed, retrying", error=str(exc))
                     await trio.sleep(1)
                     continue

@@ -77,7 +77,7 @@ from meridio.core.tapa import (
     TooManyConduits,
 )
 from meridio.roles.base import Role
-from meridio.roles.common import FAMILY, Egress, wait_any, watch
+from meridio.roles.common import FAMILY, KERNEL_ERRORS, Egress, wait_any, watch
 from meridio.runtime.grpc import Endpoint
 from meridio.runtime.notify import Changes, Signal, watch_changes
 from meridio.settings import CommonSettings
@@ -564,7 +564,7 @@ class TargetRole(Role):
             )
             try:
                 await self._reconcile(check_drift=drift)
-            except Exception as exc:
+            except KERNEL_ERRORS as exc:  # anything else is a bug: crash, be restarted
                 self.log.error("reconcile failed, retrying", error=str(exc), exc_info=True)
                 next_resync = trio.current_time() + 1
             self._remember_addresses()
