@@ -5,13 +5,16 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from meridio.core.proxystate import SourceRule
 from meridio.runtime.netlink import NetlinkManager, NoSuchLink
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 KERNEL_ERRORS = (NetlinkError, NoSuchLink, OSError)
@@ -23,7 +26,7 @@ IP_FAMILIES = {"dualstack": (4, 6), "ipv4": (4,), "ipv6": (6,)}
 
 
 async def watch(
-    runtime: Any,
+    runtime: Runtime,
     name: str,
     open_stream: Callable[[], AsyncIterator[Any]],
     store: Callable[[Any], None],

@@ -34,7 +34,7 @@ import contextlib
 import ipaddress
 import math
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpclib
 import trio
@@ -85,6 +85,9 @@ from meridio.roles.common import IP_FAMILIES, KERNEL_ERRORS, Egress, NspInputs, 
 from meridio.runtime.grpc import Encoded
 from meridio.runtime.notify import Signal
 from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
 REGISTER_CONCURRENCY = 32  # NSP calls in flight at once
@@ -172,13 +175,12 @@ class ProxyPolicy:
         await self.role.release_all(target_child(connection.connection_id))
 
 
-class ProxyRole(NspInputs, Role):
+class ProxyRole(NspInputs, Role[ProxySettings]):
     name = "proxy"
     Settings = ProxySettings
 
     @classmethod
-    def check_settings(cls, settings: CommonSettings) -> None:
-        assert isinstance(settings, ProxySettings)
+    def check_settings(cls, settings: ProxySettings) -> None:
         for name in ("trench", "conduit"):
             if not getattr(settings, name):
                 raise ValueError(f"setting '{name}' is required")
@@ -205,9 +207,8 @@ class ProxyRole(NspInputs, Role):
             if getattr(settings, name) <= 0:
                 raise ValueError(f"setting '{name.replace('_', '-')}' must be positive")
 
-    def __init__(self, settings: CommonSettings, runtime: Any) -> None:
+    def __init__(self, settings: ProxySettings, runtime: Runtime) -> None:
         super().__init__(settings, runtime)
-        assert isinstance(settings, ProxySettings)
         self.proxy = settings
         self.log = runtime.log
         self.families = IP_FAMILIES[settings.ip_family]
