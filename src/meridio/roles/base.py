@@ -26,6 +26,11 @@ BUILTIN_ROLES: Final = {
 """The roles this package registers in the entry point group (pyproject.toml; a test keeps the
 two equal). They load without reading the installed distributions' metadata, which costs a
 daemon about 6 MB (``importlib.metadata``); other names are looked up among the entry points."""
+EXTRAS: Final = {"netfilterqueue": ("NetfilterQueue", "lb")}
+"""Modules a role may import that come with an extra of the package (pyproject.toml), not
+with every install: module -> (distribution, extra). The LB binds an NFQUEUE queue in every
+mode (all of them in nfqueue and first-packet modes, one for what the kernel hands up in
+kernel mode), so it needs NetfilterQueue; no other role does."""
 
 
 class Role(abc.ABC, Generic[S]):
@@ -72,7 +77,17 @@ def available_roles() -> dict[str, object]:
 def load_role(name: str) -> type[Role[Any]]:
     if name in BUILTIN_ROLES:
         module, _, attr = BUILTIN_ROLES[name].partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            missing = EXTRAS.get((exc.name or "").partition(".")[0])
+            if missing is None:
+                raise
+            distribution, extra = missing
+            raise LookupError(
+                f"role {name!r} needs {distribution}, which is not installed: "
+                f"pip install 'meridio[{extra}]'"
+            ) from exc
     else:
         roles = available_roles()
         if name not in roles:
