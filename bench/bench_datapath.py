@@ -116,7 +116,7 @@ def trafgen_config(dst_mac: str, src_mac: str) -> str:
 # share of prebuilt IPv4/UDP packets over 256 flows through a raw socket, and spins otherwise.
 PACED_SENDER = r"""
 import socket, sys, time
-from meridio.core.packetbuild import udp_packet
+from tests.packetbuild import udp_packet
 rate, seconds = int(sys.argv[1]), float(sys.argv[2])
 packets = [bytes(udp_packet("198.18.0.2", "203.0.113.1", 0x4000 + i, 5001, b"a" * 18))
            for i in range(256)]
@@ -183,6 +183,7 @@ def udp_run(
         ["ip", "netns", "exec", client, *cmd],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        cwd=ROOT,  # the paced sender imports tests.packetbuild
     )
     _, err = proc.communicate(seconds + 15)
     elapsed = time.monotonic() - started

@@ -36,7 +36,7 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpclib
 import trio
@@ -71,6 +71,9 @@ from meridio.runtime.grpc import Encoded
 from meridio.runtime.netlink import LinkEvent, NetlinkManager, NetlinkOverrun, VethSpec
 from meridio.runtime.notify import Signal
 from meridio.runtime.tls import CallPeer, current_peer, refused_counter
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 #: How long a gRPC handler waits for the endpoint task to answer its request.
 HANDLER_TIMEOUT = 20.0
@@ -241,7 +244,7 @@ def _deepen_backlog(server: Any) -> None:
 
 
 class ConnectEndpoint:
-    def __init__(self, runtime: Any, config: EndpointConfig, policy: EndpointPolicy) -> None:
+    def __init__(self, runtime: Runtime, config: EndpointConfig, policy: EndpointPolicy) -> None:
         self.runtime = runtime
         self.config = config
         self.policy = policy

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpclib
 import trio
@@ -46,6 +46,9 @@ from meridio.core.conduit import InvalidRequest, RequestSpec
 from meridio.core.proxystate import CONNECT_CONTEXT, INSTANCE_CONTEXT
 from meridio.runtime.grpc import Endpoint
 from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 MAIN_TABLE = 254
 
@@ -165,7 +168,7 @@ class LbConnect:
 
     def __init__(
         self,
-        runtime: Any,
+        runtime: Runtime,
         settings: LbConnectSettings,
         trench: str,
         conduit_name: str,

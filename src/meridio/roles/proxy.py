@@ -34,7 +34,7 @@ import contextlib
 import ipaddress
 import math
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpclib
 import trio
@@ -81,10 +81,13 @@ from meridio.core.proxystate import (
     target_child,
 )
 from meridio.roles.base import Role
-from meridio.roles.common import IP_FAMILIES, Egress, NspInputs, wait_any, watch
+from meridio.roles.common import IP_FAMILIES, KERNEL_ERRORS, Egress, NspInputs, wait_any, watch
 from meridio.runtime.grpc import Encoded
 from meridio.runtime.notify import Signal
 from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
 REGISTER_CONCURRENCY = 32  # NSP calls in flight at once
@@ -172,13 +175,12 @@ class ProxyPolicy:
         await self.role.release_all(target_child(connection.connection_id))
 
 
-class ProxyRole(NspInputs, Role):
+class ProxyRole(NspInputs, Role[ProxySettings]):
     name = "proxy"
     Settings = ProxySettings
 
     @classmethod
-    def check_settings(cls, settings: CommonSettings) -> None:
-        assert isinstance(settings, ProxySettings)
+    def check_settings(cls, settings: ProxySettings) -> None:
         for name in ("trench", "conduit"):
             if not getattr(settings, name):
                 raise ValueError(f"setting '{name}' is required")
@@ -205,9 +207,8 @@ class ProxyRole(NspInputs, Role):
             if getattr(settings, name) <= 0:
                 raise ValueError(f"setting '{name.replace('_', '-')}' must be positive")
 
-    def __init__(self, settings: CommonSettings, runtime: Any) -> None:
+    def __init__(self, settings: ProxySettings, runtime: Runtime) -> None:
         super().__init__(settings, runtime)
-        assert isinstance(settings, ProxySettings)
         self.proxy = settings
         self.log = runtime.log
         self.families = IP_FAMILIES[settings.ip_family]
@@ -497,7 +498,7 @@ class ProxyRole(NspInputs, Role):
                     # An LB that comes back gets its old addresses on a new link: forget the
                     # bridge's entries with the old MAC, or replies go astray for seconds.
                     for address in conn.endpoint_addresses:
-                        with contextlib.suppress(Exception):
+                        with contextlib.suppress(*KERNEL_ERRORS):
                             await self.netlink.forget_neighbour(address)
             known = {id(c) for c in established}
             if self.vips is not None:
@@ -515,7 +516,7 @@ class ProxyRole(NspInputs, Role):
                             vips=sorted(r.src for r in rules),
                             next_hops={f"ipv{f}": list(h) for f, h in hops.items()},
                         )
-                except Exception as exc:
+                except KERNEL_ERRORS as exc:  # anything else is a bug: crash, be restarted
                     self.log.error("egress update failed, retrying", error=str(exc))
                     await trio.sleep(1)
                     continue

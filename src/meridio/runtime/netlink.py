@@ -62,6 +62,10 @@ IFF_LOWER_UP = 0x10000
 AF_BRIDGE_BYTE = bytes([socket.AF_BRIDGE])
 
 
+class NoSuchLink(LookupError):
+    """A change named a link that is not there (it may have gone a moment ago)."""
+
+
 # --- events -----------------------------------------------------------------------------------
 
 
@@ -562,7 +566,7 @@ class NetlinkManager:
     async def set_link(self, ifname: str, **attrs: Any) -> None:
         index = await self.link_index(ifname)
         if index is None:
-            raise LookupError(f"no link named {ifname}")
+            raise NoSuchLink(f"no link named {ifname}")
         await self._call("link", "set", index=index, **attrs)
 
     async def set_link_index(self, index: int, **attrs: Any) -> None:
@@ -588,7 +592,7 @@ class NetlinkManager:
         iface = ipaddress.ip_interface(cidr)
         index = await self.link_index(ifname)
         if index is None:
-            raise LookupError(f"no link named {ifname}")
+            raise NoSuchLink(f"no link named {ifname}")
         try:
             await self._call(
                 "addr",
@@ -702,7 +706,7 @@ class NetlinkManager:
         if oif is not None:
             index = await self.link_index(oif)
             if index is None:
-                raise LookupError(f"no link named {oif}")
+                raise NoSuchLink(f"no link named {oif}")
             attrs["oif"] = index
         await self._call("route", "replace", **attrs)
 
@@ -718,7 +722,7 @@ class NetlinkManager:
     async def ensure_neighbour(self, ifname: str, ip: str, lladdr: str) -> None:
         index = await self.link_index(ifname)
         if index is None:
-            raise LookupError(f"no link named {ifname}")
+            raise NoSuchLink(f"no link named {ifname}")
         await self._call(
             "neigh", "replace", ifindex=index, dst=ip, lladdr=lladdr, state="permanent"
         )
