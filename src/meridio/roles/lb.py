@@ -80,6 +80,7 @@ from meridio.lb.external import External, ExternalError, external_spec, split_li
 from meridio.lb.frontend import Frontend
 from meridio.lb.nfq import QueueReader
 from meridio.roles.base import Role
+from meridio.roles.common import KERNEL_ERRORS
 from meridio.runtime.metrics import REGISTRY
 from meridio.settings import CommonSettings
 
@@ -89,7 +90,7 @@ if TYPE_CHECKING:
 MODES = ("kernel", "nfqueue", "first-packet")
 # What a reconcile pass may meet and retry: the kernel refusing a change for now (netlink), a
 # tool failing (nft, iptables, conntrack), a socket or file error.
-RECONCILE_ERRORS = (NetlinkError, OSError, nft.NftError, iptables.IptablesError)
+RECONCILE_ERRORS = (*KERNEL_ERRORS, nft.NftError, iptables.IptablesError)
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 ANNOUNCED = Gauge(
