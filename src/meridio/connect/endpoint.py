@@ -139,6 +139,9 @@ class EndpointConfig:
     track_changes: bool = False
     """Collect the ids of the connections that changed in :attr:`ConnectEndpoint.changed`
     (for a role that follows them one by one instead of reading every connection)."""
+    isolate_ports: bool = False
+    """Make the links isolated ports of the bridge (:meth:`EndpointPolicy.bridge`): the bridge
+    forwards nothing from one to another, only between them and its other ports."""
     netns_allow: frozenset[str] = frozenset()
     """Names under /run/netns a veth request may name whoever calls (the
     ``connect-netns-allow`` setting); any other reference must be the caller's own
@@ -534,6 +537,7 @@ class ConnectEndpoint:
                 up=True,
                 alias=conduit.alias_of(ENDPOINT_ALIAS, spec.connection_id),
                 group=self._group,
+                isolated=self.config.isolate_ports,
             )
             batch.append((item, vspec))
         if not batch:
@@ -800,6 +804,9 @@ class ConnectEndpoint:
             info = await kernel.get_link(netlink, conn.link)
             if info is None:
                 raise LinkError(f"link {conn.link} vanished right after creation")
+            joins = True
+        else:
+            joins = info.master != master  # a port that joins again is not isolated any more
         await kernel.configure_link(
             netlink,
             info,
@@ -809,10 +816,21 @@ class ConnectEndpoint:
             addresses=None if master is not None else conn.assigned.on_link,
             group=self._group,
         )
+        if joins and master is not None and self.config.isolate_ports:
+            await self._isolate(conn.link)
         self._forget_index(conn)
         conn.index = info.index
         conn.up = info.running
         self._by_index[info.index] = conn.connection_id
+
+    async def _isolate(self, link: str) -> None:
+        """Make ``link`` an isolated port of the bridge; best effort (a kernel before 4.18
+        cannot): a port that is not isolated only carries more than it needs to."""
+        assert self._netlink is not None
+        try:
+            await self._netlink.isolate_port(link)
+        except OSError as exc:
+            self.log.warning("isolating a bridge port failed", link=link, error=str(exc))
 
     def _reply(self, conn: EndpointConnection) -> Connection:
         m = conn.mechanism

@@ -347,6 +347,10 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
                 expiry=settings.connect_expiry,
                 resync_period=settings.resync_period,
                 track_changes=True,
+                # targets talk to the LBs and to this proxy, never to one another over the
+                # conduit: what one sends to every port (IPv6 neighbour discovery, MLD, ARP)
+                # is not copied to every other target (N^2 packets when a node's N start)
+                isolate_ports=True,
                 netns_allow=netnsref.parse_allow_list(settings.connect_netns_allow),
             ),
             ProxyPolicy(self),
