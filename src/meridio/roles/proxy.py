@@ -6,6 +6,8 @@
 * **Bridge**: the conduit's bridge carries the proxy's own address (IPAM child ``bridge``).
   Every connection, to targets (this proxy is their endpoint) and to LBs (this proxy is their
   client), is a port of it, so the LBs reach this node's targets directly on one L2 segment.
+  The targets' ports are isolated from one another (targets never talk to each other over the
+  conduit): what one target sends to every port is not copied to every other target.
 * **Full mesh**: a connection to every LB announced in NSP as a FRONTEND target of the conduit,
   made when it appears and closed when it goes. An LB registered DISABLED (starting, or
   draining after SIGTERM) stays connected but gets no replies. The proxy proposes both
