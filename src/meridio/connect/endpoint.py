@@ -19,6 +19,9 @@ It stays cheap with a thousand connections (a proxy with every target of a busy 
 * link events update the connection they concern (found by link index), and the resync reads
   every link in one lean dump (:mod:`meridio.core.rtnl`), put off while connections are being
   set up; expiries are kept in a heap.
+* bridge ports carry no addresses, so anything that changes one of them is a link event: while
+  none came (and no request, repair or read failed), there is nothing a resync could find,
+  and it is skipped, up to QUIET_RESYNC_PERIODS periods in a row.
 
 A role plugs in what differs between the LB and the proxy through :class:`EndpointPolicy`:
 which addresses both ends get, whether the endpoint's end carries addresses or joins a bridge,
@@ -83,6 +86,8 @@ ASSIGN_CONCURRENCY = 256
 LISTEN_BACKLOG = 4096
 #: Resync periods a resync may wait while new connections are being set up.
 RESYNC_DEFER = 4
+#: Bridge ports only: resync periods a resync may be skipped while no link changed.
+QUIET_RESYNC_PERIODS = 12
 
 
 class VniTaken(Exception):
@@ -139,6 +144,9 @@ class EndpointConfig:
     track_changes: bool = False
     """Collect the ids of the connections that changed in :attr:`ConnectEndpoint.changed`
     (for a role that follows them one by one instead of reading every connection)."""
+    isolate_ports: bool = False
+    """Make the links isolated ports of the bridge (:meth:`EndpointPolicy.bridge`): the bridge
+    forwards nothing from one to another, only between them and its other ports."""
     netns_allow: frozenset[str] = frozenset()
     """Names under /run/netns a veth request may name whoever calls (the
     ``connect-netns-allow`` setting); any other reference must be the caller's own
@@ -261,6 +269,7 @@ class ConnectEndpoint:
         self._own_netns = kernel.own_netns_inode()
         self._started = 0.0
         self._links_dirty = False
+        self._link_news = True  # since the last resync: a link event, a request, a failure
         self._by_index: dict[int, str] = {}  # link index -> connection id
         self._expiries: list[tuple[float, str]] = []  # heap of (deadline, connection id); stale
         # entries (the connection was refreshed or closed since) are dropped when they surface
@@ -387,6 +396,7 @@ class ConnectEndpoint:
         period = self.config.resync_period
         next_resync = trio.current_time() + period
         latest_resync = next_resync + RESYNC_DEFER * period
+        last_resync = -math.inf
         while True:
             items: list[Any] = []
             # expiries are checked to the second: a refresh makes the earliest deadline stale,
@@ -405,6 +415,8 @@ class ConnectEndpoint:
                 await self._make_links(items)
             except Exception as exc:  # each is made the usual way
                 self.log.warning("making links together failed", error=str(exc))
+            if items:
+                self._link_news = True
             for item in items:
                 try:
                     await self._handle(item)
@@ -424,11 +436,23 @@ class ConnectEndpoint:
                 elif now >= next_resync:
                     next_resync = now + period
                     latest_resync = next_resync + RESYNC_DEFER * period
-                    await self._resync()
+                    if self._resync_due(now, last_resync):
+                        last_resync = now
+                        await self._resync()
             except Exception as exc:  # the kernel refused something: try again shortly
                 self.log.error("endpoint reconcile failed", error=str(exc), exc_info=True)
                 self._links_dirty = True
+                self._link_news = True
                 next_resync = min(next_resync, trio.current_time() + 1)
+
+    def _resync_due(self, now: float, last: float) -> bool:
+        """Whether the resync at ``now`` (the last one at ``last``) can find anything."""
+        if self._link_news or self.policy.bridge() is None:
+            return True  # links with addresses: an address removed is no link event
+        grace = self.config.expiry if self.config.grace is None else self.config.grace
+        if last < self._started + grace <= now:
+            return True  # the links no client claimed go now
+        return now >= last + QUIET_RESYNC_PERIODS * self.config.resync_period
 
     def _next_expiry(self) -> float:
         """When the connection refreshed longest ago expires (inf: no connection)."""
@@ -534,6 +558,7 @@ class ConnectEndpoint:
                 up=True,
                 alias=conduit.alias_of(ENDPOINT_ALIAS, spec.connection_id),
                 group=self._group,
+                isolated=self.config.isolate_ports,
             )
             batch.append((item, vspec))
         if not batch:
@@ -800,6 +825,9 @@ class ConnectEndpoint:
             info = await kernel.get_link(netlink, conn.link)
             if info is None:
                 raise LinkError(f"link {conn.link} vanished right after creation")
+            joins = True
+        else:
+            joins = info.master != master  # a port that joins again is not isolated any more
         await kernel.configure_link(
             netlink,
             info,
@@ -809,10 +837,21 @@ class ConnectEndpoint:
             addresses=None if master is not None else conn.assigned.on_link,
             group=self._group,
         )
+        if joins and master is not None and self.config.isolate_ports:
+            await self._isolate(conn.link)
         self._forget_index(conn)
         conn.index = info.index
         conn.up = info.running
         self._by_index[info.index] = conn.connection_id
+
+    async def _isolate(self, link: str) -> None:
+        """Make ``link`` an isolated port of the bridge; best effort (a kernel before 4.18
+        cannot): a port that is not isolated only carries more than it needs to."""
+        assert self._netlink is not None
+        try:
+            await self._netlink.isolate_port(link)
+        except OSError as exc:
+            self.log.warning("isolating a bridge port failed", link=link, error=str(exc))
 
     def _reply(self, conn: EndpointConnection) -> Connection:
         m = conn.mechanism
@@ -890,6 +929,7 @@ class ConnectEndpoint:
         """Repair drift of live connections; remove links of an earlier instance that no client
         claimed within the grace period. One read of the links, whatever their number."""
         assert self._netlink is not None
+        self._link_news = False
         links = await self._read_links()
         await self._refresh_links(links)
         master = self._bridge_index
@@ -901,6 +941,7 @@ class ConnectEndpoint:
                 try:
                     await self._ensure(conn, info)
                 except Exception as exc:
+                    self._link_news = True  # try again at the next resync
                     self.log.warning(
                         "repairing a link failed", connection=conn.connection_id, error=str(exc)
                     )

@@ -6,6 +6,8 @@
 * **Bridge**: the conduit's bridge carries the proxy's own address (IPAM child ``bridge``).
   Every connection, to targets (this proxy is their endpoint) and to LBs (this proxy is their
   client), is a port of it, so the LBs reach this node's targets directly on one L2 segment.
+  The targets' ports are isolated from one another (targets never talk to each other over the
+  conduit): what one target sends to every port is not copied to every other target.
 * **Full mesh**: a connection to every LB announced in NSP as a FRONTEND target of the conduit,
   made when it appears and closed when it goes. An LB registered DISABLED (starting, or
   draining after SIGTERM) stays connected but gets no replies. The proxy proposes both
@@ -347,6 +349,10 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
                 expiry=settings.connect_expiry,
                 resync_period=settings.resync_period,
                 track_changes=True,
+                # targets talk to the LBs and to this proxy, never to one another over the
+                # conduit: what one sends to every port (IPv6 neighbour discovery, MLD, ARP)
+                # is not copied to every other target (N^2 packets when a node's N start)
+                isolate_ports=True,
                 netns_allow=netnsref.parse_allow_list(settings.connect_netns_allow),
             ),
             ProxyPolicy(self),
