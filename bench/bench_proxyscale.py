@@ -80,6 +80,9 @@ CASES = {"10": 10, "100": 100, "1000": 1000}
 ERRORS: collections.Counter[str] = collections.Counter()  # failed requests, by exception
 
 CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+NETNS_DIR = "/run/netns"
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 RTMGRP_LINK = 0x1
@@ -100,34 +103,49 @@ def _check(result: int, what: str) -> None:
 class TargetNs:
     fd: int
     sock: socket.socket  # rtnetlink, in the target's namespace
+    name: str  # under /run/netns: the proxy accepts it through its allow-list
 
     @property
     def path(self) -> str:
-        return f"/proc/{os.getpid()}/fd/{self.fd}"
+        return f"{NETNS_DIR}/{self.name}"
 
     def close(self) -> None:
+        """The namespace goes (as a pod's does): its name unmounted, our last handle closed."""
         self.sock.close()
+        _libc.umount2(self.path.encode(), MNT_DETACH)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
 
 def make_namespaces(n: int) -> list[TargetNs]:
-    """``n`` network namespaces held by file descriptors of this process (gone with it), each
-    with a netlink socket inside. Made in a thread of their own: unshare and setns change only
-    the calling thread's namespace."""
+    """``n`` network namespaces, each named under /run/netns (as ``ip netns add`` does: a bind
+    mount) and held by a file descriptor of this process, with a netlink socket inside. The
+    proxy accepts a namespace reference only when it can prove it is the caller's or the name
+    is on its ``connect-netns-allow`` list: one process playing N targets needs the list. Made
+    in a thread of their own: unshare and setns change only the calling thread's namespace."""
     out: list[TargetNs] = []
     error: list[BaseException] = []
+    os.makedirs(NETNS_DIR, exist_ok=True)
 
     def work() -> None:
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for _ in range(n):
+            for i in range(n):
                 _check(_libc.unshare(CLONE_NEWNET), "unshare")
                 fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                name = f"mbench-px{os.getpid()}-{i}"
+                path = f"{NETNS_DIR}/{name}"
+                os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
+                _check(
+                    _libc.mount(b"/proc/thread-self/ns/net", path.encode(), None, MS_BIND, None),
+                    "mount",
+                )
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
                 sock.bind((0, 0))
                 sock.setblocking(False)
-                out.append(TargetNs(fd, sock))
+                out.append(TargetNs(fd, sock, name))
                 _check(_libc.setns(home, CLONE_NEWNET), "setns")
         except BaseException as exc:
             error.append(exc)
@@ -596,6 +614,7 @@ async def run_case(name: str, workdir: Path, ns: Any, targets_ns: list[TargetNs]
         f"--trench={TRENCH}",
         f"--conduit={CONDUIT}",
         f"--connect-listen=unix://{connect}",
+        "--connect-netns-allow=" + ",".join(t.name for t in targets_ns[:n]),
         *os.environ.get("MERIDIO_BENCH_PROXY_ARGS", "").split(),
         src=os.environ.get("MERIDIO_BENCH_PROXY_SRC", ""),
     )

@@ -2,6 +2,10 @@
 
 Client commands are one-shot: they open a grpclib channel in a plain asyncio loop, ask, print
 and exit. Listings print a table by default, or ``-o json`` / ``-o yaml`` for machines.
+
+rich (the ``cli`` extra) draws the tables, and the lab, traffic and demo commands need it; a
+daemon image has no rich, and its ``meridioctl`` prints plain columns and says, for those
+commands, what to install.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ import grpclib
 import grpclib.client
 import yaml
 from grpclib.exceptions import StreamTerminatedError
-from rich.console import Console
-from rich.table import Table
 
 from meridio import __version__
 from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
@@ -123,13 +125,29 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], output: str, 
     else:
         if title:
             click.echo(title)
+        cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:  # no cli extra: plain columns
+            click.echo(_plain_table(columns, cells))
+            return
         table = Table()
         for column in columns:
             table.add_column(column)
-        for row in rows:
-            table.add_row(*(_cell(row.get(c)) for c in columns))
+        for line in cells:
+            table.add_row(*line)
         # Off a terminal (pipes, CI logs) do not squeeze columns into 80 characters.
         Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _plain_table(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """``columns`` and ``cells`` as left-aligned text columns, two spaces apart."""
+    widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(columns)]
+    return "\n".join(
+        "  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip()
+        for line in [list(columns), *cells]
+    )
 
 
 def _cell(value: Any) -> str:
@@ -682,26 +700,67 @@ def tap_watch(
 @main.command()
 def demo() -> None:
     """Bring the lab up, run traffic to both VIPs, scale out a target, take it down."""
-    from meridio.demo import run_demo
-
+    try:
+        from meridio.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if not _rich_missing(exc):
+            raise
+        raise click.ClickException(
+            "'meridioctl demo' needs rich, which is not installed: pip install 'meridio[cli]'"
+        ) from exc
     run_demo()
+
+
+def _needs_rich(name: str, summary: str) -> click.Command:
+    """A stand-in for a command that cannot load without rich: it says what to install."""
+
+    @click.command(
+        name,
+        help=f"{summary} (needs rich: pip install 'meridio[cli]')",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=False,
+    )
+    def unavailable() -> None:
+        raise click.ClickException(
+            f"'meridioctl {name}' needs rich, which is not installed: pip install 'meridio[cli]'"
+        )
+
+    return unavailable
+
+
+def _rich_missing(exc: ModuleNotFoundError) -> bool:
+    return (exc.name or "").partition(".")[0] == "rich"
 
 
 def _add_commands() -> None:
     from meridio.manifest import manifest
     from meridio.pki import pki
-    from meridio.traffic.cli import traffic
 
     main.add_command(manifest)
     main.add_command(pki)
-    main.add_command(traffic)
+    try:
+        from meridio.traffic.cli import traffic
+
+        main.add_command(traffic)
+    except ModuleNotFoundError as exc:
+        if not _rich_missing(exc):
+            raise
+        main.add_command(
+            _needs_rich(
+                "traffic", "Continuous traffic: an echo server and a client that reports on it"
+            )
+        )
+    try:
+        from meridio.lab.cli import lab
+
+        main.add_command(lab)
+    except ModuleNotFoundError as exc:
+        if not _rich_missing(exc):
+            raise
+        main.add_command(_needs_rich("lab", "The whole system on this host, in network namespaces"))
 
 
 _add_commands()
-
-from meridio.lab.cli import lab  # noqa: E402 - the lab group, beside the commands above
-
-main.add_command(lab)
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import trio
@@ -35,7 +35,7 @@ def fail(message: str) -> NoReturn:
 
 
 async def supervise(
-    role: Role, runtime: Runtime, settings: CommonSettings, started: trio.Event | None = None
+    role: Role[Any], runtime: Runtime, settings: CommonSettings, started: trio.Event | None = None
 ) -> None:
     """Run the role, react to signals, and shut down gracefully on SIGTERM/SIGINT."""
     from meridio.runtime import logs
@@ -70,7 +70,9 @@ async def supervise(
     log.info("stopped")
 
 
-async def run_role(role_cls: type[Role], settings: CommonSettings, tls: Tls | None = None) -> None:
+async def run_role(
+    role_cls: type[Role[Any]], settings: CommonSettings, tls: Tls | None = None
+) -> None:
     from meridio.runtime import open_runtime, systemd
 
     notifier = systemd.Notifier.from_environ(os.environ)  # None unless run as Type=notify
@@ -121,6 +123,7 @@ def cli(ctx: click.Context, role: str | None, config_file: str | None) -> None:
         tls = check_tls(settings, role_cls.name)
     except (SettingsError, ValueError) as exc:
         fail(str(exc))
+    lean.loaded()
     try:
         trio.run(run_role, role_cls, settings, tls)
     except* SettingsError as group:  # plain text refused by the gRPC stack, for one

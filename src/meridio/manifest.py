@@ -22,6 +22,11 @@ What is rendered, per trench (names end in ``-<trench>``):
 * ``proxy``: a DaemonSet, and a Service with ``internalTrafficPolicy: Local`` through which a
   target reaches the proxy of its own node;
 * ``app``: an example application Deployment with the ``target`` sidecar.
+* a NetworkPolicy per component (``network-policies``): each port admits only the roles that
+  call it (NSP from lb, proxy and the application pods' target; IPAM from proxy; the LB's
+  connect port and vxlan from proxy; the proxy's from the application pods; BGP and BFD of the
+  LB from its attractor's gateways); certificates from csi-driver-spiffe, mounted read-only
+  in every meridiod container.
 
 Every meridiod container runs with a read-only root file system, all capabilities dropped
 but the few its role needs, requests and limits, gRPC startup/readiness/liveness probes on the
@@ -220,6 +225,8 @@ class Values(_Struct):
     app: AppValues = msgspec.field(default_factory=AppValues)
     resources: AllResources = msgspec.field(default_factory=AllResources)
     tls: TlsValues = msgspec.field(default_factory=TlsValues)
+    network_policies: bool = True
+    """A NetworkPolicy per component that admits, on each port, only the roles that call it."""
     configuration: dict[str, Any] = msgspec.field(default_factory=dict)
     """The trench's Meridio configuration, inline (``conduits``, ``streams``, ``flows``,
     ``vips``, ``attractors``, ``gateways``, each with ``items``); ``trench`` fields may be left
@@ -929,6 +936,71 @@ def _app(t: _Trench, config: dict[str, Any]) -> list[dict[str, Any]]:
     return [deployment]
 
 
+# --- network policies -------------------------------------------------------------------------
+
+# Who may reach each component's ports on the pod network (ingress; the LB's external
+# interface is Multus's and outside NetworkPolicy). The components are the pods' labels: "app"
+# is the application pod, whose "target" sidecar is the NSP's and the proxy's client. Traffic
+# from the node itself (the kubelet's probes) is always allowed by NetworkPolicy. Listed in
+# docs/security.md.
+CALLERS: dict[str, list[tuple[tuple[str, int, str], tuple[str, ...]]]] = {
+    "nsp": [(("grpc", NSP_PORT, "TCP"), ("lb", "proxy", "app"))],
+    "ipam": [(("grpc", IPAM_PORT, "TCP"), ("proxy",))],
+    "lb": [(CONNECT, ("proxy",)), (VXLAN, ("proxy",))],
+    "proxy": [(CONNECT, ("app",)), (VXLAN, ("lb", "app"))],
+    "app": [(VXLAN, ("proxy",))],
+}
+
+
+def _gateway_blocks(config: dict[str, Any], attractor: str) -> list[dict[str, Any]]:
+    """ipBlocks of the attractor's gateways (a host route each)."""
+    out = []
+    for gateway in _attractor_gateways(config, attractor):
+        address = str(gateway.get("address", ""))
+        if address:
+            bits = 128 if ":" in address else 32
+            out.append({"ipBlock": {"cidr": f"{address}/{bits}"}})
+    return out
+
+
+def _network_policy(
+    t: _Trench, component: str, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The NetworkPolicy of ``component``'s pods: each port from the roles of CALLERS; the
+    LB's BGP and BFD ports from its attractor's gateways; metrics (when on) from anywhere."""
+    rules: list[dict[str, Any]] = []
+    for (_name, port, protocol), callers in CALLERS[component]:
+        rules.append(
+            {
+                "from": [{"podSelector": {"matchLabels": t.selector(c)}} for c in callers],
+                "ports": [{"port": port, "protocol": protocol}],
+            }
+        )
+    if component == "lb" and config is not None:
+        attractor = _attractor(t, config)
+        blocks = _gateway_blocks(config, attractor) if attractor else []
+        frontend = _frontend_ports(config, attractor) if attractor else []
+        if blocks and frontend:
+            rules.append(
+                {
+                    "from": blocks,
+                    "ports": [{"port": port, "protocol": proto} for _n, port, proto in frontend],
+                }
+            )
+    if t.v.metrics:
+        rules.append({"ports": [{"port": METRICS_PORT, "protocol": "TCP"}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": t.metadata(t.name(component), component),
+        "spec": {
+            "podSelector": {"matchLabels": t.selector(component)},
+            "policyTypes": ["Ingress"],
+            "ingress": rules,
+        },
+    }
+
+
 # --- rendering --------------------------------------------------------------------------------
 
 FILES = ("namespace", "configuration", "ipam", "nsp", "lb", "proxy", "app")
@@ -960,6 +1032,9 @@ def render_files(values: Values) -> dict[str, list[dict[str, Any]]]:
     files["lb"] = [t.service_account_doc("lb"), *_lb(t, config)]
     files["proxy"] = [t.service_account_doc("proxy"), *_proxy(t, config)]
     files["app"] = [t.service_account_doc("target"), *_app(t, config)]
+    if values.network_policies:
+        for component in CALLERS:
+            files[component].append(_network_policy(t, component, config))
     return files
 
 

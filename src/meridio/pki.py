@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,19 +306,71 @@ def issue(
     *,
     days: float = CERT_DAYS,
     layout: str = "tls",
+    ca: Ca | None = None,
+    bundle: bytes | None = None,
 ) -> tuple[Path, str]:
-    """Issue a certificate for ``role`` ``name`` from the CA in ``directory``; (out, SPIFFE ID)."""
+    """Issue a certificate for ``role`` ``name`` from the CA in ``directory`` (or ``ca``);
+    (out, SPIFFE ID). The trust bundle written beside it is ``bundle``, by default the CA's
+    certificate."""
     if role not in IDENTITIES:
         raise PkiError(f"unknown role {role!r}; roles: {', '.join(IDENTITIES)}")
-    ca = load_ca(directory)
+    ca = ca or load_ca(directory)
     try:
         sid = str(role_id(ca.trust_domain, role, name))
     except (InvalidSpiffeId, ValueError) as exc:
         raise PkiError(str(exc)) from exc
     cert, key = make_svid(ca, sid, days=days)
     target = out or directory / f"{role}-{name}"
-    write_credentials(target, cert_pem(cert), key_pem(key), ca.pem, layout)
+    write_credentials(target, cert_pem(cert), key_pem(key), bundle or ca.pem, layout)
     return target, sid
+
+
+def write_bundle(out: Path, bundle: bytes, layout: str = "tls") -> None:
+    """Replace only the trust bundle of the credentials in ``out`` (atomically)."""
+    if layout not in LAYOUTS:
+        raise PkiError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
+    _write(out / LAYOUTS[layout][2], bundle, 0o644)
+
+
+def fingerprint(pem: bytes) -> str:
+    """The SHA-256 of the (first) certificate in ``pem``, in hex: what a TLS peer sees."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
+
+
+# --- rotating the CA (the lab's, `meridioctl lab rotate --ca`) ---------------------------------
+
+NEXT_CA = "ca-next"
+"""The subdirectory of a CA's directory that holds the CA a rotation is moving to, from when it
+is made until every certificate is issued by it; then it replaces ``ca.crt`` and ``ca.key``."""
+
+
+def next_ca(directory: Path) -> Ca:
+    """The CA that ``directory``'s is being rotated to: the one a rotation that did not finish
+    made, or a new one of the same trust domain (written to ``directory``/ca-next)."""
+    staged = directory / NEXT_CA
+    if (staged / "ca.crt").exists() and (staged / "ca.key").exists():
+        return load_ca(staged)
+    current = load_ca(directory)
+    return init_ca(staged, current.trust_domain, force=True)
+
+
+def rotation_pending(directory: Path) -> bool:
+    """Whether a CA rotation began in ``directory`` and did not finish."""
+    return (directory / NEXT_CA / "ca.crt").exists()
+
+
+def promote_ca(directory: Path) -> Ca:
+    """End a rotation: the next CA becomes ``directory``'s (``ca.crt``, ``ca.key``); the old
+    one is gone (the bundles still naming it are the caller's to rewrite)."""
+    staged = directory / NEXT_CA
+    ca = load_ca(staged)
+    _write(directory / "ca.key", key_pem(ca.key), 0o600)
+    _write(directory / "ca.crt", ca.pem, 0o644)
+    shutil.rmtree(staged)
+    return ca
 
 
 def ensure_credentials(
@@ -331,14 +384,20 @@ def ensure_credentials(
     """``directory``/``name``: the credentials of ``role`` instance ``name`` (for ``tls-dir``).
 
     The CA in ``directory`` is made on first use; a certificate is issued when missing, for
-    another role, or expiring within ``renew_days`` (a running role reloads it). For the lab
-    and tests, which start instances as they go.
+    another role, expiring within ``renew_days`` (a running role reloads it), or beside a
+    trust bundle that is not the CA's (left from before a CA rotation). For the lab and tests,
+    which start instances as they go.
     """
     if not (directory / "ca.crt").exists():
         init_ca(directory, trust_domain)
     out = directory / name
     crt = out / "tls.crt"
-    if crt.exists():
+    bundle = out / "ca.crt"
+    if (
+        crt.exists()
+        and bundle.exists()
+        and bundle.read_bytes() == (directory / "ca.crt").read_bytes()
+    ):
         import ssl
 
         decoded = ssl._ssl._test_decode_cert(str(crt))  # type: ignore[attr-defined]

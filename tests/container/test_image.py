@@ -148,6 +148,8 @@ def test_final_stage_has_no_compilers_and_has_the_tools(podman: Podman, image: s
         "for t in ip nft iptables ip6tables conntrack bird birdc meridiod meridioctl; do "
         "command -v $t >/dev/null || { echo missing $t; exit 2; }; done; "
         "python3 -c 'import netfilterqueue, meridio.roles.lb' && "
+        # the daemons' extras only: rich is the cli extra's
+        "{ ! python3 -c 'import rich' 2>/dev/null || { echo rich in the image; exit 3; }; } && "
         # BIRD 2, the LB's frontend, runs (its libraries are there).
         "bird --version 2>&1 | grep -q 'BIRD version 2\\.' && test -d /run/bird"
     )
@@ -185,7 +187,7 @@ def start(
     name = f"meridio-test-{os.getpid()}-{role}-{secrets.token_hex(3)}"
     added = [f"--cap-add={c}" for c in capabilities]
     # plain text between the containers: mutual TLS is tested in tests/netns/test_tls.py
-    defaults = {"MERIDIOD_ROLE": role, "MERIDIOD_INSECURE": "true"}
+    defaults = {"MERIDIOD_ROLE": role, "MERIDIOD_INSECURE": "true", "MERIDIOCTL_INSECURE": "true"}
     environment = [f"--env={k}={v}" for k, v in {**defaults, **env}.items()]
     podman(
         "run", "--detach", "--name", name, *podman.runtime,

@@ -372,7 +372,7 @@ def test_an_lb_killed_and_restarted_keeps_its_links(full: ConduitTopology) -> No
 
 
 CONNECT_CALLS = r"""
-import asyncio, json, sys
+import asyncio, json, os, sys
 import grpclib
 from grpclib.client import Channel
 from meridio.api.meridio.connect.v1 import (
@@ -380,7 +380,9 @@ from meridio.api.meridio.connect.v1 import (
 
 host, port, service = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
-def veth(path="/proc/self/ns/net"):
+OWN = f"/proc/{os.getpid()}/ns/net"
+
+def veth(path=OWN):
     return Mechanism(type="veth", interface_name="probe0", veth=Veth(netns_path=path))
 
 def req(**kw):
@@ -392,6 +394,11 @@ def req(**kw):
 CASES = {
     "service": req(network_service="proxy.other.trench-a"),
     "netns": req(mechanisms=[veth("/proc/999999999/ns/net")]),
+    # least authority: over TCP only the caller's own namespace is accepted
+    "other-netns": req(connection_id="probe-o", mechanisms=[veth(sys.argv[5])]),
+    "host-netns": req(connection_id="probe-h", mechanisms=[veth("/proc/1/ns/net")]),
+    "self-netns": req(connection_id="probe-s", mechanisms=[veth("/proc/self/ns/net")]),
+    "file-netns": req(connection_id="probe-f", mechanisms=[veth("/etc/hostname")]),
     "node": req(extra_context={"node": "elsewhere"}),
     "identifier": req(extra_context={"identifier/stream-a": "zero"}),
     "vni": req(mechanisms=[Mechanism(type="vxlan", interface_name="probe0",
@@ -416,7 +423,9 @@ async def main():
             out[name] = ["OK", ""]
         except grpclib.GRPCError as exc:
             out[name] = [exc.status.name, exc.message]
-    for connection in ("never-made", "probe-a"):
+    # "probe" is served where the request is whole (the proxy: its own namespace, addresses
+    # from IPAM): closed like the others
+    for connection in ("never-made", "probe-a", "probe"):
         await stub.close(CloseRequest(network_service=service, connection_id=connection))
     out["close"] = ["OK", ""]
     ch.close()
@@ -426,8 +435,10 @@ asyncio.run(main())
 """
 
 
-def connect_calls(ns: Any, address: str, port: int, service: str, own: str) -> dict[str, list[str]]:
-    out = ns.run(sys.executable, "-c", CONNECT_CALLS, address, str(port), service, own)
+def connect_calls(
+    ns: Any, address: str, port: int, service: str, own: str, other: str
+) -> dict[str, list[str]]:
+    out = ns.run(sys.executable, "-c", CONNECT_CALLS, address, str(port), service, own, other)
     result: dict[str, list[str]] = json.loads(out.stdout)
     return result
 
@@ -436,14 +447,23 @@ def test_connect_requests_are_validated(full: ConduitTopology) -> None:
     topo = full
     probe = topo.targets["t1"]  # any namespace on the primary network
     node = topo.nodes["node1"]
-    proxy = connect_calls(probe.ns, node.address, 7780, "proxy.conduit-a.trench-a", probe.address)
+    # another target's namespace (a process of another pod), named by its sidecar's pid
+    other = f"/proc/{topo.targets['t2'].daemon.pid}/ns/net"
+    proxy = connect_calls(
+        probe.ns, node.address, 7780, "proxy.conduit-a.trench-a", probe.address, other
+    )
     assert proxy["service"] == [
         "INVALID_ARGUMENT",
         "network service 'proxy.other.trench-a' is not served here "
         "(this endpoint serves 'proxy.conduit-a.trench-a')",
     ]
-    assert proxy["netns"][0] == "INVALID_ARGUMENT"
+    assert proxy["netns"][0] == "PERMISSION_DENIED"
     assert "cannot open the client's netns /proc/999999999/ns/net" in proxy["netns"][1]
+    for case in ("other-netns", "host-netns", "self-netns", "file-netns"):
+        assert proxy[case][0] == "PERMISSION_DENIED", (case, proxy[case])
+    assert "holds no end of this connection" in proxy["other-netns"][1]
+    assert "is not a reference this endpoint accepts" in proxy["self-netns"][1]
+    assert "is not a reference this endpoint accepts" in proxy["file-netns"][1]
     assert proxy["node"] == [
         "INVALID_ARGUMENT",
         "the target is on node elsewhere but this proxy serves node node1",
@@ -457,8 +477,11 @@ def test_connect_requests_are_validated(full: ConduitTopology) -> None:
         "VNI 4242 on port 4789 is in use at endpoint proxy-node1",
     ]
     assert proxy["close"] == ["OK", ""]
-    lb = connect_calls(probe.ns, topo.lbs["lb1"].address, 7779, "conduit-a.trench-a", "")
+    lb = connect_calls(probe.ns, topo.lbs["lb1"].address, 7779, "conduit-a.trench-a", "", other)
     assert lb["no-addresses"] == ["INVALID_ARGUMENT", "addresses for both ends must be proposed"]
+    for case in ("other-netns", "host-netns", "self-netns", "file-netns"):
+        assert lb[case][0] == "PERMISSION_DENIED", (case, lb[case])
+    assert "holds no end of this connection" in lb["other-netns"][1]
     # nothing was left behind by the refused requests, nor by the closed one
     assert len(topo.conduit_links(node.ns, "tgt")) == 2
     assert not any(a.name.startswith("probe") for a in topo.allocations())

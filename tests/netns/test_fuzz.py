@@ -71,8 +71,14 @@ DOCUMENTED: dict[str, set[Status]] = {
     "ipam.v1.Ipam": ALWAYS | {Status.UNAVAILABLE},
     "meridio.admin.v1.IpamInspect": ALWAYS,
     "meridio.admin.v1.LbInspect": ALWAYS | {Status.UNAVAILABLE},
+    # PERMISSION_DENIED: a veth namespace that is not the caller's (docs/security.md)
     "meridio.connect.v1.Connect": ALWAYS
-    | {Status.ALREADY_EXISTS, Status.FAILED_PRECONDITION, Status.UNAVAILABLE},
+    | {
+        Status.ALREADY_EXISTS,
+        Status.FAILED_PRECONDITION,
+        Status.UNAVAILABLE,
+        Status.PERMISSION_DENIED,
+    },
     "ambassador.v1.Tap": ALWAYS | {Status.FAILED_PRECONDITION, Status.UNAVAILABLE},
 }
 # Values the system knows, mixed into random text so that calls get past the first checks.

@@ -4,7 +4,7 @@ Two namespaces joined by a veth pair. In the receiving one an nft chain at prero
 -300 sets ``meta mark`` with ``jhash ... mod 65537 seed S`` (plain 4-tuple, and with a leading
 ``meta l4proto`` plus an offset), records ``saddr . daddr . sport . dport . mark`` in dynamic sets
 and drops the packet. The sending namespace sends UDP datagrams and TCP SYNs from ordinary
-sockets, plus frames built by meridio.core.packetbuild through an AF_PACKET socket (IPv4 with
+sockets, plus frames built by tests.packetbuild through an AF_PACKET socket (IPv4 with
 options, IPv6 with a Destination Options header, a first fragment, SCTP). Every recorded mark
 must equal our bucket. The ICMP packets from packetbuild (echo, frag-needed, packet-too-big) are
 accepted instead and must be counted by the kernel's ICMP statistics without checksum errors.
@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from meridio.core import packetbuild as pb
 from meridio.core.jhash import flow_bucket
 from meridio.core.packet import parse
+from tests import packetbuild as pb
 
 pytestmark = pytest.mark.netns
 

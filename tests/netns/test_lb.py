@@ -35,7 +35,6 @@ from pathlib import Path
 
 import pytest
 
-from meridio.core.packetbuild import icmp_frag_needed, icmpv6_packet_too_big, udp_packet
 from tests.netns.daemons import run_async
 from tests.netns.lbtopo import (
     BYTES_PAYLOAD,
@@ -61,6 +60,7 @@ from tests.netns.lbtopo import (
     wait_until,
 )
 from tests.netns.lbtopo import lb_show as show
+from tests.packetbuild import icmp_frag_needed, icmpv6_packet_too_big, udp_packet
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -180,8 +180,9 @@ async def test_lean_reads_agree_with_pyroute2(aio_loop: object, netns: object) -
 
 
 async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path: object) -> None:
-    """create_veths: several pairs in one exchange, each a bridge port, up, with its alias;
-    a pair that cannot be made says why and does not stop the others."""
+    """create_veths: several pairs in one exchange, each a bridge port, up, with its alias
+    (isolated when asked); a pair that cannot be made says why and does not stop the others.
+    isolate_port isolates a port afterwards."""
     peers = [make_netns("peer") for _ in range(3)]
     try:
         netns.run("ip", "link", "add", "mt-br", "type", "bridge")  # type: ignore[attr-defined]
@@ -201,6 +202,7 @@ async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path
                     bridge.index,
                     True,
                     f"meridio-endpoint:t{i}",
+                    isolated=i == 0,
                 )
                 for i, p in enumerate(peers)
             ] + [VethSpec("mt-tx", "conduit0", "/run/netns/mtest-none", 1400, bridge.index)]
@@ -219,6 +221,17 @@ async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path
                 assert "conduit0" in peers[i].run("ip", "-o", "link").stdout
             assert isinstance(made[2], OSError) and made[2].errno == errno.EEXIST
             assert isinstance(made[3], OSError) and made[3].errno == errno.ENOENT
+
+            def isolated(name: str) -> bool:
+                out = netns.run("ip", "-d", "link", "show", name).stdout  # type: ignore[attr-defined]
+                assert "isolated " in out, out
+                return "isolated on" in out
+
+            assert (isolated("mt-t0"), isolated("mt-t1")) == (True, False)
+            await manager.isolate_port("mt-t1")
+            assert isolated("mt-t1")
+            with pytest.raises(rtnl.NetlinkDumpError):
+                await manager.isolate_port("mt-none")
             again = await manager.create_veths(specs[:1])
             assert isinstance(again[0], OSError) and again[0].errno == errno.EEXIST
         finally:

@@ -228,7 +228,7 @@ async def test_errors_carry_nft_message(netns: Netns) -> None:
 
 SEND = f"""
 import socket
-from meridio.core.packetbuild import icmp_frag_needed, udp_packet
+from tests.packetbuild import icmp_frag_needed, udp_packet
 v4, v6 = (socket.AF_INET, "127.0.0.1", "{VIP4}"), (socket.AF_INET6, "::1", "{VIP6}")
 for family, src, dst in (v4, v6):
     for sport in range(40000, 40064):

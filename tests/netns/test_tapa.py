@@ -540,6 +540,9 @@ def test_an_undefined_stream_turns_open_once_configured(topo: TapaTopology) -> N
     finally:
         meridioctl("close", *where, "--stream=stream-d")
         topo.write_config()
+        # the NSP applies a file once it has read it unchanged for a poll interval: the tests
+        # after this one start from the LB without stream-d
+        wait_until(lambda: "stream-d" not in topo.lb_streams(), 15, "stream-d gone from the LB")
     assert set(topo.registered()) == {A}
     assert topo.statuses() == {A: "OPEN"}
 

@@ -607,3 +607,114 @@ def test_values_defaults_match_the_annotated_file() -> None:
         "app": {"streams": ["stream-a"]},
     }
     assert msgspec_convert(minimal, VALUES) == default_values()
+
+
+# --- network policies -------------------------------------------------------------------------
+
+
+def _component(workload: dict[str, Any]) -> str:
+    return str(workload["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"])
+
+
+def _policies(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for doc in docs:
+        if doc["kind"] == "NetworkPolicy":
+            component = doc["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+            assert component not in out
+            out[component] = doc
+    return out
+
+
+def _admitted(policy: dict[str, Any], port: int, protocol: str) -> list[dict[str, Any]]:
+    """The ``from`` peers of every rule of ``policy`` that names ``port``/``protocol`` (a rule
+    with no ``from`` admits anyone: returned as [{}])."""
+    peers: list[dict[str, Any]] = []
+    for rule in policy["spec"]["ingress"]:
+        if {"port": port, "protocol": protocol} in rule["ports"]:
+            peers += rule.get("from") or [{}]
+    return peers
+
+
+def test_network_policies_admit_only_the_roles_that_call_each_port(
+    rendered: tuple[mf.Values, list[dict[str, Any]]],
+) -> None:
+    """Each port of each component admits exactly the components that are configured to call
+    it (and that the authorization table lets call it); every port is covered by a policy; the
+    LB's BGP and BFD only from its attractor's gateways."""
+    from meridio.core import authz
+
+    values, docs = rendered
+    policies = _policies(docs)
+    assert set(policies) == {"nsp", "ipam", "lb", "proxy", "app"}
+    component_of_role = {"target": "app"}
+    # who dials what, from the rendered settings
+    dials: dict[str, set[str]] = {"nsp": set(), "ipam": set(), "proxy": set()}
+    for workload, container in meridiod_containers(docs):
+        env = settings_env(container, POD_IPS[0])
+        for server, key in (("nsp", "NSP"), ("ipam", "IPAM"), ("proxy", "PROXY")):
+            if f"MERIDIOD_{key}" in env:
+                dials[server].add(_component(workload))
+    dials["lb"] = {"proxy"}  # proxies find the LBs' connect endpoints through the NSP
+
+    def callers(policy: dict[str, Any], port: int, protocol: str) -> set[str]:
+        peers = _admitted(policy, port, protocol)
+        assert all(set(p) == {"podSelector"} for p in peers), peers  # no open rule
+        labels = [p["podSelector"]["matchLabels"] for p in peers]
+        assert all(m["app.kubernetes.io/instance"] == values.trench for m in labels)
+        return {m["app.kubernetes.io/component"] for m in labels}
+
+    served = {"nsp": "/nsp.v1.TargetRegistry/Register", "ipam": "/ipam.v1.Ipam/Allocate"}
+    served |= {c: "/meridio.connect.v1.Connect/Request" for c in ("lb", "proxy")}
+    ports = {"nsp": mf.NSP_PORT, "ipam": mf.IPAM_PORT, "lb": mf.CONNECT_PORT}
+    ports["proxy"] = mf.CONNECT_PORT
+    for server, port in ports.items():
+        admitted = callers(policies[server], port, "TCP")
+        assert admitted == dials[server], server
+        for component in admitted:
+            role = next((r for r, c in component_of_role.items() if c == component), component)
+            identity = authz.Identity(None, role)
+            assert authz.decide(server, served[server], identity).allowed, (server, role)
+    assert callers(policies["ipam"], mf.IPAM_PORT, "TCP") == {"proxy"}
+    assert callers(policies["lb"], mf.CONNECT_PORT, "TCP") == {"proxy"}
+    # vxlan between the ends of the conduits: LB <-> proxy <-> application pods
+    assert callers(policies["lb"], mf.VXLAN_PORT, "UDP") == {"proxy"}
+    assert callers(policies["proxy"], mf.VXLAN_PORT, "UDP") == {"lb", "app"}
+    assert callers(policies["app"], mf.VXLAN_PORT, "UDP") == {"proxy"}
+    # every port a meridiod container lists is in its pod's policy (health: the kubelet's,
+    # from the node, which NetworkPolicy always admits)
+    for workload, container in meridiod_containers(docs):
+        policy = policies[_component(workload)]
+        for p in container["ports"]:
+            if p["name"] == "health":
+                assert not _admitted(policy, p["containerPort"], p["protocol"])
+                continue
+            assert _admitted(policy, p["containerPort"], p["protocol"]), (workload, p)
+    # the LB's BGP and BFD: from the attractor's gateways only
+    config = mf.configuration(values)
+    gateways = {
+        f"{g['address']}/{128 if ':' in g['address'] else 32}" for g in config["gateways"]["items"]
+    }
+    _, lb_container = lb_pod(docs)
+    frontend = [p for p in lb_container["ports"] if p["name"].startswith(("bgp", "bfd"))]
+    assert frontend
+    for p in frontend:
+        peers = _admitted(policies["lb"], p["containerPort"], p["protocol"])
+        assert {peer["ipBlock"]["cidr"] for peer in peers} == gateways
+    # metrics, when on, from anywhere (Prometheus lives elsewhere); otherwise not open at all
+    open_rules = [
+        r for pol in policies.values() for r in pol["spec"]["ingress"] if not r.get("from")
+    ]
+    if values.metrics:
+        assert open_rules and all(
+            r["ports"] == [{"port": mf.METRICS_PORT, "protocol": "TCP"}] for r in open_rules
+        )
+    else:
+        assert not open_rules
+
+
+def test_network_policies_can_be_left_out() -> None:
+    import msgspec
+
+    values = msgspec.structs.replace(default_values(), network_policies=False)
+    assert not _policies(mf.render(values))

@@ -1,4 +1,4 @@
-"""meridio.core.packet (parser) and meridio.core.packetbuild (test packet builder)."""
+"""meridio.core.packet (parser) and tests.packetbuild (test packet builder)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meridio.core import packetbuild as pb
 from meridio.core.jhash import flow_key
 from meridio.core.packet import (
     REASONS,
@@ -20,6 +19,7 @@ from meridio.core.packet import (
     l4_header,
     parse,
 )
+from tests import packetbuild as pb
 
 CLIENT4, VIP4, ROUTER4 = "198.18.0.1", "203.0.113.5", "198.19.255.1"
 CLIENT6, VIP6, ROUTER6 = "2001:db8:c::1", "fd00:5::5", "2001:db8:ff::1"

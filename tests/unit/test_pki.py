@@ -110,3 +110,32 @@ def test_ensure_credentials_issues_once(tmp_path: Path) -> None:
     creds = load_credentials(resolve_paths(str(first)))  # type: ignore[arg-type]
     assert creds.identity.role == "proxy"
     assert pki.ensure_credentials(tmp_path, "proxy", "p", renew_days=400) == tmp_path / "p"
+
+
+def test_ca_rotation_files(tmp_path: Path) -> None:
+    """The steps ``lab rotate --ca`` takes, on files: a next CA (the same one until the
+    rotation ends), certificates of it beside a bundle of both, the next CA promoted; after
+    it, ``ensure_credentials`` keeps those certificates and re-issues one left from before."""
+    ours = pki.ensure_credentials(tmp_path, "nsp", "nsp")
+    stale = pki.ensure_credentials(tmp_path, "lb", "lb-9")  # not rotated (gone, say)
+    old = pki.load_ca(tmp_path)
+    assert not pki.rotation_pending(tmp_path)
+    new = pki.next_ca(tmp_path)
+    assert pki.rotation_pending(tmp_path) and new.trust_domain == old.trust_domain
+    assert pki.fingerprint(pki.next_ca(tmp_path).pem) == pki.fingerprint(new.pem)  # resumed
+    both = old.pem + new.pem
+    pki.write_bundle(ours, both)
+    first = load_credentials(resolve_paths(str(ours)))  # type: ignore[arg-type]
+    pki.issue(tmp_path, "nsp", "nsp", ours, ca=new, bundle=both)
+    assert (ours / "ca.crt").read_bytes() == both
+    assert load_credentials(resolve_paths(str(ours))).digest != first.digest  # type: ignore[arg-type]
+    assert pki.fingerprint(pki.promote_ca(tmp_path).pem) == pki.fingerprint(new.pem)
+    assert not pki.rotation_pending(tmp_path)
+    assert (tmp_path / "ca.crt").read_bytes() == new.pem
+    pki.write_bundle(ours, new.pem)
+    kept = (ours / "tls.crt").read_bytes()
+    assert (pki.ensure_credentials(tmp_path, "nsp", "nsp") / "tls.crt").read_bytes() == kept
+    old_cert = (stale / "tls.crt").read_bytes()
+    pki.ensure_credentials(tmp_path, "lb", "lb-9")
+    assert (stale / "tls.crt").read_bytes() != old_cert
+    assert (stale / "ca.crt").read_bytes() == new.pem

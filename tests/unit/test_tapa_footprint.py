@@ -59,6 +59,22 @@ def test_pyroute2_without_its_init_still_offers_everything() -> None:
     assert result == [True, "AsyncIPRoute", "IPRoute", True, True]
 
 
+def test_pyroute2_loads_without_unittest_and_its_mock_still_works() -> None:
+    result = python(
+        "import json, sys\n"
+        "from meridio import lean\n"
+        "lean.install()\n"
+        "from pyroute2 import AsyncIPRoute\n"
+        "without = 'unittest' not in sys.modules and 'difflib' not in sys.modules\n"
+        "from pyroute2.netlink.rtnl.iprsocket import NotLocal\n"
+        "NotLocal.msg_queue.put(1)\n"  # the placeholder becomes a real Mock on first use
+        "from unittest import mock\n"  # and the real module is importable afterwards
+        "print(json.dumps([without, NotLocal.msg_queue.put.call_count,\n"
+        "                  isinstance(mock.Mock(), mock.NonCallableMock)]))\n"
+    )
+    assert result == [True, 1, True]
+
+
 def test_betterproto_still_knows_its_version() -> None:
     version = python(
         "import json\n"
@@ -77,3 +93,19 @@ def test_betterproto_still_knows_its_version() -> None:
 def test_builtin_roles_are_the_registered_entry_points() -> None:
     registered = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
     assert registered == BUILTIN_ROLES
+
+
+def test_no_garbage_collection_while_loading_and_all_of_it_after_start() -> None:
+    result = python(
+        "import gc, json\n"
+        "from meridio import lean\n"
+        "lean.install()\n"
+        "off = not gc.isenabled()\n"
+        "import meridio.daemon, meridio.runtime\n"
+        "meridio.daemon.load_role('target')\n"
+        "lean.loaded()\n"
+        "frozen = gc.isenabled() and gc.get_freeze_count() > 0\n"
+        "lean.trim()\n"
+        "print(json.dumps([off, frozen, gc.isenabled() and gc.get_freeze_count() == 0]))\n"
+    )
+    assert result == [True, True, True]

@@ -17,7 +17,7 @@ import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpclib
 import grpclib.client
@@ -43,6 +43,9 @@ from meridio.runtime.bus import Lagged
 from meridio.runtime.grpc import Endpoint
 from meridio.runtime.netlink import LinkEvent, NetlinkManager
 from meridio.runtime.notify import Signal
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 CALL_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 3.0
@@ -149,7 +152,7 @@ def build_request(
 
 
 class ConnectClient:
-    def __init__(self, runtime: Any, name: str, end: ClientEnd) -> None:
+    def __init__(self, runtime: Runtime, name: str, end: ClientEnd) -> None:
         self.runtime = runtime
         self.name = name
         self.end = end

@@ -19,6 +19,9 @@ It stays cheap with a thousand connections (a proxy with every target of a busy 
 * link events update the connection they concern (found by link index), and the resync reads
   every link in one lean dump (:mod:`meridio.core.rtnl`), put off while connections are being
   set up; expiries are kept in a heap.
+* bridge ports carry no addresses, so anything that changes one of them is a link event: while
+  none came (and no request, repair or read failed), there is nothing a resync could find,
+  and it is skipped, up to QUIET_RESYNC_PERIODS periods in a row.
 
 A role plugs in what differs between the LB and the proxy through :class:`EndpointPolicy`:
 which addresses both ends get, whether the endpoint's end carries addresses or joins a bridge,
@@ -32,10 +35,11 @@ import contextlib
 import heapq
 import math
 import socket
+import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpclib
 import trio
@@ -53,7 +57,9 @@ from meridio.api.meridio.connect.v1 import (
 )
 from meridio.connect import kernel
 from meridio.connect.kernel import LinkError, LinkInfo, pid_netns_path
+from meridio.connect.netnsguard import NetnsGuard
 from meridio.core import conduit, rtnl
+from meridio.core.authz import RefusalLog
 from meridio.core.conduit import (
     ENDPOINT_ALIAS,
     VETH,
@@ -62,10 +68,15 @@ from meridio.core.conduit import (
     MechanismSpec,
     RequestSpec,
 )
+from meridio.core.netnsref import Refused
 from meridio.runtime.bus import Lagged
 from meridio.runtime.grpc import Encoded
 from meridio.runtime.netlink import LinkEvent, NetlinkManager, NetlinkOverrun, VethSpec
 from meridio.runtime.notify import Signal
+from meridio.runtime.tls import CallPeer, current_peer, refused_counter
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 #: How long a gRPC handler waits for the endpoint task to answer its request.
 HANDLER_TIMEOUT = 20.0
@@ -75,6 +86,8 @@ ASSIGN_CONCURRENCY = 256
 LISTEN_BACKLOG = 4096
 #: Resync periods a resync may wait while new connections are being set up.
 RESYNC_DEFER = 4
+#: Bridge ports only: resync periods a resync may be skipped while no link changed.
+QUIET_RESYNC_PERIODS = 12
 
 
 class VniTaken(Exception):
@@ -131,6 +144,13 @@ class EndpointConfig:
     track_changes: bool = False
     """Collect the ids of the connections that changed in :attr:`ConnectEndpoint.changed`
     (for a role that follows them one by one instead of reading every connection)."""
+    isolate_ports: bool = False
+    """Make the links isolated ports of the bridge (:meth:`EndpointPolicy.bridge`): the bridge
+    forwards nothing from one to another, only between them and its other ports."""
+    netns_allow: frozenset[str] = frozenset()
+    """Names under /run/netns a veth request may name whoever calls (the
+    ``connect-netns-allow`` setting); any other reference must be the caller's own
+    namespace (see :mod:`meridio.core.netnsref`)."""
 
 
 @dataclass
@@ -160,6 +180,8 @@ class EndpointConnection:
 class _Request:
     spec: RequestSpec
     future: asyncio.Future[Connection]
+    proven: Mapping[str, int] = field(default_factory=dict)
+    """Namespace references of the request proved to be the caller's -> their inode."""
 
     @property
     def connection_id(self) -> str:
@@ -197,6 +219,8 @@ def _settle(
 def _status_error(exc: Exception) -> grpclib.GRPCError:
     if isinstance(exc, InvalidRequest):
         return grpclib.GRPCError(Status.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, Refused):
+        return grpclib.GRPCError(Status.PERMISSION_DENIED, str(exc))
     if isinstance(exc, VniTaken):
         return grpclib.GRPCError(Status.ALREADY_EXISTS, str(exc))
     if isinstance(exc, LinkError):
@@ -228,7 +252,7 @@ def _deepen_backlog(server: Any) -> None:
 
 
 class ConnectEndpoint:
-    def __init__(self, runtime: Any, config: EndpointConfig, policy: EndpointPolicy) -> None:
+    def __init__(self, runtime: Runtime, config: EndpointConfig, policy: EndpointPolicy) -> None:
         self.runtime = runtime
         self.config = config
         self.policy = policy
@@ -245,6 +269,7 @@ class ConnectEndpoint:
         self._own_netns = kernel.own_netns_inode()
         self._started = 0.0
         self._links_dirty = False
+        self._link_news = True  # since the last resync: a link event, a request, a failure
         self._by_index: dict[int, str] = {}  # link index -> connection id
         self._expiries: list[tuple[float, str]] = []  # heap of (deadline, connection id); stale
         # entries (the connection was refreshed or closed since) are dropped when they surface
@@ -253,6 +278,8 @@ class ConnectEndpoint:
         self._bridge_index: int | None = None
         self._nursery: trio.Nursery | None = None
         self._group = link_group(policy.network_service)
+        self.guard = NetnsGuard(config.netns_allow)
+        self._refusals = RefusalLog()
 
     def _announce(self, *connection_ids: str) -> None:
         if self.config.track_changes:
@@ -263,6 +290,46 @@ class ConnectEndpoint:
 
     def submit(self, item: _Request | _Close) -> None:
         self._send.send_nowait(item)
+
+    async def prove(self, spec: RequestSpec, peer: CallPeer | None) -> dict[str, int]:
+        """The namespace references of ``spec``'s veth mechanisms (those this endpoint
+        serves), each proved to be the caller's: path -> inode. Refused (logged once a minute
+        per caller and path, counted) when one is not."""
+        if VETH not in self.config.mechanisms:
+            return {}
+        proven: dict[str, int] = {}
+        for m in spec.mechanisms:
+            if m.type != VETH or m.netns_path in proven:
+                continue
+            try:
+                proven[m.netns_path] = await self.guard.check(m.netns_path, peer)
+            except Refused as exc:
+                self._refused(spec, m.netns_path, peer, str(exc))
+                raise
+        return proven
+
+    def _refused(self, spec: RequestSpec, path: str, peer: CallPeer | None, reason: str) -> None:
+        identity = peer.identity if peer is not None else None
+        role = (identity.role or "") if identity is not None else ""
+        refused_counter().labels(
+            reason="netns", role=role or "none", method="/meridio.connect.v1.Connect/Request"
+        ).inc()
+        who = str(identity) if identity is not None else None
+        caller: str | None = None
+        if peer is not None:
+            caller = f"pid {peer.pid}" if peer.pid is not None else peer.address
+        repeats = self._refusals.note((who, caller, path), time.monotonic())
+        if repeats is None:
+            return
+        self.log.warning(
+            "connect refused: netns not the caller's",
+            connection=spec.connection_id,
+            peer=who,
+            caller=caller,
+            netns=path,
+            reason=reason,
+            **({"repeats_not_logged": repeats} if repeats else {}),
+        )
 
     def refresh(self, spec: RequestSpec) -> Encoded | None:
         """A refresh that changes nothing, answered on the spot: the same request as the one
@@ -329,6 +396,7 @@ class ConnectEndpoint:
         period = self.config.resync_period
         next_resync = trio.current_time() + period
         latest_resync = next_resync + RESYNC_DEFER * period
+        last_resync = -math.inf
         while True:
             items: list[Any] = []
             # expiries are checked to the second: a refresh makes the earliest deadline stale,
@@ -347,6 +415,8 @@ class ConnectEndpoint:
                 await self._make_links(items)
             except Exception as exc:  # each is made the usual way
                 self.log.warning("making links together failed", error=str(exc))
+            if items:
+                self._link_news = True
             for item in items:
                 try:
                     await self._handle(item)
@@ -366,11 +436,23 @@ class ConnectEndpoint:
                 elif now >= next_resync:
                     next_resync = now + period
                     latest_resync = next_resync + RESYNC_DEFER * period
-                    await self._resync()
+                    if self._resync_due(now, last_resync):
+                        last_resync = now
+                        await self._resync()
             except Exception as exc:  # the kernel refused something: try again shortly
                 self.log.error("endpoint reconcile failed", error=str(exc), exc_info=True)
                 self._links_dirty = True
+                self._link_news = True
                 next_resync = min(next_resync, trio.current_time() + 1)
+
+    def _resync_due(self, now: float, last: float) -> bool:
+        """Whether the resync at ``now`` (the last one at ``last``) can find anything."""
+        if self._link_news or self.policy.bridge() is None:
+            return True  # links with addresses: an address removed is no link event
+        grace = self.config.expiry if self.config.grace is None else self.config.grace
+        if last < self._started + grace <= now:
+            return True  # the links no client claimed go now
+        return now >= last + QUIET_RESYNC_PERIODS * self.config.resync_period
 
     def _next_expiry(self) -> float:
         """When the connection refreshed longest ago expires (inf: no connection)."""
@@ -433,7 +515,7 @@ class ConnectEndpoint:
                 assert self._netlink is not None  # its link was made for nothing
                 with contextlib.suppress(Exception):
                     await kernel.remove_link(self._netlink, made.name)
-            if not isinstance(exc, InvalidRequest | VniTaken):
+            if not isinstance(exc, InvalidRequest | VniTaken | Refused):
                 self.log.warning(
                     "connection request failed",
                     connection=item.spec.connection_id,
@@ -459,7 +541,7 @@ class ConnectEndpoint:
             if spec.connection_id in self.connections:
                 continue
             try:
-                mechanism, _netns, local = await self._choose(spec, None)
+                mechanism, _netns, local = await self._choose(spec, None, item.request.proven)
                 mtu = await self._mtu(mechanism, spec, local)
                 master = await self._bridge()
             except Exception:  # served the usual way, which says what is wrong
@@ -476,6 +558,7 @@ class ConnectEndpoint:
                 up=True,
                 alias=conduit.alias_of(ENDPOINT_ALIAS, spec.connection_id),
                 group=self._group,
+                isolated=self.config.isolate_ports,
             )
             batch.append((item, vspec))
         if not batch:
@@ -514,7 +597,7 @@ class ConnectEndpoint:
         self.policy.check(spec)
         assert self._netlink is not None
         existing = self.connections.get(spec.connection_id)
-        mechanism, netns, local = await self._choose(spec, existing)
+        mechanism, netns, local = await self._choose(spec, existing, item.proven)
         if assigned is None:
             if existing is None:
                 assert self._nursery is not None
@@ -585,10 +668,11 @@ class ConnectEndpoint:
         return old_vx != (b.vni, b.port, b.client_address, new.local)
 
     async def _choose(
-        self, spec: RequestSpec, existing: EndpointConnection | None
+        self, spec: RequestSpec, existing: EndpointConnection | None, proven: Mapping[str, int]
     ) -> tuple[MechanismSpec, int, str]:
         """The first offered mechanism this endpoint serves; for veth the client's namespace
-        (inode), for vxlan this side's underlay address."""
+        (inode), which must still be the one proved to be the caller's (``proven``), for
+        vxlan this side's underlay address."""
         offered = []
         for m in spec.mechanisms:
             offered.append(m.type)
@@ -601,6 +685,11 @@ class ConnectEndpoint:
                     raise InvalidRequest(
                         f"cannot open the client's netns {m.netns_path}: {exc.strerror}"
                     ) from None
+                if proven.get(m.netns_path) != netns:
+                    raise Refused(
+                        f"netns {m.netns_path} is not the namespace proved to be the caller's "
+                        "(it changed, or was not checked)"
+                    )
                 if netns == self._own_netns:
                     raise InvalidRequest(
                         f"netns {m.netns_path} is the endpoint's own namespace; veth needs two"
@@ -701,6 +790,15 @@ class ConnectEndpoint:
         master = await self._bridge()
         if info is None:
             if m.type == VETH:
+                try:
+                    now_netns = kernel.netns_inode(m.netns_path)
+                except OSError as exc:
+                    raise LinkError(f"cannot open netns {m.netns_path}: {exc.strerror}") from None
+                if now_netns != conn.netns:  # the process named exited, its pid was reused
+                    raise LinkError(
+                        f"netns {m.netns_path} is no longer the client's namespace; "
+                        "it must connect again"
+                    )
                 await kernel.create_veth(
                     netlink,
                     conn.link,
@@ -727,6 +825,9 @@ class ConnectEndpoint:
             info = await kernel.get_link(netlink, conn.link)
             if info is None:
                 raise LinkError(f"link {conn.link} vanished right after creation")
+            joins = True
+        else:
+            joins = info.master != master  # a port that joins again is not isolated any more
         await kernel.configure_link(
             netlink,
             info,
@@ -736,10 +837,21 @@ class ConnectEndpoint:
             addresses=None if master is not None else conn.assigned.on_link,
             group=self._group,
         )
+        if joins and master is not None and self.config.isolate_ports:
+            await self._isolate(conn.link)
         self._forget_index(conn)
         conn.index = info.index
         conn.up = info.running
         self._by_index[info.index] = conn.connection_id
+
+    async def _isolate(self, link: str) -> None:
+        """Make ``link`` an isolated port of the bridge; best effort (a kernel before 4.18
+        cannot): a port that is not isolated only carries more than it needs to."""
+        assert self._netlink is not None
+        try:
+            await self._netlink.isolate_port(link)
+        except OSError as exc:
+            self.log.warning("isolating a bridge port failed", link=link, error=str(exc))
 
     def _reply(self, conn: EndpointConnection) -> Connection:
         m = conn.mechanism
@@ -817,6 +929,7 @@ class ConnectEndpoint:
         """Repair drift of live connections; remove links of an earlier instance that no client
         claimed within the grace period. One read of the links, whatever their number."""
         assert self._netlink is not None
+        self._link_news = False
         links = await self._read_links()
         await self._refresh_links(links)
         master = self._bridge_index
@@ -828,6 +941,7 @@ class ConnectEndpoint:
                 try:
                     await self._ensure(conn, info)
                 except Exception as exc:
+                    self._link_news = True  # try again at the next resync
                     self.log.warning(
                         "repairing a link failed", connection=conn.connection_id, error=str(exc)
                     )
@@ -885,10 +999,14 @@ class ConnectService(ConnectBase):  # type: ignore[misc]  # generated code is un
             spec = conduit.parse_request(connect_request)
         except InvalidRequest as exc:
             raise grpclib.GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+        try:  # least authority: a veth end goes only into the caller's own namespace
+            proven = await self.endpoint.prove(spec, current_peer())
+        except Refused as exc:
+            raise grpclib.GRPCError(Status.PERMISSION_DENIED, str(exc)) from None
         refreshed = self.endpoint.refresh(spec)
         if refreshed is not None:
             return refreshed  # serialized already (the codec sends Encoded as is)
-        result: Connection = await self._submit(lambda f: _Request(spec, f))
+        result: Connection = await self._submit(lambda f: _Request(spec, f, proven))
         return result
 
     async def close(self, close_request: CloseRequest) -> Empty:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpclib
 import trio
@@ -41,11 +41,14 @@ from meridio.connect.endpoint import (
     EndpointConfig,
     EndpointConnection,
 )
-from meridio.core import conduit
+from meridio.core import conduit, netnsref
 from meridio.core.conduit import InvalidRequest, RequestSpec
 from meridio.core.proxystate import CONNECT_CONTEXT, INSTANCE_CONTEXT
 from meridio.runtime.grpc import Endpoint
 from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 MAIN_TABLE = 254
 
@@ -65,6 +68,9 @@ class LbConnectSettings(CommonSettings, kw_only=True):
     connect_mtu: int = 1500
     connect_expiry: float = 30.0
     """Seconds a proxy's connection lives without a refresh."""
+    connect_netns_allow: str = ""
+    """Names under /run/netns (comma-separated) a proxy's veth request may name whoever
+    calls; any other namespace must be the caller's own (see docs/security.md)."""
     announce_interval: float = 10.0
     """Seconds between FRONTEND registrations in NSP (keep well under its entry-timeout)."""
     underlay_rule_priority: int = 99
@@ -105,6 +111,7 @@ def check_connect_settings(
         )
     if not conduit_name:
         raise ValueError("setting 'conduit' is required with 'connect-listen'")
+    netnsref.parse_allow_list(settings.connect_netns_allow)  # ValueError naming the item
     mechanisms = [m.strip() for m in settings.connect_mechanisms.split(",") if m.strip()]
     unknown = set(mechanisms) - set(conduit.MECHANISMS)
     if not mechanisms or unknown:
@@ -161,7 +168,7 @@ class LbConnect:
 
     def __init__(
         self,
-        runtime: Any,
+        runtime: Runtime,
         settings: LbConnectSettings,
         trench: str,
         conduit_name: str,
@@ -186,6 +193,7 @@ class LbConnect:
                 primary_address=self.primary if "vxlan" in mechanisms else "",
                 vxlan_port=settings.vxlan_port,
                 expiry=settings.connect_expiry,
+                netns_allow=netnsref.parse_allow_list(settings.connect_netns_allow),
             ),
             self.policy,
         )

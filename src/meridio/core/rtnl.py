@@ -61,6 +61,9 @@ VETH_INFO_PEER = 1
 IFF_UP = 0x1
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
+IFLA_INFO_SLAVE_KIND = 4
+IFLA_INFO_SLAVE_DATA = 5
+IFLA_BRPORT_ISOLATED = 33
 IFLA_VXLAN_ID = 1
 IFLA_VXLAN_GROUP = 2
 IFLA_VXLAN_LOCAL = 4
@@ -202,9 +205,11 @@ def veth_request(
     master: int | None = None,
     up: bool = False,
     group: int = 0,
+    ack: bool = True,
 ) -> bytes:
     """Create the veth pair ``ifname`` (here: MTU, bridge, up, link group) and ``peer`` (in
-    the namespace open as ``peer_netns_fd``), acknowledged: ``ip link add`` in one message."""
+    the namespace open as ``peer_netns_fd``): ``ip link add`` in one message. Acknowledged
+    with ``ack``; without, only a failure is answered (an error message)."""
     peer_info = (
         _IFINFOMSG.pack(0, 0, 0, 0, 0)
         + _attr(IFLA_IFNAME, _name(peer))
@@ -223,17 +228,35 @@ def veth_request(
         + (_attr(IFLA_GROUP, _U32.pack(group)) if group else b"")
         + _attr(IFLA_LINKINFO, linkinfo)
     )
-    return _message(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
+    request = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)
+    return _message(RTM_NEWLINK, request, seq, body)
 
 
-def alias_request(seq: int, ifname: str, alias: str) -> bytes:
-    """Set the alias of the link named ``ifname``, acknowledged."""
+def alias_request(seq: int, ifname: str, alias: str, *, ack: bool = True) -> bytes:
+    """Set the alias of the link named ``ifname``; acknowledged with ``ack`` (without, only
+    a failure is answered)."""
     body = (
         _IFINFOMSG.pack(0, 0, 0, 0, 0)
         + _attr(IFLA_IFNAME, _name(ifname))
         + _attr(IFLA_IFALIAS, alias.encode())
     )
-    return _message(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, body)
+    return _message(RTM_NEWLINK, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, body)
+
+
+def isolate_request(seq: int, ifname: str, *, ack: bool = True) -> bytes:
+    """Make the bridge port ``ifname`` isolated (``ip link set <ifname> type bridge_slave
+    isolated on``): the bridge forwards nothing between two isolated ports, so what one sends
+    to every port (broadcast, multicast, unknown unicast) reaches only the others. Acknowledged
+    with ``ack`` (without, only a failure is answered)."""
+    linkinfo = _attr(IFLA_INFO_SLAVE_KIND, b"bridge\0") + _attr(
+        IFLA_INFO_SLAVE_DATA, _attr(IFLA_BRPORT_ISOLATED, b"\1")
+    )
+    body = (
+        _IFINFOMSG.pack(0, 0, 0, 0, 0)
+        + _attr(IFLA_IFNAME, _name(ifname))
+        + _attr(IFLA_LINKINFO, linkinfo)
+    )
+    return _message(RTM_NEWLINK, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, body)
 
 
 def group_delete_request(seq: int, group: int) -> bytes:

@@ -529,6 +529,35 @@ def restart(ctx: click.Context, name: str, kill: bool, quiet: bool) -> None:
     click.echo(f"{name} restarted")
 
 
+@lab.command()
+@click.argument("names", nargs=-1)
+@click.option(
+    "--ca",
+    is_flag=True,
+    help="Rotate the lab's CA: the new CA into every trust bundle, every instance a "
+    "certificate of it, then the old CA out of the bundles (each step waited for).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.pass_context
+def rotate(ctx: click.Context, names: tuple[str, ...], ca: bool, quiet: bool) -> None:
+    """Issue new certificates from the lab's CA to instances NAMES (nsp, ipam, lb-N, lbb-N,
+    proxy-N, proxyb-N, target-N; all when none) and wait until each running one has loaded
+    them (its log says so): new handshakes use them, established connections go on. With
+    --ca, rotate the CA itself without losing a connection."""
+    try:
+        if quiet:
+            report = _lab(ctx).rotate(names, ca=ca)
+        else:
+            with RichReporter(err_console()) as reporter:
+                report = _lab(ctx, reporter).rotate(names, ca=ca)
+    except LabError as exc:
+        raise _fail(exc) from None
+    what = f"{len(report.instances)} certificates re-issued ({', '.join(report.instances)})"
+    if ca:
+        what += f"; CA {report.ca_before} -> {report.ca_after}"
+    click.echo(f"{what} in {report.seconds:g} s")
+
+
 TAP_ACTIONS = ("open", "close", "list", "watch")
 
 

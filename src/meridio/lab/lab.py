@@ -1,5 +1,5 @@
-"""The lab's operations: up, down, scale, kill, restart, tap (a target's TAPA), status and
-traffic.
+"""The lab's operations: up, down, scale, kill, restart, tap (a target's TAPA), rotate (the
+certificates and the CA of the lab's mutual TLS), status and traffic.
 
 Every operation loads the state file, changes the host step by step (saving the state after
 each step), and waits for what it started to report ready. ``up`` over a lab that exists, in
@@ -35,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,9 @@ CRASH_LOOP = 3
 (its log says why)."""
 RESTART_TIMEOUT = STOP_TIMEOUT + plan.RESTART_DELAY_MAX + 5
 """How long ``restart`` and ``kill`` wait for a supervisor to start its program again."""
+ROTATE_TIMEOUT = 30.0
+"""How long each step of ``rotate`` waits for the daemons to load their new files (they poll
+them every ``tls-reload-interval``, 5 s)."""
 GATEWAY_TIMEOUT = 60.0
 """How long ``up`` and ``scale`` wait for the gateways to route the VIPs over the LBs (a BGP
 session takes about 5 s to come up)."""
@@ -1380,6 +1383,156 @@ class Lab:
         else:
             system.stop([proc], STOP_TIMEOUT)
 
+    # -- certificates
+
+    def certified(self) -> list[str]:
+        """The instances with a certificate of the lab's CA (every meridiod), in ``status``
+        order."""
+        return self._certified(self.load())
+
+    @staticmethod
+    def _certified(state: LabState) -> list[str]:
+        procs = sorted(state.processes.values(), key=_order)
+        return [p.name for p in procs if p.role in MERIDIOD_ROLES]
+
+    def rotate(
+        self, names: Sequence[str] = (), *, ca: bool = False, timeout: float = ROTATE_TIMEOUT
+    ) -> RotateReport:
+        """Issue new certificates (new keys) from the lab's CA to instances ``names`` (all
+        when none), and wait until each running one has loaded them: new handshakes, as a
+        server and as a client, use them; established connections go on.
+
+        With ``ca``: rotate the CA itself, every instance, in three steps, each waited for
+        before the next begins: a new CA is added to every trust bundle; every instance is
+        issued a certificate of the new CA; the old CA is removed from the bundles (its
+        certificates are refused from then on). A rotation that did not finish (the new CA is
+        in ``pki/ca-next``) is finished by the next ``rotate --ca``, with the same new CA.
+
+        Each wait is on the daemons' logs: a daemon polls its files every
+        ``tls-reload-interval`` seconds (5) and logs ``tls credentials reloaded`` (or
+        ``mutual tls`` when it starts) with ``files``, the digest of what it loaded; the wait
+        ends when every running instance logged the digest of the files written for it.
+        LabError, naming the late instances, when that takes longer than ``timeout`` or the
+        files do not load."""
+        state = self.load()
+        certified = self._certified(state)
+        directory = plan.pki_dir(self.state_dir)
+        if ca and names:
+            raise LabError("rotate --ca issues every instance a certificate: name none")
+        unknown = [n for n in names if n not in certified]
+        if unknown:
+            raise LabError(
+                f"no instance {', '.join(map(repr, unknown))} with a certificate; there are "
+                f"{', '.join(certified)}"
+            )
+        if not ca and pki.rotation_pending(directory):
+            raise LabError(
+                f"a CA rotation did not finish ({directory / pki.NEXT_CA} is there): "
+                "`meridioctl lab rotate --ca` finishes it"
+            )
+        started = time.monotonic()
+        try:
+            old = pki.load_ca(directory)
+            if not ca:
+                chosen = list(dict.fromkeys(names)) or certified
+                self._rewrite(
+                    state,
+                    chosen,
+                    "certificates re-issued",
+                    lambda n: self._issue(state, n, old, old.pem),
+                    timeout,
+                )
+                return RotateReport(chosen, _ca_text(old), _ca_text(old), _elapsed(started))
+            new = pki.next_ca(directory)
+            both = old.pem + new.pem
+            present = [
+                n for n in certified if (plan.tls_dir(self.state_dir, n) / "tls.crt").exists()
+            ]
+            self._rewrite(
+                state,
+                present,
+                "new CA added to the trust bundles",
+                lambda n: pki.write_bundle(plan.tls_dir(self.state_dir, n), both),
+                timeout,
+            )
+            self._rewrite(
+                state,
+                certified,
+                "certificates issued by the new CA",
+                lambda n: self._issue(state, n, new, both),
+                timeout,
+            )
+            pki.promote_ca(directory)
+            self._rewrite(
+                state,
+                certified,
+                "old CA removed from the trust bundles",
+                lambda n: pki.write_bundle(plan.tls_dir(self.state_dir, n), new.pem),
+                timeout,
+            )
+            return RotateReport(certified, _ca_text(old), _ca_text(new), _elapsed(started))
+        except pki.PkiError as exc:
+            raise LabError(str(exc)) from None
+
+    def _issue(self, state: LabState, name: str, ca: pki.Ca, bundle: bytes) -> None:
+        role = state.processes[name].role
+        pki.issue(
+            plan.pki_dir(self.state_dir),
+            role,
+            name,
+            plan.tls_dir(self.state_dir, name),
+            ca=ca,
+            bundle=bundle,
+        )
+
+    def _rewrite(
+        self,
+        state: LabState,
+        names: Sequence[str],
+        title: str,
+        write: Callable[[str], None],
+        timeout: float,
+    ) -> None:
+        """``write(name)`` every instance's files, then wait until every running one logs
+        that it uses them."""
+        from meridio.runtime.tls import files_digest, resolve_paths
+
+        step = self.reporter.step(title, len(names))
+        marks = {n: _size(Path(state.processes[n].log)) for n in names}
+        want: dict[str, str] = {}
+        for name in names:
+            write(name)
+            paths = resolve_paths(str(plan.tls_dir(self.state_dir, name)))
+            assert paths is not None
+            want[name] = files_digest(paths)
+        deadline = time.monotonic() + timeout
+        pending = list(names)
+        while True:
+            late = []
+            for name in pending:
+                proc = state.processes[name]
+                found, error = _loaded(Path(proc.log), marks[name], want[name])
+                if error is not None:
+                    raise LabError(f"{name} does not load its new certificate: {error}")
+                # one that does not run now reads the files when it starts
+                if not found and system.role_pid(proc) is not None:
+                    late.append(name)
+            pending = late
+            step.update(len(names) - len(pending), ", ".join(pending[:4]))
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                detail = "\n".join(
+                    f"--- {n}: {state.processes[n].log}\n{system.tail(state.processes[n].log)}"
+                    for n in pending
+                )
+                raise LabError(
+                    f"not using their new TLS files within {timeout:g}s: "
+                    f"{', '.join(pending)}\n{detail}"
+                )
+            time.sleep(0.1)
+        step.finish()
+
     # -- TAPA
 
     def _running_target(self, state: LabState, name: str) -> Process:
@@ -1726,3 +1879,61 @@ def _instance_dir(name: str) -> bool:
 def _gateway_host(host: str) -> bool:
     """``gw`` or another gateway router (``gw-N``)."""
     return re.fullmatch(r"gw(-\d+)?", host) is not None
+
+
+@dataclass(frozen=True)
+class RotateReport:
+    """What ``rotate`` did: the instances with new certificates, the CA before and after
+    (``ca.crt``'s SHA-256 fingerprint, shortened, and its trust domain) and how long it took."""
+
+    instances: list[str]
+    ca_before: str
+    ca_after: str
+    seconds: float
+
+
+RELOADED_EVENTS = ("tls credentials reloaded", "mutual tls")
+NOT_LOADED_EVENT = "tls files changed but do not load, keeping the loaded ones"
+
+
+def _loaded(log: Path, offset: int, digest: str) -> tuple[bool, str | None]:
+    """Whether the log, from ``offset``, says the process uses the files of ``digest``; and
+    the error when it says they do not load."""
+    try:
+        with log.open("rb") as f:
+            if f.seek(0, os.SEEK_END) >= offset:
+                f.seek(offset)
+            else:  # a new log
+                f.seek(0)
+            data = f.read()
+    except OSError:
+        return False, None
+    for line in data.splitlines():
+        if not line.startswith(b"{") or digest.encode() not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("files") != digest:
+            continue
+        if record.get("event") in RELOADED_EVENTS:
+            return True, None
+        if record.get("event") == NOT_LOADED_EVENT:
+            return False, str(record.get("error"))
+    return False, None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _elapsed(started: float) -> float:
+    return round(time.monotonic() - started, 1)
+
+
+def _ca_text(ca: pki.Ca) -> str:
+    return f"{pki.fingerprint(ca.pem)[:16]} (spiffe://{ca.trust_domain})"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 
 import trio
 
@@ -12,6 +12,8 @@ from meridio.settings import CommonSettings
 
 if TYPE_CHECKING:
     from meridio.runtime import Runtime
+
+S = TypeVar("S", bound=CommonSettings)
 
 ENTRY_POINT_GROUP = "meridio.roles"
 BUILTIN_ROLES: Final = {
@@ -24,35 +26,44 @@ BUILTIN_ROLES: Final = {
 """The roles this package registers in the entry point group (pyproject.toml; a test keeps the
 two equal). They load without reading the installed distributions' metadata, which costs a
 daemon about 6 MB (``importlib.metadata``); other names are looked up among the entry points."""
+EXTRAS: Final = {"netfilterqueue": ("NetfilterQueue", "lb")}
+"""Modules a role may import that come with an extra of the package (pyproject.toml), not
+with every install: module -> (distribution, extra). The LB binds an NFQUEUE queue in every
+mode (all of them in nfqueue and first-packet modes, one for what the kernel hands up in
+kernel mode), so it needs NetfilterQueue; no other role does."""
 
 
-class Role(abc.ABC):
+class Role(abc.ABC, Generic[S]):
     """A role runs on the shared runtime until cancelled.
 
     ``run`` calls ``task_status.started()`` once it serves; ``drain`` is called after SIGTERM
     (readiness is already NOT_SERVING) and is bounded by the ``drain-timeout`` setting;
     ``reload`` is called on SIGHUP.
+
+    ``S`` is the role's settings type and ``Settings`` the same class (what the daemon parses
+    the configuration into, so ``__init__`` and ``check_settings`` get an ``S``; a class
+    variable cannot name ``S`` itself).
     """
 
     name: ClassVar[str]
     Settings: ClassVar[type[CommonSettings]] = CommonSettings
 
-    def __init__(self, settings: CommonSettings, runtime: Runtime) -> None:
-        self.settings = settings
+    def __init__(self, settings: S, runtime: Runtime) -> None:
+        self.settings: S = settings
         self.runtime = runtime
 
-    @classmethod  # noqa: B027 - optional hook
-    def check_settings(cls, settings: CommonSettings) -> None:
+    @classmethod
+    def check_settings(cls, settings: S) -> None:
         """Refuse settings that parse but cannot work (ValueError naming the setting)."""
 
     @abc.abstractmethod
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled."""
 
-    async def drain(self) -> None:  # noqa: B027 - optional hook
+    async def drain(self) -> None:
         """Finish in-flight work before exit (unregister, withdraw, let clients move)."""
 
-    async def reload(self) -> None:  # noqa: B027 - optional hook
+    async def reload(self) -> None:
         """Re-read configuration files (SIGHUP)."""
 
 
@@ -63,10 +74,20 @@ def available_roles() -> dict[str, object]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def load_role(name: str) -> type[Role]:
+def load_role(name: str) -> type[Role[Any]]:
     if name in BUILTIN_ROLES:
         module, _, attr = BUILTIN_ROLES[name].partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            missing = EXTRAS.get((exc.name or "").partition(".")[0])
+            if missing is None:
+                raise
+            distribution, extra = missing
+            raise LookupError(
+                f"role {name!r} needs {distribution}, which is not installed: "
+                f"pip install 'meridio[{extra}]'"
+            ) from exc
     else:
         roles = available_roles()
         if name not in roles:

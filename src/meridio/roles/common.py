@@ -5,19 +5,28 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+from pyroute2.netlink.exceptions import NetlinkError
 
 from meridio.core.proxystate import SourceRule
-from meridio.runtime.netlink import NetlinkManager
+from meridio.runtime.netlink import NetlinkManager, NoSuchLink
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+KERNEL_ERRORS = (NetlinkError, NoSuchLink, OSError)
+"""What a pass that changes the kernel may meet and retry: the kernel refusing a change for now
+(netlink; a lean dump's error is an OSError), a link that went away meanwhile, a socket error.
+Anything else is a bug: it crashes the daemon, for its supervisor to restart it, rather than
+being retried forever."""
 IP_FAMILIES = {"dualstack": (4, 6), "ipv4": (4,), "ipv6": (6,)}
 
 
 async def watch(
-    runtime: Any,
+    runtime: Runtime,
     name: str,
     open_stream: Callable[[], AsyncIterator[Any]],
     store: Callable[[Any], None],

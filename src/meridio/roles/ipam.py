@@ -183,18 +183,16 @@ class IpamInspectService(IpamInspectBase):
         return ListAllocationsResponse(allocations=rows)
 
 
-class IpamRole(Role):
+class IpamRole(Role[IpamSettings]):
     name = "ipam"
     Settings = IpamSettings
 
     @classmethod
-    def check_settings(cls, settings: CommonSettings) -> None:
-        assert isinstance(settings, IpamSettings)
+    def check_settings(cls, settings: IpamSettings) -> None:
         ipam_config(settings)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings = self.settings
-        assert isinstance(settings, IpamSettings)
         log = self.runtime.log
         check = self.runtime.health.register("IPAM")
         Path(settings.database).parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpclib
 import trio
@@ -86,13 +86,17 @@ from meridio.lb.external import External, ExternalError, external_spec, split_li
 from meridio.lb.frontend import Frontend
 from meridio.lb.nfq import DROP, QueueReader
 from meridio.roles.base import Role
+from meridio.roles.common import KERNEL_ERRORS
 from meridio.runtime.metrics import REGISTRY
 from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 MODES = ("kernel", "nfqueue", "first-packet")
 # What a reconcile pass may meet and retry: the kernel refusing a change for now (netlink), a
 # tool failing (nft, iptables, conntrack), a socket or file error.
-RECONCILE_ERRORS = (NetlinkError, OSError, nft.NftError, iptables.IptablesError)
+RECONCILE_ERRORS = (*KERNEL_ERRORS, nft.NftError, iptables.IptablesError)
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 ANNOUNCED = Gauge(
@@ -385,7 +389,7 @@ class LbCollector:
         yield from (session, bfd, announced, received, restarts)
 
 
-class LbRole(Role):
+class LbRole(Role[LbSettings]):
     name = "lb"
     Settings = LbSettings
 
@@ -411,7 +415,7 @@ class LbRole(Role):
         if settings.withdraw_grace < 0 or settings.bird_poll_interval <= 0:
             raise ValueError("settings 'withdraw-grace' and 'bird-poll-interval' must be > 0")
 
-    def __init__(self, settings: CommonSettings, runtime: Any) -> None:
+    def __init__(self, settings: LbSettings, runtime: Runtime) -> None:
         super().__init__(settings, runtime)
         assert isinstance(settings, LbSettings)
         self.lb = settings

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import betterproto
 import grpclib
@@ -58,6 +58,9 @@ from meridio.runtime.commit import GroupCommit
 from meridio.runtime.metrics import REGISTRY
 from meridio.runtime.notify import Changes, watch_changes
 from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 from meridio.store.registry import Batch, PersistentRegistry, StoreError
 
 PUBLISH_INTERVAL = 0.05
@@ -257,13 +260,12 @@ class ConfigurationManagerService(ConfigurationManagerBase):
         return self._watch(nspconfig.filter_gateways, gateway)
 
 
-class NspRole(Role):
+class NspRole(Role[NspSettings]):
     name = "nsp"
     Settings = NspSettings
 
     @classmethod
-    def check_settings(cls, settings: CommonSettings) -> None:
-        assert isinstance(settings, NspSettings)
+    def check_settings(cls, settings: NspSettings) -> None:
         if settings.entry_timeout <= 0:
             raise ValueError("setting 'entry-timeout' must be a positive number of seconds")
         if settings.config_poll_interval <= 0:
@@ -273,9 +275,8 @@ class NspRole(Role):
         except ConfigError as exc:
             raise ValueError(f"configuration refused: {exc}") from exc
 
-    def __init__(self, settings: CommonSettings, runtime: Any) -> None:
+    def __init__(self, settings: NspSettings, runtime: Runtime) -> None:
         super().__init__(settings, runtime)
-        assert isinstance(settings, NspSettings)
         self.nsp_settings = settings
         self.state: NspState | None = None
         self._settle: Settle[Observed] | None = None

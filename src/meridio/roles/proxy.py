@@ -6,6 +6,8 @@
 * **Bridge**: the conduit's bridge carries the proxy's own address (IPAM child ``bridge``).
   Every connection, to targets (this proxy is their endpoint) and to LBs (this proxy is their
   client), is a port of it, so the LBs reach this node's targets directly on one L2 segment.
+  The targets' ports are isolated from one another (targets never talk to each other over the
+  conduit): what one target sends to every port is not copied to every other target.
 * **Full mesh**: a connection to every LB announced in NSP as a FRONTEND target of the conduit,
   made when it appears and closed when it goes. An LB registered DISABLED (starting, or
   draining after SIGTERM) stays connected but gets no replies. The proxy proposes both
@@ -34,7 +36,7 @@ import contextlib
 import ipaddress
 import math
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpclib
 import trio
@@ -61,7 +63,7 @@ from meridio.connect.endpoint import (
     EndpointConnection,
     pid_netns_path,
 )
-from meridio.core import conduit, identifiers
+from meridio.core import conduit, identifiers, netnsref
 from meridio.core.conduit import VXLAN_PORT, InvalidRequest, RequestSpec
 from meridio.core.proxystate import (
     BRIDGE_CHILD,
@@ -81,10 +83,13 @@ from meridio.core.proxystate import (
     target_child,
 )
 from meridio.roles.base import Role
-from meridio.roles.common import IP_FAMILIES, Egress, NspInputs, wait_any, watch
+from meridio.roles.common import IP_FAMILIES, KERNEL_ERRORS, Egress, NspInputs, wait_any, watch
 from meridio.runtime.grpc import Encoded
 from meridio.runtime.notify import Signal
 from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
 REGISTER_CONCURRENCY = 32  # NSP calls in flight at once
@@ -130,6 +135,9 @@ class ProxySettings(CommonSettings, kw_only=True):
     resync_period: float = 5.0
     netns_path: str = ""
     """This proxy's network namespace as LBs open it (veth); default /proc/<pid>/ns/net."""
+    connect_netns_allow: str = ""
+    """Names under /run/netns (comma-separated) a target's veth request may name whoever
+    calls; any other namespace must be the caller's own (see docs/security.md)."""
 
 
 def _mechanism_list(text: str) -> tuple[str, ...]:
@@ -169,13 +177,12 @@ class ProxyPolicy:
         await self.role.release_all(target_child(connection.connection_id))
 
 
-class ProxyRole(NspInputs, Role):
+class ProxyRole(NspInputs, Role[ProxySettings]):
     name = "proxy"
     Settings = ProxySettings
 
     @classmethod
-    def check_settings(cls, settings: CommonSettings) -> None:
-        assert isinstance(settings, ProxySettings)
+    def check_settings(cls, settings: ProxySettings) -> None:
         for name in ("trench", "conduit"):
             if not getattr(settings, name):
                 raise ValueError(f"setting '{name}' is required")
@@ -193,6 +200,7 @@ class ProxyRole(NspInputs, Role):
                 ipaddress.ip_address(settings.primary_address)
             except ValueError as exc:
                 raise ValueError(f"setting 'primary-address': {exc}") from None
+        netnsref.parse_allow_list(settings.connect_netns_allow)  # ValueError naming the item
         if not conduit.valid_ifname(settings.bridge):
             raise ValueError(f"setting 'bridge': {settings.bridge!r} is not an interface name")
         if not 0 < settings.table < 253 and not 255 < settings.table < 2**32:
@@ -201,9 +209,8 @@ class ProxyRole(NspInputs, Role):
             if getattr(settings, name) <= 0:
                 raise ValueError(f"setting '{name.replace('_', '-')}' must be positive")
 
-    def __init__(self, settings: CommonSettings, runtime: Any) -> None:
+    def __init__(self, settings: ProxySettings, runtime: Runtime) -> None:
         super().__init__(settings, runtime)
-        assert isinstance(settings, ProxySettings)
         self.proxy = settings
         self.log = runtime.log
         self.families = IP_FAMILIES[settings.ip_family]
@@ -342,6 +349,11 @@ class ProxyRole(NspInputs, Role):
                 expiry=settings.connect_expiry,
                 resync_period=settings.resync_period,
                 track_changes=True,
+                # targets talk to the LBs and to this proxy, never to one another over the
+                # conduit: what one sends to every port (IPv6 neighbour discovery, MLD, ARP)
+                # is not copied to every other target (N^2 packets when a node's N start)
+                isolate_ports=True,
+                netns_allow=netnsref.parse_allow_list(settings.connect_netns_allow),
             ),
             ProxyPolicy(self),
         )
@@ -492,7 +504,7 @@ class ProxyRole(NspInputs, Role):
                     # An LB that comes back gets its old addresses on a new link: forget the
                     # bridge's entries with the old MAC, or replies go astray for seconds.
                     for address in conn.endpoint_addresses:
-                        with contextlib.suppress(Exception):
+                        with contextlib.suppress(*KERNEL_ERRORS):
                             await self.netlink.forget_neighbour(address)
             known = {id(c) for c in established}
             if self.vips is not None:
@@ -510,7 +522,7 @@ class ProxyRole(NspInputs, Role):
                             vips=sorted(r.src for r in rules),
                             next_hops={f"ipv{f}": list(h) for f, h in hops.items()},
                         )
-                except Exception as exc:
+                except KERNEL_ERRORS as exc:  # anything else is a bug: crash, be restarted
                     self.log.error("egress update failed, retrying", error=str(exc))
                     await trio.sleep(1)
                     continue

@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpclib
 import trio
@@ -77,10 +77,13 @@ from meridio.core.tapa import (
     TooManyConduits,
 )
 from meridio.roles.base import Role
-from meridio.roles.common import FAMILY, Egress, wait_any, watch
+from meridio.roles.common import FAMILY, KERNEL_ERRORS, Egress, wait_any, watch
 from meridio.runtime.grpc import Endpoint
 from meridio.runtime.notify import Changes, Signal, watch_changes
 from meridio.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from meridio.runtime import Runtime
 
 SOCKET_ENV = "MERIDIO_SOCKET"
 SOCKET_NAME = "ambassador.sock"
@@ -187,13 +190,12 @@ class Stopping(Exception):
     pass
 
 
-class TargetRole(Role):
+class TargetRole(Role[TargetSettings]):
     name = "target"
     Settings = TargetSettings
 
     @classmethod
-    def check_settings(cls, settings: CommonSettings) -> None:
-        assert isinstance(settings, TargetSettings)
+    def check_settings(cls, settings: TargetSettings) -> None:
         try:
             tapa.parse_streams(settings.streams, settings.trench, settings.conduit)
         except ValueError as exc:
@@ -235,9 +237,8 @@ class TargetRole(Role):
                 f"setting 'socket-mode': {settings.socket_mode!r} is not octal"
             ) from None
 
-    def __init__(self, settings: CommonSettings, runtime: Any) -> None:
+    def __init__(self, settings: TargetSettings, runtime: Runtime) -> None:
         super().__init__(settings, runtime)
-        assert isinstance(settings, TargetSettings)
         self.target = settings
         self.log = runtime.log
         self.proxies = parse_proxies(settings.proxies)
@@ -564,7 +565,7 @@ class TargetRole(Role):
             )
             try:
                 await self._reconcile(check_drift=drift)
-            except Exception as exc:
+            except KERNEL_ERRORS as exc:  # anything else is a bug: crash, be restarted
                 self.log.error("reconcile failed, retrying", error=str(exc), exc_info=True)
                 next_resync = trio.current_time() + 1
             self._remember_addresses()

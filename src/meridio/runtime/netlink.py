@@ -14,6 +14,7 @@ import errno
 import ipaddress
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,9 +58,16 @@ EVENT_GROUPS = (
 )
 NETLINK_ROUTE = 0
 CREATE_TIMEOUT = 30.0  # seconds the kernel may take to answer a batch of link creations
+#: Seconds a thread waits at most for the GIL while the event loop holds it (CPython's default
+#: is 5 ms): the thread that creates links needs it back after the kernel's work.
+SWITCH_INTERVAL = 0.0005
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 AF_BRIDGE_BYTE = bytes([socket.AF_BRIDGE])
+
+
+class NoSuchLink(LookupError):
+    """A change named a link that is not there (it may have gone a moment ago)."""
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -120,6 +128,7 @@ class VethSpec:
     up: bool = False
     alias: str | None = None
     group: int = 0  # the link group of ``name``
+    isolated: bool = False  # an isolated port of ``master`` (best effort: see isolate_port)
 
 
 @dataclass(frozen=True)
@@ -390,7 +399,9 @@ class NetlinkManager:
     async def _create_veths(self, specs: Sequence[VethSpec]) -> list[rtnl.Link | OSError]:
         async with self._create_lock:
             # The kernel makes the links inside the send call (a millisecond or more each):
-            # in a thread, so that the rest of the process goes on meanwhile.
+            # in a thread, so that the rest of the process goes on meanwhile. A busy event
+            # loop would hand the thread the GIL only every switch interval: make it short.
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
             return await trio.to_thread.run_sync(self._create_veths_blocking, specs)
 
     def _create_veths_blocking(self, specs: Sequence[VethSpec]) -> list[rtnl.Link | OSError]:
@@ -398,9 +409,15 @@ class NetlinkManager:
             self._create_socket = open_dump_socket(self.netns)
             self._create_socket.settimeout(CREATE_TIMEOUT)
         sock = self._create_socket
-        answers: list[rtnl.Link | OSError] = []
         fds: list[int] = []
         plan: list[tuple[int, int] | OSError] = []  # per spec: (create seq, get seq)
+        # The creations and aliases are not acknowledged: the kernel answers them only when
+        # they fail, and handles the requests in order, so once the answer to a pair's get is
+        # in, any failure of its creation is too. One answer per pair rather than three: this
+        # thread needs the GIL back for each, and while the event loop is busy (a cold start)
+        # each wait for it is a switch interval.
+        errors: dict[int, int] = {}
+        links: dict[int, tuple[int, bytes]] = {}
         try:
             request = b""
             for spec in specs:
@@ -421,20 +438,25 @@ class NetlinkManager:
                     master=spec.master,
                     up=spec.up,
                     group=spec.group,
+                    ack=False,
                 )
                 if spec.alias:
-                    request += rtnl.alias_request(alias, spec.name, spec.alias)
+                    request += rtnl.alias_request(alias, spec.name, spec.alias, ack=False)
+                if spec.isolated and spec.master is not None:
+                    # best effort, as isolate_port (its failure is not the link's): seq 0
+                    request += rtnl.isolate_request(0, spec.name, ack=False)
                 request += rtnl.link_request(spec.name, get)
                 plan.append((create, get))
-            wanted = {seq for p in plan if not isinstance(p, OSError) for seq in p}
-            got: dict[int, tuple[int, bytes]] = {}
+            gets = {p[1] for p in plan if not isinstance(p, OSError)}
             try:
                 if request:
                     sock.sendall(request)
-                while not wanted <= got.keys():
+                while not gets <= links.keys():
                     for seq, _type, error, payload in rtnl.answers(sock.recv(1 << 20)):
-                        if seq in wanted:
-                            got[seq] = (error, payload)  # an acknowledgement has no payload
+                        if seq in gets:
+                            links[seq] = (error, payload)
+                        elif error:
+                            errors[seq] = error  # a creation or alias that failed
             except BaseException:
                 sock.close()  # answers may be left in it: start afresh next time
                 self._create_socket = None
@@ -442,21 +464,43 @@ class NetlinkManager:
         finally:
             for fd in fds:
                 os.close(fd)
+        answers: list[rtnl.Link | OSError] = []
         for p in plan:
             if isinstance(p, OSError):
                 answers.append(p)
                 continue
             create, get = p
-            error, _ = got[create]
+            error = errors.get(create, 0)
             if error:
                 answers.append(OSError(error, os.strerror(error)))
                 continue
-            error, payload = got[get]
+            error, payload = links[get]
             if error:
                 answers.append(OSError(error, "the link vanished after creation"))
                 continue
             answers.append(rtnl.parse_link(payload))
         return answers
+
+    async def isolate_port(self, ifname: str) -> None:
+        """Make the bridge port ``ifname`` an isolated port (see :func:`rtnl.isolate_request`;
+        Linux 4.18 or later). NetlinkDumpError when the kernel refuses."""
+        async with self._dump_lock:
+            sock = await self._lean_socket()
+            seq = self._next_seq()
+            try:
+                await sock.send(rtnl.isolate_request(seq, ifname))
+                while True:
+                    for got, _type, error, _payload in rtnl.answers(await sock.recv(1 << 20)):
+                        if got != seq:
+                            continue
+                        if error:
+                            raise rtnl.NetlinkDumpError(error, os.strerror(error))
+                        return
+            except rtnl.NetlinkDumpError:
+                raise
+            except BaseException:
+                self._close_dump_socket()  # its answer may be left in it
+                raise
 
     async def delete_group(self, group: int) -> None:
         """Delete every link of ``group`` in one request (``ip link del group``): the kernel
@@ -562,7 +606,7 @@ class NetlinkManager:
     async def set_link(self, ifname: str, **attrs: Any) -> None:
         index = await self.link_index(ifname)
         if index is None:
-            raise LookupError(f"no link named {ifname}")
+            raise NoSuchLink(f"no link named {ifname}")
         await self._call("link", "set", index=index, **attrs)
 
     async def set_link_index(self, index: int, **attrs: Any) -> None:
@@ -588,7 +632,7 @@ class NetlinkManager:
         iface = ipaddress.ip_interface(cidr)
         index = await self.link_index(ifname)
         if index is None:
-            raise LookupError(f"no link named {ifname}")
+            raise NoSuchLink(f"no link named {ifname}")
         try:
             await self._call(
                 "addr",
@@ -702,7 +746,7 @@ class NetlinkManager:
         if oif is not None:
             index = await self.link_index(oif)
             if index is None:
-                raise LookupError(f"no link named {oif}")
+                raise NoSuchLink(f"no link named {oif}")
             attrs["oif"] = index
         await self._call("route", "replace", **attrs)
 
@@ -718,7 +762,7 @@ class NetlinkManager:
     async def ensure_neighbour(self, ifname: str, ip: str, lladdr: str) -> None:
         index = await self.link_index(ifname)
         if index is None:
-            raise LookupError(f"no link named {ifname}")
+            raise NoSuchLink(f"no link named {ifname}")
         await self._call(
             "neigh", "replace", ifindex=index, dst=ip, lladdr=lladdr, state="permanent"
         )

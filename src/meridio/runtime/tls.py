@@ -57,6 +57,8 @@ LAYOUTS: tuple[tuple[str, str, str], ...] = (
     ("svid.pem", "svid_key.pem", "svid_bundle.pem"),
 )
 HANDSHAKE_TIMEOUT = 10
+DIGEST_CHARS = 16
+"""How much of the files' digest (:func:`read_digest`) the logs show (``files``)."""
 # Settings that name gRPC endpoints, per role (checked before the role starts; the gRPC stack
 # refuses plain TCP without "insecure" whatever a role asks, so this list only makes the error
 # come early, as a settings error).
@@ -168,6 +170,12 @@ def read_digest(paths: TlsPaths) -> tuple[str, bytes]:
     return h.hexdigest(), bundle
 
 
+def files_digest(paths: TlsPaths) -> str:
+    """The shortened digest of the files a daemon logs as ``files`` once it uses them (at
+    start, ``mutual tls``; after a change, ``tls credentials reloaded``)."""
+    return read_digest(paths)[0][:DIGEST_CHARS]
+
+
 def load_credentials(
     paths: TlsPaths, trust_domain: str = "", patterns: tuple[RolePattern, ...] = ()
 ) -> Credentials:
@@ -221,7 +229,8 @@ def refused_counter() -> Any:
         _refused = Counter(
             "meridio_grpc_refused",
             "gRPC connections and calls refused: reason handshake (no or an untrusted "
-            "certificate), permission (the table), message (a field the role may not send), "
+            "certificate), permission (the table), message (a field the role may not send), netns "
+            "(a connect request naming a namespace not the caller's), "
             "server (a server of the wrong role)",
             ["reason", "role", "method"],
             registry=metrics.registry(),
@@ -307,6 +316,8 @@ class Tls:
             "trust_domain": c.trust_domain,
             "cert": str(self.paths.cert),
             "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.not_after)),
+            # which files are in use (read_digest's, shortened): what `lab rotate` waits for
+            "files": c.digest[:DIGEST_CHARS],
         }
 
     def poll(self) -> bool:
@@ -326,7 +337,9 @@ class Tls:
         except TlsError as exc:
             self._failed_digest = digest
             log.warning(
-                "tls files changed but do not load, keeping the loaded ones", error=str(exc)
+                "tls files changed but do not load, keeping the loaded ones",
+                error=str(exc),
+                files=digest[:DIGEST_CHARS],
             )
             return False
         self.current = creds
