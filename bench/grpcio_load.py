@@ -17,6 +17,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from tests.netns.daemons import run_in_processes
+
 _CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
 
 
@@ -61,26 +63,13 @@ def run_unary(
     """Each process runs its share of the plan's tasks (a list of requests each, sent in order
     on a connection of its own; the first one off the clock); (calls on the clock, seconds from
     the moment every process is connected until the last reply, latency of each call)."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(processes + 1)
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=_unary_worker, args=(target, path, plan[i::processes], barrier, results))
-        for i in range(processes)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        barrier.wait(120)
-        got = [results.get(timeout=600) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-    errors = [error for *_, error in got if error]
-    if errors:
-        raise RuntimeError(f"load process failed: {errors[0]}")
+    got = run_in_processes(
+        multiprocessing.get_context("spawn"),
+        _unary_worker,
+        [(target, path, plan[i::processes]) for i in range(processes)],
+        ready_timeout=120,
+        result_timeout=600,
+    )
     latencies = [x for g in got for x in g[2]]
     return len(latencies), max(g[1] for g in got) - min(g[0] for g in got), latencies
 

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -433,6 +433,37 @@ def _load_worker(
         barrier.abort()
 
 
+def run_in_processes(
+    ctx: Any,
+    target: Callable[..., None],
+    per_process: Sequence[tuple[Any, ...]],
+    *,
+    ready_timeout: float,
+    result_timeout: float,
+) -> list[tuple[Any, ...]]:
+    """One process of ``ctx`` per argument tuple, each running ``target(*args, barrier,
+    results)``: it gets ready (connects), waits at the barrier so that all start together, and
+    puts one tuple on ``results`` whose last item is an error text or None. The tuples, in the
+    order they came; RuntimeError with the first error."""
+    barrier = ctx.Barrier(len(per_process) + 1)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, results)) for args in per_process]
+    for proc in procs:
+        proc.start()
+    try:
+        barrier.wait(ready_timeout)
+        got = [results.get(timeout=result_timeout) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    errors = [error for *_, error in got if error]
+    if errors:
+        raise RuntimeError(f"load process failed: {errors[0]}")
+    return got
+
+
 def measure_rate(
     socket: Path | str,
     make_call: CallFactory,
@@ -450,30 +481,14 @@ def measure_rate(
     """
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(processes + 1)
-    results = ctx.Queue()
     parts = list(chunks(items, processes * tasks))
-    procs = [
-        ctx.Process(
-            target=_load_worker,
-            args=(str(socket), make_call, warmup, parts[i::processes], barrier, results),
-        )
-        for i in range(processes)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        barrier.wait(60)
-        got = [results.get(timeout=300) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-    errors = [error for *_, error in got if error]
-    if errors:
-        raise RuntimeError(f"load worker failed: {errors[0]}")
+    got = run_in_processes(
+        multiprocessing.get_context("fork"),
+        _load_worker,
+        [(str(socket), make_call, warmup, parts[i::processes]) for i in range(processes)],
+        ready_timeout=60,
+        result_timeout=300,
+    )
     started = min(g[0] for g in got)
     ended = max(g[1] for g in got)
     return sum(g[2] for g in got), ended - started

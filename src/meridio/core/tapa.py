@@ -42,10 +42,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from meridio.core import identifiers
+from meridio.core import identifiers, names
 from meridio.core.identifiers import Holder, StreamFull
 
-MAX_NAME: Final = 253
+MAX_NAME: Final = names.MAX_NAME_LENGTH
 MAX_STREAM_NAME: Final = 64 - len(identifiers.CONTEXT_PREFIX)
 """A stream's name is part of a connect context key (at most 64 characters)."""
 MAX_SLOTS: Final = 16
@@ -116,31 +116,19 @@ class _StreamLike(Protocol):
 
 
 def name_problem(text: str, limit: int = MAX_NAME) -> str | None:
-    """Why ``text`` cannot name a trench, conduit or stream, or None when it can."""
-    if not text:
-        return "must not be empty"
-    if len(text) > limit:
-        return f"is longer than {limit} characters ({len(text)})"
-    if text in (".", ".."):
-        return "must not be . or .."
-    for char in text:
-        if char in "/\\":
-            return f"must not contain a path separator ({char!r})"
-        if char == ",":
-            return "must not contain ','"
-        if char.isspace():
-            return f"must not contain whitespace ({char!r})"
-        if not char.isprintable():
-            return f"must not contain control or invisible characters ({char!r})"
-    return None
+    """Why ``text`` cannot name a trench, conduit or stream, or None when it can: a name as
+    :mod:`meridio.core.names` has it, without ``,`` (settings list streams with commas)."""
+    problem = names.name_problem(text, limit)
+    if problem is None and "," in text:
+        return "must not contain ','"
+    return problem
 
 
 def check_name(what: str, text: str, limit: int = MAX_NAME) -> str:
     """``text`` if it can name a ``what``; :class:`InvalidStream` saying why if not."""
     problem = name_problem(text, limit)
     if problem is not None:
-        shown = repr(text[:64]) + ("..." if len(text) > 64 else "")
-        raise InvalidStream(f"{what} name {shown} {problem}" if text else f"{what} name {problem}")
+        raise InvalidStream(names.describe(what, text, problem))
     return text
 
 

@@ -560,10 +560,7 @@ class Lab:
                 break
             if time.monotonic() > deadline:
                 late = sorted({p.split("/")[0] for p in pending})
-                detail = "\n".join(
-                    f"--- {n}: {state.processes[n].log}\n{system.tail(state.processes[n].log)}"
-                    for n in late
-                )
+                detail = _log_tails(state, late)
                 raise LabError(
                     f"streams not OPEN within {READY_TIMEOUT:g}s: {', '.join(pending)}\n{detail}"
                 )
@@ -598,10 +595,7 @@ class Lab:
             if not pending:
                 break
             if time.monotonic() > deadline:
-                detail = "\n".join(
-                    f"--- {n}: {state.processes[n].log}\n{system.tail(state.processes[n].log)}"
-                    for n in pending
-                )
+                detail = _log_tails(state, pending)
                 raise LabError(
                     f"not ready within {READY_TIMEOUT:g}s: {', '.join(pending)}\n{detail}"
                 )
@@ -1522,10 +1516,7 @@ class Lab:
             if not pending:
                 break
             if time.monotonic() > deadline:
-                detail = "\n".join(
-                    f"--- {n}: {state.processes[n].log}\n{system.tail(state.processes[n].log)}"
-                    for n in pending
-                )
+                detail = _log_tails(state, pending)
                 raise LabError(
                     f"not using their new TLS files within {timeout:g}s: "
                     f"{', '.join(pending)}\n{detail}"
@@ -1855,6 +1846,13 @@ def _supervisor_row(proc: Process) -> dict[str, Any] | None:
 def _restarts(proc: Process) -> int:
     status = system.supervised(proc)
     return status.restarts if status is not None else 0
+
+
+def _log_tails(state: LabState, names: Iterable[str]) -> str:
+    """The end of each named instance's log, under its path (for an error message)."""
+    return "\n".join(
+        f"--- {n}: {state.processes[n].log}\n{system.tail(state.processes[n].log)}" for n in names
+    )
 
 
 def _order(proc: Process) -> tuple[int, str, int, str]:
