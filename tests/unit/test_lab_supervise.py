@@ -17,12 +17,21 @@ import pytest
 
 from meridio.lab.supervise import SuperviseStatus, read_status
 
-# a child that notes the signals it gets, and ends on SIGTERM with status 0
+# a child that notes the signals it gets, and ends on SIGTERM with status 0 (Python, not sh: a
+# shell runs a trap only between commands, and under load one was seen never to run)
 CHILD = """
-trap 'echo hup >> "$1"' HUP
-trap 'echo term >> "$1"; exit 0' TERM
-echo started >> "$1"
-while :; do sleep 0.05; done
+import signal, sys, time
+def note(word):
+    with open(sys.argv[1], "a") as notes:
+        notes.write(word + "\\n")
+def term(*_):
+    note("term")
+    sys.exit(0)
+signal.signal(signal.SIGHUP, lambda *_: note("hup"))
+signal.signal(signal.SIGTERM, term)
+note("started")
+while True:
+    time.sleep(1)
 """
 
 
@@ -32,7 +41,7 @@ class Supervised:
         self.notes = tmp_path / "notes"
         self.log = tmp_path / "log"
         argv = [sys.executable, "-m", "meridio.lab.supervise", "--status", str(self.status_path)]
-        argv += ["--name", "child", *options, "--", "sh", "-c", CHILD, "sh", str(self.notes)]
+        argv += ["--name", "child", *options, "--", sys.executable, "-c", CHILD, str(self.notes)]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out)
 

@@ -214,10 +214,11 @@ class Supervisor:
         if st.starts:
             st.restarts += 1
         st.starts += 1
-        self.save()
         # the lab reads what the program says from the last of these lines on
-        # (``system.SUPERVISOR_START``)
+        # (``system.SUPERVISOR_START``); logged before the status says "running", so whoever
+        # sees the new status finds the line
         self.log("info", "started", pid=st.pid, restarts=st.restarts)
+        self.save()
 
     def reap(self) -> None:
         """Collect the child if it has ended."""
