@@ -27,6 +27,8 @@ from typing import Final
 
 import trio
 
+from meridio.core.rtnl import attribute, attributes
+
 __all__ = [
     "NUD_VALID",
     "Neighbour",
@@ -63,7 +65,6 @@ NUD_VALID: Final = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80
 _NLMSGHDR = struct.Struct("=IHHII")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BxxxiHBB")
-_RTATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _FAMILIES: Final = {4: socket.AF_INET, 6: socket.AF_INET6}
 
@@ -94,25 +95,13 @@ class Probe:
     links: Mapping[int, str]
 
 
-def _attrs(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
-    while offset + _RTATTR.size <= len(data):
-        length, kind = _RTATTR.unpack_from(data, offset)
-        if length < _RTATTR.size:
-            return
-        yield kind & 0x3FFF, data[offset + _RTATTR.size : offset + length]
-        offset += (length + 3) & ~3
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    length = _RTATTR.size + len(value)
-    return _RTATTR.pack(length, kind) + value + bytes(-length % 4)
-
-
 def route_request(address: str, seq: int) -> bytes:
     """An ``RTM_GETROUTE`` for one address (what ``ip route get <address>`` sends)."""
     ip = ipaddress.ip_address(address)
     family = _FAMILIES[ip.version]
-    body = _RTMSG.pack(family, ip.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, ip.packed)
+    body = _RTMSG.pack(family, ip.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + attribute(
+        RTA_DST, ip.packed
+    )
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETROUTE, NLM_F_REQUEST, seq, 0) + body
 
 
@@ -139,7 +128,7 @@ def parse_route(payload: bytes) -> RouteAnswer:
     _family, _dst, _src, _tos, _table, _proto, _scope, rtype, _flags = _RTMSG.unpack_from(payload)
     oif: int | None = None
     gateway = False
-    for kind, value in _attrs(payload, _RTMSG.size):
+    for kind, value in attributes(payload, _RTMSG.size):
         if kind == RTA_OIF:
             (oif,) = _U32.unpack_from(value)
         elif kind in (RTA_GATEWAY, RTA_VIA):
@@ -152,7 +141,7 @@ def parse_neigh(payload: bytes) -> Neighbour | None:
     family, ifindex, state, _flags, _type = _NDMSG.unpack_from(payload)
     address = None
     lladdr = False
-    for kind, value in _attrs(payload, _NDMSG.size):
+    for kind, value in attributes(payload, _NDMSG.size):
         if kind == NDA_DST and family in (socket.AF_INET, socket.AF_INET6):
             address = socket.inet_ntop(family, value)
         elif kind == NDA_LLADDR:
