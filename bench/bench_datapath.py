@@ -1,27 +1,42 @@
 """Data-path benchmark: what each LB mode costs against plain kernel forwarding, in one run.
 
 The topology is the LB test topology (tests/netns/lbtopo.py): a client namespace, the LB
-namespace and four target namespaces with the VIP on lo. For each case, in the same run:
+namespace and four target namespaces with the VIP on lo. The cases:
 
 * ``baseline``: no meridiod; the LB namespace marks VIP packets with a fixed mark (iptables
-  ``MARK``) that an ip rule routes to one target: plain kernel forwarding, the ceiling here;
-* ``kernel``, ``first-packet`` and ``nfqueue``: ``meridiod --role=lb`` in that mode, four
-  targets registered; ``kernel-no-defrag`` is kernel mode with ``--no-defrag`` (no fragment
-  reassembly, so no conntrack hook on the path).
+  ``MARK``) that an ip rule routes to one target: plain kernel forwarding, the yardstick;
+* ``kernel``: ``meridiod --role=lb --mode=kernel`` with its ingress fast path on the client
+  link (``--fast-path-interfaces=c0``): VIP packets are steered and forwarded at ingress;
+* ``kernel-routed``: kernel mode without the fast path (``--no-fast-path``): mark, ip rule,
+  routing, as for every packet the fast path leaves to the routed path;
+* ``first-packet``, ``nfqueue``: meridiod in those modes;
+* ``nfqueue-c``: no meridiod; the same NFQUEUE rule and fwmark routing, read by the minimal C
+  reader ``bench/nfq_reader.c`` (libnetfilter_queue, one verdict with a mark per packet from a
+  hash lookup, the same queue length and copy range as the LB's reader), built with gcc.
 
-Measured per case:
+The machine is shared and its load changes by the second, so cases are never compared across
+minutes: every case is measured in rounds, and in each round the baseline and the case (for
+``nfqueue`` also the C reader) are measured back to back, in alternating order. A ratio is
+taken within a round; the table shows the median ratio over the rounds and their range.
+
+Measured per case and round:
 
 * UDP packets per second: trafgen (netsniff-ng) in the client namespace sends 60-byte IPv4/UDP
-  frames over 256 flows to the VIP as fast as it can for a few seconds; delivered packets are
-  counted at the targets (nft counters at raw priority), offered ones at the LB's ingress;
+  frames over 256 flows to the VIP as fast as it can; delivered packets are counted at the
+  targets (nft counters at raw priority, which then drop them), offered ones by the LB's
+  client link statistics;
 * TCP connections per second: wrk with ``Connection: close`` against nginx in every target;
-* for ``nfqueue``, also a run paced at 100,000 packets/s by a raw-socket sender: its loss must
-  be zero.
+* ``nfqueue`` and ``nfqueue-c`` also get runs paced at 100,000 packets/s by ``bench/paced_udp.c``
+  (a raw-socket sender that spreads each 100 µs's share evenly): loss must be zero.
 
-Every figure is printed with its ratio to the baseline of the same run; the generator's CPU
-use is printed too, to show it is not what limits a case (on 2 cores the generator, the
-forwarding and the queue reader share the machine: compare ratios, not absolute rates).
-Run: ``make bench`` or ``.venv/bin/python -m bench datapath``; needs root.
+On 2 cores the generator, the forwarding and the queue reader share the machine: compare
+ratios, not absolute rates. The generator runs on CPU 0, the LB (and the C reader) on CPU 1.
+Run: ``make bench`` or ``.venv/bin/python -m bench datapath``; needs root. Environment:
+``MERIDIO_BENCH_CASES=kernel,nfqueue`` runs a subset, ``MERIDIO_BENCH_ROUNDS`` (default 10)
+and ``MERIDIO_BENCH_SECONDS`` (default 1.5) set the UDP rounds and the length of each UDP
+measurement (TCP: half the rounds, at least 3, of 2 s each).
+``MERIDIO_BENCH_NO_ARGS=1`` leaves out the cases' LB flags (to measure an older meridiod that
+does not know them, with ``PYTHONPATH`` pointing at its sources).
 """
 
 from __future__ import annotations
@@ -30,23 +45,51 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.netns.lbtopo import VIP4, LbTopology  # noqa: E402
+from meridio.lb import nfq  # noqa: E402
+from tests.netns.lbtopo import (  # noqa: E402
+    CLIENT4,
+    COUNTER_TABLE,
+    MAX_TARGETS,
+    OFFSET,
+    PORT,
+    VIP4,
+    LbTopology,
+)
 
-UDP_SECONDS = 5.0
-TCP_SECONDS = 5.0
+ROUNDS = int(os.environ.get("MERIDIO_BENCH_ROUNDS", "10"))
+SECONDS = float(os.environ.get("MERIDIO_BENCH_SECONDS", "1.5"))
+TCP_ROUNDS = max(3, ROUNDS // 2)
+TCP_SECONDS = 2.0
 PACED_PPS = 100_000
-FLOWS = 256
-CASES = ("baseline", "kernel", "kernel-no-defrag", "first-packet", "nfqueue")
+PACED_SECONDS = 5.0
+# the LB reader's queue length and copy range (an older meridio's: 4096 and 512)
+QUEUE_LEN = int(getattr(nfq, "QUEUE_LENGTH", 4096))
+COPY_RANGE = int(getattr(nfq, "COPY_RANGE", 512))
+TARGETS = 4
+
+# case -> (LB mode or None for no meridiod, LB flags)
+CASES: dict[str, tuple[str | None, list[str]]] = {
+    "kernel": ("kernel", ["--fast-path-interfaces=c0"]),
+    "kernel-routed": ("kernel", ["--no-fast-path"]),
+    "first-packet": ("first-packet", []),
+    "nfqueue": ("nfqueue", []),
+}
+LB_ARGS = ["--resync-period=5"]  # the default (the test topology resyncs every second)
+# measured together, in each round: the baseline, the case and these
+COMPANIONS = {"nfqueue": ["nfqueue-c"]}
 
 NGINX_CONF = """
 worker_processes 1;
@@ -65,17 +108,35 @@ http {{
 
 
 @dataclass
-class Result:
+class Sample:
     udp_pps: float = 0.0
     udp_offered: float = 0.0
-    udp_loss: float = 0.0
-    udp_gen_cpu: float = 0.0
+    gen_cpu: float = 0.0
+    """Share of a CPU the generator used, with the forwarding it did in its softirq context."""
+    cost: float = 0.0
+    """CPU seconds per million delivered packets: the generator's, the softirq threads', and
+    the queue reader's (meridiod or the C reader, nfqueue cases only: in the other modes the
+    LB's daemon does no per-packet work)."""
+    reader_cost: float = 0.0
+    """The queue reader's CPU seconds per million delivered packets."""
     tcp_cps: float = 0.0
     tcp_errors: int = 0
-    tcp_gen_cpu: float = 0.0
-    paced_pps: float = 0.0
-    paced_offered: float = 0.0
-    paced_loss: float | None = None
+
+
+@dataclass
+class Runner:
+    """One topology under test, ready to measure."""
+
+    name: str
+    topo: LbTopology
+    workdir: Path
+    reader_pid: int | None = None
+    samples: list[Sample] = field(default_factory=list)
+    last_cost: float = 0.0
+    last_reader_cost: float = 0.0
+    spread: bool = False
+    """The baseline spreads by client port (TCP) instead of its fixed mark (UDP)."""
+    paced: list[tuple[float, float]] = field(default_factory=list)  # (offered, delivered)
 
 
 def ns_run(ns: str, *cmd: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -104,7 +165,7 @@ def trafgen_config(dst_mac: str, src_mac: str) -> str:
   198, 18, 0, 2,
   203, 0, 113, 1,
   0x40, drnd(),
-  c16(5001),
+  c16({PORT}),
   c16(26),
   c16(0),
   fill(0x61, 18),
@@ -112,45 +173,24 @@ def trafgen_config(dst_mac: str, src_mac: str) -> str:
 """
 
 
-# A paced sender (trafgen cannot pace evenly): every millisecond it sends that millisecond's
-# share of prebuilt IPv4/UDP packets over 256 flows through a raw socket, and spins otherwise.
-PACED_SENDER = r"""
-import socket, sys, time
-from tests.packetbuild import udp_packet
-rate, seconds = int(sys.argv[1]), float(sys.argv[2])
-packets = [bytes(udp_packet("198.18.0.2", "203.0.113.1", 0x4000 + i, 5001, b"a" * 18))
-           for i in range(256)]
-sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-per_ms, sent, start = rate / 1000.0, 0, time.perf_counter()
-while True:
-    now = time.perf_counter() - start
-    if now >= seconds:
-        break
-    due = int(now * 1000 * per_ms)
-    while sent < due:
-        sock.sendto(packets[sent & 255], ("203.0.113.1", 0))
-        sent += 1
-print(sent)
-"""
+def build_tools(workdir: Path) -> dict[str, Path]:
+    """Compile the C reader and the paced sender (gcc, libnetfilter-queue-dev)."""
+    tools = {}
+    for name, libs in (("nfq_reader", ["-lnetfilter_queue"]), ("paced_udp", [])):
+        out = workdir / name
+        subprocess.run(
+            ["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / f"{name}.c"), *libs],
+            check=True,
+            capture_output=True,
+        )
+        tools[name] = out
+    return tools
 
 
-LB_INGRESS_NFT = """
-table inet mbench {
-    counter ingress {}
-    chain pre {
-        type filter hook prerouting priority -400;
-        iifname "c0" ip daddr 203.0.113.1 counter name "ingress"
-    }
-}
-"""
-
-
-def counter(ns: str, table: str, name: str) -> int:
-    out = json.loads(ns_run(ns, "nft", "-j", "list", "counter", "inet", table, name).stdout)
-    for item in out["nftables"]:
-        if "counter" in item:
-            return int(item["counter"]["packets"])
-    return 0
+def offered_count(topo: LbTopology) -> int:
+    """Packets received on the LB's client link (its statistics: no hook in the path)."""
+    info = json.loads(ns_run(topo.lb_ns.name, "ip", "-j", "-s", "link", "show", "c0").stdout)
+    return int(info[0]["stats64"]["rx"]["packets"])
 
 
 def delivered(topo: LbTopology) -> int:
@@ -162,71 +202,74 @@ def child_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds a process (all its threads) used so far; 0 when it is gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def softirq_threads() -> list[int]:
+    """The ksoftirqd threads: softirq work the kernel defers runs there, not in the sender."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith("ksoftirqd/"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+SOFTIRQ_THREADS = softirq_threads()
+
+
 def udp_run(
-    topo: LbTopology, workdir: Path, seconds: float, rate: int | None
+    runner: Runner, seconds: float, rate: int | None, tools: dict[str, Path]
 ) -> tuple[float, float, float]:
     """(delivered pps, offered pps, generator CPU share): trafgen flat out, or paced at ``rate``."""
-    client, lb = topo.client_ns.name, topo.lb_ns.name
-    conf = workdir / "udp.cfg"
-    conf.write_text(trafgen_config(mac_of(lb, "c0"), mac_of(client, "eth0")))
-    ns_run(lb, "nft", "-f", "-", input=LB_INGRESS_NFT)
-    before_in, before_out = counter(lb, "mbench", "ingress"), delivered(topo)
+    topo = runner.topo
+    client = topo.client_ns.name
+    before_in, before_out = offered_count(topo), delivered(topo)
     if rate:
-        cmd = ["taskset", "-c", "0", sys.executable, "-c", PACED_SENDER, str(rate), str(seconds)]
+        cmd = ["taskset", "-c", "0", str(tools["paced_udp"]), CLIENT4, VIP4, str(PORT)]
+        cmd += [str(rate), str(seconds)]
     else:
+        conf = runner.workdir / "udp.cfg"
         trafgen = ["trafgen", "--dev", "eth0", "--conf", str(conf), "--cpus", "1", "-q"]
         cmd = ["timeout", "-s", "INT", str(seconds), "taskset", "-c", "0", *trafgen]
         cmd.append("--no-cpu-stats")
     cpu0 = child_cpu()
+    softirq0 = sum(process_cpu(pid) for pid in SOFTIRQ_THREADS)
+    reader0 = process_cpu(runner.reader_pid)
     started = time.monotonic()
     proc = subprocess.Popen(
         ["ip", "netns", "exec", client, *cmd],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        cwd=ROOT,  # the paced sender imports tests.packetbuild
     )
-    _, err = proc.communicate(seconds + 15)
+    _, err = proc.communicate(timeout=seconds + 15)
     elapsed = time.monotonic() - started
     if proc.returncode not in (0, 124, 130):
-        raise RuntimeError(f"trafgen failed ({proc.returncode}): {err.decode().strip()}")
-    time.sleep(0.5)  # let queues drain before counting
-    offered = counter(lb, "mbench", "ingress") - before_in
+        raise RuntimeError(f"generator failed ({proc.returncode}): {err.decode().strip()}")
+    time.sleep(0.3)  # let queues drain before counting
+    offered = offered_count(topo) - before_in
     got = delivered(topo) - before_out
-    ns_run(lb, "nft", "delete", "table", "inet", "mbench")
-    return got / seconds, offered / seconds, (child_cpu() - cpu0) / elapsed
+    gen = child_cpu() - cpu0
+    softirq = sum(process_cpu(pid) for pid in SOFTIRQ_THREADS) - softirq0
+    reader = process_cpu(runner.reader_pid) - reader0
+    runner.last_cost = (gen + softirq + reader) / got * 1e6 if got else 0.0
+    runner.last_reader_cost = reader / got * 1e6 if got else 0.0
+    return got / seconds, offered / seconds, gen / elapsed
 
 
-def start_nginx(topo: LbTopology, workdir: Path) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for target in topo.targets:
-        d = workdir / f"nginx-{target.name}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, vip=VIP4))
-        procs.append(
-            subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    target.ns.name,
-                    "nginx",
-                    "-c",
-                    str(d / "nginx.conf"),
-                    "-p",
-                    str(d),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-    time.sleep(0.5)
-    return procs
-
-
-def tcp_run(topo: LbTopology, seconds: float) -> tuple[float, int, float]:
-    """(connections per second, errors, generator CPU share) from wrk with Connection: close."""
-    cpu0 = child_cpu()
-    started = time.monotonic()
+def tcp_run(topo: LbTopology, seconds: float) -> tuple[float, int]:
+    """(connections per second, errors) from wrk with Connection: close."""
     out = ns_run(
         topo.client_ns.name,
         "taskset",
@@ -235,41 +278,100 @@ def tcp_run(topo: LbTopology, seconds: float) -> tuple[float, int, float]:
         "wrk",
         "-t1",
         "-c64",
-        f"-d{int(seconds)}s",
+        f"-d{max(1, round(seconds))}s",
         "-H",
         "Connection: close",
         f"http://{VIP4}/",
     ).stdout
-    elapsed = time.monotonic() - started
     rate, errors = 0.0, 0
     for line in out.splitlines():
         if line.startswith("Requests/sec:"):
             rate = float(line.split()[1])
         if "Socket errors" in line or "Non-2xx" in line:
             errors += sum(int(x) for x in line.replace(",", " ").split() if x.isdigit())
-    return rate, errors, (child_cpu() - cpu0) / elapsed
+    return rate, errors
+
+
+def start_nginx(stack: ExitStack, topo: LbTopology, workdir: Path) -> None:
+    for target in topo.targets:
+        d = workdir / f"nginx-{target.name}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, vip=VIP4))
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", target.ns.name, "nginx", "-c", f"{d}/nginx.conf", "-p", str(d)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        stack.callback(_stop, proc)
+    time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+FIXED_MARK = ["-t", "mangle", "-A", "PREROUTING", "-d", VIP4, "-j", "MARK", "--set-mark"]
+# For TCP the baseline spreads connections over the targets by the low bits of the client's
+# port (a fixed mark per port class): one nginx alone would bound the connection rate, and on
+# a shared machine one process gets a fourth of the CPU four get.
+SPREAD = f"""
+table ip mbench {{
+    chain pre {{
+        type filter hook prerouting priority mangle; policy accept;
+        ip daddr {VIP4} meta mark set tcp sport & 3 map {{ {
+    ", ".join(f"{i} : {OFFSET + 1 + i}" for i in range(TARGETS))
+} }}
+    }}
+}}
+"""
 
 
 def install_fixed_mark(topo: LbTopology) -> None:
-    """The baseline: every VIP packet gets mark 5001, routed to target 1 by a rule and a table."""
+    """The baseline: every VIP packet gets mark 5001, routed to target 1 by a rule and a table
+    (the tables of the other targets are there for the TCP spread)."""
     lb = topo.lb_ns.name
-    target_ip = topo.targets[0].ipv4
-    ns_run(
-        lb,
-        "iptables",
-        "-t",
-        "mangle",
-        "-A",
-        "PREROUTING",
-        "-d",
-        VIP4,
-        "-j",
-        "MARK",
-        "--set-mark",
-        "5001",
+    ns_run(lb, "iptables", *FIXED_MARK, str(OFFSET + 1))
+    _fwmark_routes(topo, [t.ipv4 for t in topo.targets])
+
+
+def spread_for_tcp(topo: LbTopology) -> None:
+    lb = topo.lb_ns.name
+    delete = ["-D" if arg == "-A" else arg for arg in FIXED_MARK]
+    ns_run(lb, "iptables", *delete, str(OFFSET + 1))
+    ns_run(lb, "nft", "-f", "-", input=SPREAD)
+
+
+def _fwmark_routes(topo: LbTopology, gateways: list[str]) -> None:
+    lb = topo.lb_ns.name
+    for i, gateway in enumerate(gateways, start=1):
+        table = str(OFFSET + i)
+        ns_run(lb, "ip", "rule", "add", "fwmark", table, "lookup", table, "priority", "100")
+        ns_run(lb, "ip", "route", "add", "default", "via", gateway, "table", table)
+
+
+def start_c_reader(stack: ExitStack, topo: LbTopology, tools: dict[str, Path]) -> int:
+    """The NFQUEUE rule, a table and route per target, and the C reader on CPU 1."""
+    lb = topo.lb_ns.name
+    ns_run(lb, "iptables", "-t", "mangle", "-A", "PREROUTING", "-d", VIP4, "-j", "NFQUEUE")
+    _fwmark_routes(topo, [t.ipv4 for t in topo.targets])
+    size = 1009  # the LB's M for max-targets 10
+    assert MAX_TARGETS == 10
+    args = [str(n) for n in (0, QUEUE_LEN, COPY_RANGE, size, OFFSET + 1, TARGETS)]
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", lb, "taskset", "-c", "1", str(tools["nfq_reader"]), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    ns_run(lb, "ip", "rule", "add", "fwmark", "5001", "lookup", "5001", "priority", "100")
-    ns_run(lb, "ip", "route", "add", "default", "via", target_ip, "table", "5001")
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"ready":
+        raise RuntimeError(f"nfq_reader did not start: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
+    stack.callback(_stop, proc)
+    return proc.pid  # ip netns exec and taskset exec it: the reader's own pid
 
 
 def pin_lb(topo: LbTopology) -> None:
@@ -280,80 +382,170 @@ def pin_lb(topo: LbTopology) -> None:
         )
 
 
-def run_case(case: str, workdir: Path) -> Result:
-    result = Result()
-    mode = "kernel" if case in ("baseline", "kernel-no-defrag") else case
-    lb_args = ["--no-defrag"] if case == "kernel-no-defrag" else []
-    with LbTopology(
-        workdir / case,
-        targets=4,
-        mode=mode,
-        lb_args=lb_args,
-        servers=False,
-        start_lb=case != "baseline",
-    ) as topo:
-        if case == "baseline":
-            install_fixed_mark(topo)
-        pin_lb(topo)
-        udp_run(topo, workdir, 1.0, None)  # warm up: neighbours, conntrack, queue
-        result.udp_pps, result.udp_offered, result.udp_gen_cpu = udp_run(
-            topo, workdir, UDP_SECONDS, None
+@contextmanager
+def topology(name: str, workdir: Path, tools: dict[str, Path], no_args: bool) -> Iterator[Runner]:
+    """A topology for one case, with nginx in every target."""
+    mode, args = CASES.get(name, (None, []))
+    workdir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        topo = stack.enter_context(
+            LbTopology(
+                workdir,
+                targets=TARGETS,
+                mode=mode or "kernel",
+                lb_args=LB_ARGS + ([] if no_args else args),
+                servers=False,
+                start_lb=mode is not None,
+                fast_path=not no_args,
+            )
         )
-        result.udp_loss = 1 - result.udp_pps / result.udp_offered if result.udp_offered else 0.0
-        if case == "nfqueue":
-            pps, offered, _ = udp_run(topo, workdir, UDP_SECONDS, PACED_PPS)
-            result.paced_pps = pps
-            result.paced_offered = offered
-            result.paced_loss = 1 - pps / offered if offered else None
-        servers = start_nginx(topo, workdir / case)
-        try:
-            result.tcp_cps, result.tcp_errors, result.tcp_gen_cpu = tcp_run(topo, TCP_SECONDS)
-        finally:
-            for proc in servers:
-                proc.terminate()
-                proc.wait(5)
-    return result
+        reader = None
+        if name == "baseline":
+            install_fixed_mark(topo)
+        elif name == "nfqueue-c":
+            reader = start_c_reader(stack, topo, tools)
+        elif mode == "nfqueue" and topo.lb is not None and topo.lb.proc is not None:
+            reader = topo.lb.proc.pid  # meridiod's queue readers
+        pin_lb(topo)
+        # the targets count the datagrams and drop them: their own handling (a port
+        # unreachable for each, routed back) would cost as much again as the forwarding
+        for target in topo.targets:
+            target.ns.run("nft", "add", "rule", "inet", COUNTER_TABLE, "prerouting", "udp",
+                          "dport", str(PORT), "drop")  # fmt: skip
+        runner = Runner(name, topo, workdir, reader)
+        (workdir / "udp.cfg").write_text(
+            trafgen_config(mac_of(topo.lb_ns.name, "c0"), mac_of(topo.client_ns.name, "eth0"))
+        )
+        start_nginx(stack, topo, workdir)
+        udp_run(runner, 1.0, None, tools)  # warm up: neighbours, conntrack, queue
+        yield runner
+
+
+def measure(group: list[Runner], tools: dict[str, Path]) -> None:
+    """``ROUNDS`` rounds of UDP, then ``TCP_ROUNDS`` of TCP; in each round every runner once,
+    back to back, the order rotating from round to round."""
+    samples = [{runner.name: Sample() for runner in group} for _ in range(ROUNDS)]
+    for r in range(ROUNDS):
+        for runner in group[r % len(group) :] + group[: r % len(group)]:
+            s = samples[r][runner.name]
+            s.udp_pps, s.udp_offered, s.gen_cpu = udp_run(runner, SECONDS, None, tools)
+            s.cost, s.reader_cost = runner.last_cost, runner.last_reader_cost
+    for runner in group:
+        if runner.name == "baseline" and not runner.spread:
+            spread_for_tcp(runner.topo)
+            runner.spread = True
+    for r in range(TCP_ROUNDS):
+        for runner in group[r % len(group) :] + group[: r % len(group)]:
+            s = samples[r][runner.name]
+            s.tcp_cps, s.tcp_errors = tcp_run(runner.topo, TCP_SECONDS)
+    for runner in group:
+        runner.samples = [samples[r][runner.name] for r in range(ROUNDS)]
+
+
+def ratios(case: Runner, base: Runner, attr: str) -> list[float]:
+    return [
+        getattr(c, attr) / getattr(b, attr)
+        for c, b in zip(case.samples, base.samples, strict=True)
+        if getattr(b, attr) and getattr(c, attr)
+    ]
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    lo, hi = min(values), max(values)
+    return f"{fmt.format(med)} ({fmt.format(lo)}-{fmt.format(hi)})"
+
+
+def report(case: Runner, base: Runner) -> None:
+    udp = [s.udp_pps for s in case.samples]
+    tcp = [s.tcp_cps for s in case.samples if s.tcp_cps]
+    loss = [1 - s.udp_pps / s.udp_offered for s in case.samples if s.udp_offered]
+    errors = sum(s.tcp_errors for s in case.samples)
+    udp_ratio = spread(ratios(case, base, "udp_pps"))
+    # the baseline's CPU cost per packet over the case's: the throughput ratio the case would
+    # have where it had the machine to itself (forwarding is CPU-bound), much less sensitive
+    # to what else the machine runs
+    per_cpu = [
+        b.cost / c.cost
+        for c, b in zip(case.samples, base.samples, strict=True)
+        if c.cost and b.cost
+    ]
+    print(
+        f"  {case.name:<14} {spread(udp, '{:,.0f}'):>26} {udp_ratio:>18}"
+        f" {spread(per_cpu):>18} {spread(loss, '{:.1%}'):>22}   {spread(tcp, '{:,.0f}'):>22}"
+        f" {spread(ratios(case, base, 'tcp_cps')):>18} {errors:>6}",
+        flush=True,
+    )
 
 
 def main() -> None:
     missing = [
-        tool for tool in ("trafgen", "wrk", "nginx", "taskset") if shutil.which(tool) is None
+        tool for tool in ("trafgen", "wrk", "nginx", "taskset", "gcc") if shutil.which(tool) is None
     ]
     if os.geteuid() != 0 or missing:
         print(f"skipped: needs root and {', '.join(missing) or 'nothing else'} (make bench-deps)")
         return
-    results: dict[str, Result] = {}
-    # MERIDIO_BENCH_CASES=baseline,nfqueue runs a subset (the baseline always runs)
     wanted = os.environ.get("MERIDIO_BENCH_CASES", "")
-    cases = [c for c in CASES if not wanted or c == "baseline" or c in wanted.split(",")]
+    no_args = bool(os.environ.get("MERIDIO_BENCH_NO_ARGS"))
+    cases = [c for c in CASES if not wanted or c in wanted.split(",")]
+    print(
+        f"  UDP: {ROUNDS} rounds of {SECONDS:g} s, TCP: {TCP_ROUNDS} rounds of {TCP_SECONDS:g} s;"
+        " median (range) over the rounds; ratios to the baseline of the same round",
+        flush=True,
+    )
+    header = (
+        f"  {'case':<14} {'UDP pps':>26} {'ratio':>18} {'CPU cost ratio':>18} {'loss':>22}"
+        f"   {'TCP conn/s':>22} {'ratio':>18} {'errors':>6}"
+    )
     with tempfile.TemporaryDirectory(prefix="mbench-dp-") as tmp:
-        for case in cases:
-            print(f"  running {case} ...", flush=True)
-            results[case] = run_case(case, Path(tmp))
-    base = results["baseline"]
-    print()
-    print(
-        f"  {'case':<13} {'UDP pps':>10} {'ratio':>6} {'loss':>6} {'gen CPU':>8}"
-        f"   {'TCP conn/s':>10} {'ratio':>6} {'errors':>6} {'gen CPU':>8}"
+        work = Path(tmp)
+        tools = build_tools(work)
+        with topology("baseline", work / "baseline", tools, no_args) as base:
+            for case in cases:
+                print(f"\n  measuring {case} ...", flush=True)
+                names = [case, *COMPANIONS.get(case, [])]
+                with ExitStack() as stack:
+                    group = [base] + [
+                        stack.enter_context(topology(n, work / n, tools, no_args)) for n in names
+                    ]
+                    base.samples.clear()
+                    if base.spread:  # back to the fixed mark for UDP
+                        ns_run(base.topo.lb_ns.name, "nft", "delete", "table", "ip", "mbench")
+                        ns_run(base.topo.lb_ns.name, "iptables", *FIXED_MARK, str(OFFSET + 1))
+                        base.spread = False
+                    measure(group, tools)
+                    print(header)
+                    for runner in group:
+                        report(runner, base)
+                    if len(names) > 1:
+                        ours, c_reader = group[1], group[2]
+                        reader_ratio = [
+                            c.reader_cost / o.reader_cost
+                            for o, c in zip(ours.samples, c_reader.samples, strict=True)
+                            if o.reader_cost and c.reader_cost
+                        ]
+                        print(
+                            f"  {ours.name} / {c_reader.name}: UDP"
+                            f" {spread(ratios(ours, c_reader, 'udp_pps'))}, reader CPU per"
+                            f" packet (C's / ours) {spread(reader_ratio)}, TCP"
+                            f" {spread(ratios(ours, c_reader, 'tcp_cps'))}"
+                        )
+                    for runner in group[1:]:
+                        if runner.name.startswith("nfqueue"):
+                            paced(runner, tools)
+
+
+def paced(runner: Runner, tools: dict[str, Path]) -> None:
+    for _ in range(2):
+        pps, offered, _ = udp_run(runner, PACED_SECONDS, PACED_PPS, tools)
+        runner.paced.append((offered, pps))
+    text = ", ".join(
+        f"offered {o:,.0f} delivered {d:,.0f} (loss {max(0.0, 1 - d / o) if o else 0:.2%})"
+        for o, d in runner.paced
     )
-    for case, r in results.items():
-        print(
-            f"  {case:<13} {r.udp_pps:>10,.0f} {r.udp_pps / base.udp_pps:>6.2f} {r.udp_loss:>6.1%}"
-            f" {r.udp_gen_cpu:>8.0%}   {r.tcp_cps:>10,.0f} {r.tcp_cps / base.tcp_cps:>6.2f}"
-            f" {r.tcp_errors:>6} {r.tcp_gen_cpu:>8.0%}"
-        )
-    nfq = results.get("nfqueue", Result())
-    print(
-        f"\n  nfqueue paced at {PACED_PPS:,} pps: offered {nfq.paced_offered:,.0f} pps, "
-        f"delivered {nfq.paced_pps:,.0f} pps, "
-        f"loss {nfq.paced_loss:.2%}"
-        if nfq.paced_loss is not None
-        else ""
-    )
-    print(
-        "  goals: kernel >= 0.9 of baseline (UDP); first-packet TCP conn/s >= 0.8 of baseline;"
-        " nfqueue >= 100,000 pps without loss"
-    )
+    print(f"  {runner.name} paced at {PACED_PPS:,} pps: {text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -293,8 +293,8 @@ def test_nsp_and_lb_containers(
     """An NSP, and an LB in its network namespace (a pod of two) reaching it over TCP.
 
     The LB runs as the manifests run it: root with CAP_NET_ADMIN alone, read-only. Becoming
-    ready means it installed its nftables table and iptables chain and bound its NFQUEUE queue
-    with the image's own tools.
+    ready means it installed its nftables table (kernel mode: no iptables, no queue) with the
+    image's own tools.
     """
     nsp = start(
         podman,
@@ -311,9 +311,11 @@ def test_nsp_and_lb_containers(
     containers.append(nsp)
     wait_ready(podman, nsp, "nsp")
     exec_probe(podman, nsp, "nsp")
-    # gRPC over TCP: the first message of each ConfigurationManager Watch stream.
+    # gRPC over TCP (plain text, as the containers run): the first message of each
+    # ConfigurationManager Watch stream.
     served = podman(
-        "exec", nsp.name, "meridioctl", "nsp", "config", "--nsp", "[::1]:7778", "-o", "json",
+        "exec", nsp.name, "meridioctl", "--insecure", "nsp", "config", "--nsp", "[::1]:7778",
+        "-o", "json",
     )  # fmt: skip
     config = json.loads(served.stdout)[0]
     assert sorted(v["address"] for v in config["vips"]["vips"]) == [
@@ -341,9 +343,10 @@ def test_nsp_and_lb_containers(
     containers.append(lb)
     wait_ready(podman, lb, "lb")
     exec_probe(podman, lb, "lb")
-    assert "meridio-lb" in podman("exec", lb.name, "nft", "list", "tables").stdout
+    tables = podman("exec", lb.name, "nft", "list", "tables").stdout
+    assert "table inet meridio-lb" in tables, tables
     chains = podman("exec", lb.name, "iptables", "-t", "mangle", "-S").stdout
-    assert "NFQUEUE" in chains, chains
+    assert "MERIDIO" not in chains and "NFQUEUE" not in chains, chains
 
     assert stop(podman, lb) == 0
     # The LB removed what it installed on its way out.

@@ -13,7 +13,8 @@ stream ``stream-a`` with ``max-targets`` 10, flow ``flow-a`` for both VIPs, TCP/
 destination port) and ``meridiod --role=lb`` in the chosen mode. Target ``i`` (1..N) has the
 identifier ``i``, so its fwmark and routing table are 5000 + i.
 
-Every target runs a small echo server on both VIPs, port 5001, UDP and TCP: each datagram or
+Every target runs a small echo server on both VIPs, ports 5001, 5002 (the port NAT's target port
+in :data:`FLOW_MODEL_CONFIG`) and 7002, UDP and TCP: each datagram or
 TCP read ``data`` is answered with ``b"<target name> " + data`` (the name is ``t<i>``), so the
 client learns which target got a flow. An nftables table ``inet mtest`` in each target counts the
 VIP packets that arrive (prerouting, priority -300): counters ``udp4``, ``udp6``, ``tcp4``,
@@ -107,21 +108,72 @@ NSP_CONFIG: dict[str, Any] = {
     },
 }
 
-# The echo server each target runs: argv = name port vip...
+# Meridio's flow model on top of NSP_CONFIG (LbTopology(configuration=FLOW_MODEL_CONFIG)):
+# stateless port NAT of VIP:NAT_PORT to the targets' NAT_TARGET_PORT (TCP and UDP), and a flow
+# with byte matches for ports 7000-7010 that takes UDP datagrams of BYTES_PAYLOAD bytes (the
+# UDP length field) and TCP to BYTES_PORT only; flow-a leaves those ports to it.
+NAT_PORT = 80
+NAT_TARGET_PORT = 5002
+BYTES_PORT = 7002
+BYTES_PAYLOAD = 22
+SERVER_PORTS = (PORT, NAT_TARGET_PORT, BYTES_PORT)
+FLOW_MODEL_CONFIG: dict[str, Any] = {
+    **NSP_CONFIG,
+    "conduits": {
+        "items": [
+            {
+                "name": CONDUIT,
+                "trench": TRENCH,
+                "destination-port-nats": [
+                    {
+                        "port": NAT_PORT,
+                        "target-port": NAT_TARGET_PORT,
+                        "vips": ["vip4", "vip6"],
+                        "protocol": protocol,
+                    }
+                    for protocol in ("TCP", "UDP")
+                ],
+            }
+        ]
+    },
+    "flows": {
+        "items": [
+            {
+                "name": "flow-a",
+                "stream": STREAM,
+                "vips": ["vip4", "vip6"],
+                "protocols": ["tcp", "udp", "sctp"],
+                "destination-port-ranges": ["1-6999", "7011-65535"],
+            },
+            {
+                "name": "flow-bytes",
+                "stream": STREAM,
+                "vips": ["vip4", "vip6"],
+                "protocols": ["tcp", "udp"],
+                "destination-port-ranges": ["7000-7010"],
+                "byte-matches": [f"udp[4:2] = {8 + BYTES_PAYLOAD}", f"tcp[2:2] = {BYTES_PORT}"],
+                "priority": 5,
+            },
+        ]
+    },
+}
+
+# The echo server each target runs: argv = name ports vip... (ports comma-separated)
 ECHO_SERVER = r"""
 import selectors, socket, sys, threading
-name, port, vips = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[3:]
+name, ports, vips = sys.argv[1].encode(), sys.argv[2].split(","), sys.argv[3:]
 sel = selectors.DefaultSelector()
 for vip in vips:
-    family = socket.AF_INET6 if ":" in vip else socket.AF_INET
-    u = socket.socket(family, socket.SOCK_DGRAM)
-    u.bind((vip, port))
-    sel.register(u, selectors.EVENT_READ, "udp")
-    t = socket.socket(family, socket.SOCK_STREAM)
-    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    t.bind((vip, port))
-    t.listen(1024)
-    sel.register(t, selectors.EVENT_READ, "tcp")
+    for port in map(int, ports):
+        family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+        u = socket.socket(family, socket.SOCK_DGRAM)
+        u.bind((vip, port))
+        sel.register(u, selectors.EVENT_READ, "udp")
+        t = socket.socket(family, socket.SOCK_STREAM)
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        t.bind((vip, port))
+        t.listen(1024)
+        sel.register(t, selectors.EVENT_READ, "tcp")
 
 def serve(conn):
     with conn:
@@ -293,8 +345,11 @@ def start_nsp(
     return nsp
 
 
-def lb_daemon(ns: Netns, workdir: Path, nsp: Daemon, mode: str, *args: str) -> LbDaemon:
-    """An LB daemon (not started) fed by ``nsp``."""
+def lb_daemon(
+    ns: Netns, workdir: Path, nsp: Daemon, mode: str, *args: str, fast_path: bool = True
+) -> LbDaemon:
+    """An LB daemon (not started) fed by ``nsp``; in kernel mode with its ingress fast path on
+    the client's link ``c0`` (unless ``fast_path`` is false: then the flag is left out)."""
     return LbDaemon(
         ns,
         "lb",
@@ -303,6 +358,7 @@ def lb_daemon(ns: Netns, workdir: Path, nsp: Daemon, mode: str, *args: str) -> L
         f"--trench={TRENCH}",
         f"--conduit={CONDUIT}",
         f"--mode={mode}",
+        *(["--fast-path-interfaces=c0"] if mode == "kernel" and fast_path else []),
         "--resync-period=1",
         "--withdraw-grace=0.2",  # the tests stop LBs often; the lab keeps the default
         *args,
@@ -422,15 +478,16 @@ class UdpFlows:
     """``count`` UDP sockets in the client namespace, each one flow to VIP:PORT (its own source
     port), kept open so the same flows can be probed again."""
 
-    def __init__(self, client_ns: str, family: int, count: int) -> None:
+    def __init__(self, client_ns: str, family: int, count: int, port: int = PORT) -> None:
         af, self.vip, self.client = _family(family)
         self.family = family
+        self.port = port
         self.socks: dict[int, socket.socket] = {}
         with inside(client_ns):
             for _ in range(count):
                 sock = socket.socket(af, socket.SOCK_DGRAM)
                 sock.bind((self.client, 0))
-                sock.connect((self.vip, PORT))
+                sock.connect((self.vip, port))
                 sock.setblocking(False)
                 self.socks[sock.getsockname()[1]] = sock
 
@@ -438,9 +495,12 @@ class UdpFlows:
     def ports(self) -> list[int]:
         return list(self.socks)
 
-    def probe(self, *, rounds: int = 3, timeout: float = 1.0) -> dict[int, str | None]:
+    def probe(
+        self, *, rounds: int = 3, timeout: float = 1.0, payload: bytes | None = None
+    ) -> dict[int, str | None]:
         """Send one datagram per flow (again to those still unanswered, up to ``rounds``
-        times); source port -> the target name that answered, or None."""
+        times; ``payload``, default ``ping <port>``); source port -> the target name that
+        answered, or None. A connected socket takes answers from VIP:port only."""
         answer: dict[int, str | None] = dict.fromkeys(self.socks)
         for sock in self.socks.values():  # drop late answers of an earlier probe
             with contextlib.suppress(OSError):
@@ -456,7 +516,7 @@ class UdpFlows:
                     break
                 for port in waiting:
                     with contextlib.suppress(OSError):
-                        self.socks[port].send(b"ping %d" % port)
+                        self.socks[port].send(b"ping %d" % port if payload is None else payload)
                 deadline = time.monotonic() + timeout
                 while any(answer[p] is None for p in waiting):
                     left = deadline - time.monotonic()
@@ -506,7 +566,9 @@ class LbTopology:
     ``targets``: how many (1..10); ``mode``: the LB's mode; ``lb_args``: more LB flags;
     ``register``: register and enable every target and wait until the LB installed them;
     ``servers``: run the echo servers; ``start_lb``: start the NSP and the LB at all (without
-    them the LB namespace only forwards; ``lb``/``nsp`` stay None).
+    them the LB namespace only forwards; ``lb``/``nsp`` stay None); ``configuration``: the
+    NSP's (default :data:`NSP_CONFIG`); ``fast_path``: kernel mode's ingress fast path on the
+    client's link (``--fast-path-interfaces=c0``).
     """
 
     def __init__(
@@ -520,6 +582,8 @@ class LbTopology:
         register: bool = True,
         servers: bool = True,
         start_lb: bool = True,
+        configuration: dict[str, Any] | None = None,
+        fast_path: bool = True,
     ) -> None:
         if not 1 <= targets <= MAX_TARGETS:
             raise ValueError(f"1..{MAX_TARGETS} targets")
@@ -531,6 +595,8 @@ class LbTopology:
         self.register_targets = register
         self.servers = servers
         self.start_lb_daemon = start_lb
+        self.configuration = configuration
+        self.fast_path = fast_path
         self.namespaces: list[Netns] = []
         self.targets: list[TargetNode] = []
         self.nsp: Daemon | None = None
@@ -599,8 +665,10 @@ class LbTopology:
         self.warm_neighbours()
         if not self.start_lb_daemon:  # e.g. a benchmark's baseline: plain forwarding
             return
-        self.nsp = start_nsp(lb, self.workdir)
-        self.lb = lb_daemon(lb, self.workdir / "lb", self.nsp, self.mode, *self.lb_args)
+        self.nsp = start_nsp(lb, self.workdir, configuration=self.configuration)
+        self.lb = lb_daemon(
+            lb, self.workdir / "lb", self.nsp, self.mode, *self.lb_args, fast_path=self.fast_path
+        )
         run_async(self.lb.start(timeout=20))
         if self.register_targets:
             self.register(range(1, self.n_targets + 1))
@@ -644,7 +712,7 @@ class LbTopology:
                 "-c",
                 ECHO_SERVER,
                 node.name,
-                str(PORT),
+                ",".join(map(str, SERVER_PORTS)),
                 VIP4,
                 VIP6,
                 stdout=subprocess.PIPE,
@@ -728,23 +796,35 @@ class LbTopology:
         return lb_show(self.lb_socket)
 
     def which(
-        self, family: int, sports: Iterable[int], protocol: str = "udp"
+        self, family: int, sports: Iterable[int], protocol: str = "udp", dport: int = PORT
     ) -> dict[int, WhichResponse]:
         _, vip, client = _family(family)
         ports = list(sports)
         requests = [
-            WhichRequest(src=client, dst=vip, sport=p, dport=PORT, protocol=protocol) for p in ports
+            WhichRequest(src=client, dst=vip, sport=p, dport=dport, protocol=protocol)
+            for p in ports
         ]
         return dict(zip(ports, lb_which(self.lb_socket, requests), strict=True))
 
-    def nft_marks(self) -> set[int]:
-        """The non-zero marks in the LB's nftables maps (kernel mode)."""
+    def nft_marks(self, family: str = "inet", table: str = LB_NFT_TABLE) -> set[int]:
+        """The marks the LB's nftables Maglev maps send packets to (kernel, first-packet):
+        their verdicts ``goto r-<mark>`` (``t4-<mark>``, ``t6-<mark>`` in the fast path's netdev
+        table)."""
         marks: set[int] = set()
-        for item in nft_json(self.lb_ns, "list", "table", "inet", LB_NFT_TABLE):
-            elements = item.get("map", {}).get("elem", [])
-            for element in elements:
-                if isinstance(element, list) and len(element) == 2 and element[1]:
-                    marks.add(int(element[1]))
+        for item in nft_json(self.lb_ns, "list", "table", family, table):
+            found = item.get("map", {})
+            if not str(found.get("name", "")).startswith("stream-"):
+                continue  # the Maglev maps only (not targets, natmap4, ...)
+            for element in found.get("elem", []):
+                if not isinstance(element, list) or len(element) != 2:
+                    continue
+                if isinstance(element[1], int):  # an LB that maps to marks (before 12)
+                    marks |= {element[1]} - {0}
+                    continue
+                chain = str(element[1].get("goto", {}).get("target", ""))
+                kind, _, mark = chain.partition("-")
+                if kind in ("r", "t4", "t6") and mark.isdigit():
+                    marks.add(int(mark))
         return marks
 
     def wait_targets(self, identifiers: set[int], timeout: float = 15.0) -> None:
@@ -760,7 +840,7 @@ class LbTopology:
                     return False
             except Exception:
                 return False
-            if self.mode == "kernel":
+            if self.mode in ("kernel", "first-packet"):
                 return self.nft_marks() == {OFFSET + i for i in identifiers}
             return True
 
@@ -775,18 +855,18 @@ class LbTopology:
         """Target name -> counter name -> packets."""
         return {t.name: t.counters() for t in self.targets}
 
-    def udp_flows(self, family: int, count: int) -> UdpFlows:
-        return UdpFlows(self.client_ns.name, family, count)
+    def udp_flows(self, family: int, count: int, port: int = PORT) -> UdpFlows:
+        return UdpFlows(self.client_ns.name, family, count, port)
 
-    def tcp_connect(self, family: int, timeout: float = 3.0) -> TcpConn:
-        """A TCP connection from the client to VIP:PORT that got its first echo."""
+    def tcp_connect(self, family: int, timeout: float = 3.0, port: int = PORT) -> TcpConn:
+        """A TCP connection from the client to VIP:port that got its first echo."""
         af, vip, client = _family(family)
         with inside(self.client_ns.name):
             sock = socket.socket(af, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
             sock.bind((client, 0))
-            sock.connect((vip, PORT))
+            sock.connect((vip, port))
             conn = TcpConn(sock, sock.getsockname()[1], "")
             name = conn.echo(b"hello", timeout)
             if name is None:

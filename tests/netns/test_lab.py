@@ -244,6 +244,19 @@ def test_tcp_and_udp_over_ipv4_ipv6_and_dual_stack(lab: Lab) -> None:
     assert gateway_hops(lab, 6) == {"fd00:e::b", "fd00:e::c"}
 
 
+def test_port_80_reaches_the_targets_through_the_conduits_port_nat(lab: Lab) -> None:
+    # conduit-a NATs VIP:80 to the targets' port 5080, statelessly in the LBs: a TCP answer
+    # that left the LB from 5080 would be refused by the client, a UDP one ignored
+    nat = [
+        word
+        for endpoint in plan.vip_endpoints((4, 6), port=plan.NAT_PORT)
+        for word in ("--address", endpoint)
+    ]
+    for proto, report in reports(clients(lab, *nat, "--duration", "3", *LONG)).items():
+        assert_clean(report, TARGETS, lab, f"{proto} to port {plan.NAT_PORT}")
+        assert report["sent"] == report["received"] > 0, f"{proto}: {summary(report)}"
+
+
 def test_target_scale_out_gives_the_new_target_new_connections(restore: Lab) -> None:
     lab = restore
     before = clients(lab, "--duration", "6", *LONG)

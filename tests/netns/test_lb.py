@@ -10,14 +10,23 @@ four targets installed and the LB's conntrack table empty, and puts back what it
   packet, its own flows are taken over by the others;
 - established TCP connections to the remaining targets survive a removal (first-packet: all);
 - ICMP fragmentation-needed / packet-too-big about a flow reach that flow's target;
-- a rule, a route (and in kernel mode the nft table) deleted by hand come back;
+- a rule, a route and the nft table(s) deleted by hand come back;
 - SIGTERM: exit 0 within 5 s, no rule, route, nft table, iptables chain or bound queue left;
-- two LBs fed the same targets in different orders (own NSP each) show the same digest.
+  kernel and first-packet modes never touch iptables;
+- two LBs fed the same targets in different orders (own NSP each) show the same digest;
+- Meridio's flow model (tests/netns/lbtopo.py FLOW_MODEL_CONFIG): stateless port NAT (VIP:80 to
+  the targets' 5002, replies from 80, TCP and UDP, both families) and byte matches (a flow for
+  ports 7000-7010 that takes UDP datagrams of one length and TCP to 7002 only);
+- per-target hit counters (the kernel's in kernel and first-packet modes) in Show;
+- kernel mode's ingress fast path: it forwards the flows, and leaves to the routed path a
+  packet with TTL 1 (time-exceeded comes back), one larger than the targets' MTU (routing
+  fragments it), and a target whose neighbour entry is gone until it is resolved again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,9 +37,13 @@ import pytest
 
 from tests.netns.daemons import run_async
 from tests.netns.lbtopo import (
+    BYTES_PAYLOAD,
+    BYTES_PORT,
     CLIENT4,
     CLIENT6,
+    FLOW_MODEL_CONFIG,
     LB_NFT_TABLE,
+    NAT_PORT,
     OFFSET,
     PORT,
     RULE_PRIORITY,
@@ -38,7 +51,9 @@ from tests.netns.lbtopo import (
     VIP6,
     LbTopology,
     TcpConn,
+    inside,
     lb_alone,
+    nft_json,
     register,
     shown_identifiers,
     unregister,
@@ -51,6 +66,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 MODES = ("kernel", "nfqueue", "first-packet")
 ALL = {1, 2, 3, 4}
+MARKS = {OFFSET + i for i in ALL}
+FAST_TABLE = f"{LB_NFT_TABLE}-fast"
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT = 10, 0  # linux/in.h (not in the socket module)
 RESYNC = 1.0  # the topology's --resync-period
 FAMILIES = (4, 6)
 
@@ -60,7 +78,9 @@ def topology(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LbTopology]:
     workdir = tmp_path_factory.mktemp(f"lb-{request.param}")
-    with LbTopology(workdir, targets=4, mode=request.param) as topo:
+    with LbTopology(
+        workdir, targets=4, mode=request.param, configuration=FLOW_MODEL_CONFIG
+    ) as topo:
         yield topo
     assert topo.lb_exit == 0, f"the LB exited with {topo.lb_exit} on SIGTERM"
 
@@ -225,6 +245,37 @@ def test_established_connections_survive_removal(topo: LbTopology) -> None:
         assert len(broken) <= 0.1 * len(remaining), f"{broken} of {len(remaining)}"
 
 
+def test_flows_whose_replies_came_first_are_served(topo: LbTopology) -> None:
+    """With several LBs a target's replies may pass this LB before any packet of the client
+    does (an LB took the flow over from another). The LB's conntrack then holds the reply as
+    the connection's original direction: the client's packets must still reach their target,
+    and the target's answers the client (never be steered back to a target)."""
+    sender = topo.targets[0]
+    for family in FAMILIES:
+        flows = topo.udp_flows(family, 16)
+        vip, client = (VIP4, CLIENT4) if family == 4 else (VIP6, CLIENT6)
+        try:
+            # a reply of an earlier conversation, VIP:PORT -> client, before the client's
+            with inside(sender.ns.name):
+                if family == 4:
+                    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                else:  # IPPROTO_RAW: the IPv6 header is ours too
+                    raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            with raw:
+                for port in flows.ports:
+                    raw.sendto(udp_packet(vip, client, PORT, port, b"earlier"), (client, 0))
+            if topo.mode == "first-packet":  # the only mode that tracks connections
+                seen = topo.lb_ns.run("conntrack", "-L", "-s", vip, check=False).stdout
+                assert f"dport={flows.ports[0]} " in seen, f"IPv{family}: not tracked:\n{seen}"
+            answers = flows.probe()
+            which = topo.which(family, flows.ports, "udp")
+        finally:
+            flows.close()
+        assert None not in answers.values(), f"IPv{family}: {answers}"
+        wrong = [p for p, t in answers.items() if f"t{which[p].identifier}" != t]
+        assert not wrong, f"IPv{family}: not the Maglev choice for {wrong}"
+
+
 # -- 5. ICMP errors follow their flow -----------------------------------------------------------
 
 
@@ -317,11 +368,15 @@ def test_drift_is_repaired(topo: LbTopology) -> None:
     assert not _route(topo, "-6", table, "fd00:1::12")
     wait_until(lambda: _route(topo, "-6", table, "fd00:1::12"), margin, "the deleted route back")
 
-    if topo.mode == "kernel":
+    if topo.mode != "nfqueue":
         topo.lb_ns.run("nft", "delete", "table", "inet", LB_NFT_TABLE)
         wait_until(
             lambda: topo.nft_marks() == {OFFSET + i for i in ALL}, margin, "the nft table back"
         )
+    if topo.mode == "kernel":
+        topo.lb_ns.run("nft", "delete", "table", "netdev", FAST_TABLE)
+        # (its chains: which targets they send to depends on neighbour entries, maybe expired)
+        wait_until(lambda: fast_chains(topo) == MARKS, margin, "the fast path table back")
     # and traffic flows again to every target
     flows = topo.udp_flows(4, 40)
     try:
@@ -396,10 +451,14 @@ def test_sigterm_removes_everything(topo: LbTopology) -> None:
     # everything is there first
     assert len(topo.lb_rules()) == 8  # 4 targets x 2 families
     assert len(routes()) == 8
-    assert "MERIDIO" in mangle("iptables") and "MERIDIO" in mangle("ip6tables")
+    queued = topo.mode == "nfqueue"
+    assert ("MERIDIO" in mangle("iptables") and "MERIDIO" in mangle("ip6tables")) == queued
     tables = ns.run("nft", "list", "tables").stdout
-    assert (LB_NFT_TABLE in tables) == (topo.mode == "kernel")
-    assert queues()
+    assert f"table inet {LB_NFT_TABLE}" in tables  # the flows, or defrag and port NAT
+    assert (f"table netdev {FAST_TABLE}" in tables) == (topo.mode == "kernel")
+    if not queued:  # one table, no iptables: not even its built-in chains
+        assert "table ip " not in tables and "table ip6 " not in tables, tables
+    assert bool(queues()) == queued
 
     t0 = time.monotonic()
     code = topo.stop_lb(timeout=10)
@@ -408,8 +467,218 @@ def test_sigterm_removes_everything(topo: LbTopology) -> None:
     assert took < 5, f"the LB took {took:.1f}s to exit"
     assert topo.lb_rules() == []
     assert routes() == []
-    assert LB_NFT_TABLE not in ns.run("nft", "list", "tables").stdout
+    assert LB_NFT_TABLE not in ns.run("nft", "list", "tables").stdout  # (and its -fast)
     assert "MERIDIO" not in mangle("iptables")
     assert "MERIDIO" not in mangle("ip6tables")
     assert queues() == ""
     # the fixture starts the LB again
+
+
+# -- 9. Meridio's flow model: port NAT, byte matches ---------------------------------------------
+
+
+def test_port_nat_is_stateless_both_ways(topo: LbTopology) -> None:
+    """VIP:80 reaches the targets' port 5002 (they do not listen on 80), chosen by the original
+    port, and the answers come from port 80 (connected sockets take nothing else)."""
+    for family in FAMILIES:
+        flows = topo.udp_flows(family, 40, port=NAT_PORT)
+        try:
+            answers = flows.probe()
+            which = topo.which(family, flows.ports, "udp", dport=NAT_PORT)
+        finally:
+            flows.close()
+        assert None not in answers.values(), f"IPv{family}: {answers}"
+        assert len(set(answers.values())) >= 3, answers
+        wrong = [p for p, t in answers.items() if f"t{which[p].identifier}" != t]
+        assert not wrong, f"IPv{family}: Which (port {NAT_PORT}) disagrees for {wrong}"
+        conns = [topo.tcp_connect(family, port=NAT_PORT) for _ in range(8)]
+        try:
+            assert all(c.echo(b"again") == c.target for c in conns)
+            tcp_which = topo.which(family, [c.sport for c in conns], "tcp", dport=NAT_PORT)
+            assert all(f"t{tcp_which[c.sport].identifier}" == c.target for c in conns)
+        finally:
+            for conn in conns:
+                conn.sock.close()
+
+
+def test_byte_matches_pick_the_flow(topo: LbTopology) -> None:
+    """flow-bytes takes UDP datagrams whose UDP length says 22 bytes of payload, and TCP to
+    7002; other packets to 7000-7010 match no flow and are dropped."""
+    for family in FAMILIES:
+        # other flows for the other datagrams: in first-packet mode a connection's first packet
+        # is what the flows (and their byte matches) decide on, as in nfqlb's SYN-only mode
+        flows, others = (topo.udp_flows(family, 8, port=BYTES_PORT) for _ in range(2))
+        try:
+            matching = flows.probe(payload=b"m" * BYTES_PAYLOAD)
+            other = others.probe(payload=b"m" * 5, rounds=1, timeout=0.5)
+        finally:
+            flows.close()
+            others.close()
+        assert None not in matching.values(), f"IPv{family}: {matching}"
+        assert set(other.values()) == {None}, f"IPv{family}: {other}"
+        conn = topo.tcp_connect(family, port=BYTES_PORT)
+        conn.sock.close()
+        # TCP to 7003 matches no flow: the LB drops the SYN (a target would refuse it)
+        af, vip = (socket.AF_INET, VIP4) if family == 4 else (socket.AF_INET6, VIP6)
+        with inside(topo.client_ns.name):
+            sock = socket.socket(af, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(0.7)
+            with pytest.raises(TimeoutError):
+                sock.connect((vip, BYTES_PORT + 1))
+
+
+# -- 10. per-target hits ---------------------------------------------------------------------
+
+
+def shown_hits(topo: LbTopology) -> Counter[int]:
+    return Counter(
+        {
+            int(name.split()[-1]): count
+            for name, count in topo.show().counters.items()
+            if name.startswith("hit ")
+        }
+    )
+
+
+def test_hits_are_counted_per_target(topo: LbTopology) -> None:
+    before = shown_hits(topo)
+    for family in FAMILIES:
+        flows = topo.udp_flows(family, 100)
+        try:
+            answers = flows.probe()
+        finally:
+            flows.close()
+        assert None not in answers.values()
+
+    def grown() -> bool:
+        now = shown_hits(topo)
+        return sum((now - before).values()) >= 200 and all(now[i] > before[i] for i in ALL)
+
+    wait_until(grown, RESYNC + 3, "per-target hits in Show")
+
+
+# -- 11. the ingress fast path (kernel mode) ---------------------------------------------------
+
+
+def fast_counts(topo: LbTopology) -> dict[int, int]:
+    """Packets the fast path forwarded, per mark (both families): its hit counters."""
+    found = nft_json(topo.lb_ns, "list", "counters", "table", "netdev", FAST_TABLE)
+    return {
+        int(item["counter"]["name"][4:]): int(item["counter"]["packets"])
+        for item in found
+        if "counter" in item and item["counter"]["name"].startswith("hit-")
+    }
+
+
+def fast_marks(topo: LbTopology, family: int) -> set[int]:
+    """The marks whose chain on the fast path forwards packets of ``family``."""
+    found = set()
+    prefix = f"t{family}-"
+    for item in nft_json(topo.lb_ns, "list", "table", "netdev", FAST_TABLE):
+        rule = item.get("rule")
+        if not rule or not str(rule["chain"]).startswith(prefix):
+            continue
+        if any("fwd" in e for e in rule["expr"]):
+            found.add(int(str(rule["chain"])[len(prefix) :]))
+    return found
+
+
+def fast_chains(topo: LbTopology) -> set[int]:
+    """The marks with a chain in the fast path's table."""
+    found = nft_json(topo.lb_ns, "list", "chains", "netdev")
+    return {
+        int(item["chain"]["name"][3:])
+        for item in found
+        if "chain" in item and str(item["chain"]["name"]).startswith("t4-")
+    }
+
+
+def fast_length_check(topo: LbTopology) -> bool:
+    """Whether the fast path checks lengths (a link out is smaller than a link in)."""
+    listing = topo.lb_ns.run("nft", "list", "chain", "netdev", FAST_TABLE, "ingress").stdout
+    return "meta length" in listing
+
+
+def icmp_listener(topo: LbTopology, family: int) -> socket.socket:
+    with inside(topo.client_ns.name):
+        if family == 4:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        else:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    sock.settimeout(2.0)
+    return sock
+
+
+def time_exceeded(sock: socket.socket, family: int) -> bool:
+    """Whether an ICMP time-exceeded arrives on the raw socket within its timeout."""
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(2048)
+        except TimeoutError:
+            return False
+        icmp_type = data[(data[0] & 15) * 4] if family == 4 else data[0]
+        if icmp_type == (11 if family == 4 else 3):
+            return True
+    return False
+
+
+def test_fast_path_forwards_and_leaves_the_rest_to_routing(topo: LbTopology) -> None:
+    if topo.mode != "kernel":
+        pytest.skip("the ingress fast path is kernel mode's")
+    assert fast_marks(topo, 4) == MARKS and fast_marks(topo, 6) == MARKS
+    before = fast_counts(topo)
+    for family in FAMILIES:
+        flows = topo.udp_flows(family, 40)
+        try:
+            assert None not in flows.probe().values()
+        finally:
+            flows.close()
+    forwarded = Counter(fast_counts(topo)) - Counter(before)
+    assert sum(forwarded.values()) >= 80 and set(forwarded) == MARKS, forwarded
+
+    # TTL / hop limit 1: routing answers time-exceeded (the fast path does not decrement)
+    for family in FAMILIES:
+        af, vip = (socket.AF_INET, VIP4) if family == 4 else (socket.AF_INET6, VIP6)
+        with icmp_listener(topo, family) as listener:
+            with inside(topo.client_ns.name):
+                sender = socket.socket(af, socket.SOCK_DGRAM)
+            with sender:
+                if family == 4:
+                    sender.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+                else:
+                    sender.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+                sender.sendto(b"ttl", (vip, PORT))
+                assert time_exceeded(listener, family), f"IPv{family}: no time-exceeded"
+
+    # larger than the targets' MTU: routed, which fragments it (DF clear)
+    mtu = ("mtu", "9000")
+    topo.lb_ns.run("ip", "link", "set", "c0", *mtu)
+    topo.client_ns.run("ip", "link", "set", "eth0", *mtu)
+    try:
+        wait_until(lambda: fast_length_check(topo), RESYNC + 3, "the fast path checking lengths")
+        flows = topo.udp_flows(4, 4)
+        try:
+            for sock in flows.socks.values():
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+            answers = flows.probe(payload=b"big" * 1000)
+        finally:
+            flows.close()
+        assert None not in answers.values(), answers
+    finally:
+        topo.client_ns.run("ip", "link", "set", "eth0", "mtu", "1500")
+        topo.lb_ns.run("ip", "link", "set", "c0", "mtu", "1500")
+    wait_until(lambda: not fast_length_check(topo), RESYNC + 3, "no length check again")
+
+    # a target whose neighbour entry is gone leaves the fast path until it is resolved again
+    first = topo.targets[0]
+    topo.lb_ns.run("ip", "neigh", "del", first.ipv4, "dev", "br0")
+    wait_until(lambda: OFFSET + 1 not in fast_marks(topo, 4), RESYNC + 3, "t1 off the fast path")
+    flows = topo.udp_flows(4, 40)
+    try:
+        answers = flows.probe()
+    finally:
+        flows.close()
+    assert None not in answers.values() and first.name in answers.values(), answers
+    wait_until(lambda: fast_marks(topo, 4) == MARKS, RESYNC + 3, "t1 back on the fast path")

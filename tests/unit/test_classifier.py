@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import struct
 import timeit
 
 import pytest
@@ -13,10 +14,12 @@ from hypothesis import strategies as st
 
 from meridio.api.nsp.v1 import Conduit, Flow, Stream, Trench, Vip
 from meridio.core.classifier import (
+    ByteMatch,
     Classifier,
     FlowError,
     FlowMatch,
     FlowSpec,
+    parse_byte_match,
     parse_flow,
     parse_flows,
     parse_port_ranges,
@@ -112,7 +115,10 @@ def test_sources_per_family() -> None:
 @pytest.mark.parametrize(
     ("bad", "why"),
     [
-        (flow("f", ["10.0.0.1"], byte_matches=["tcp[2:2] = 80"]), "byte-matches"),
+        (flow("f", ["10.0.0.1"], byte_matches=["tcp[2:3] = 80"]), "length must be"),
+        (flow("f", ["10.0.0.1"], byte_matches=["udp[6:4] = 1"]), "beyond the 8-byte udp"),
+        (flow("f", ["10.0.0.1"], byte_matches=["tcp[0:1] = 256"]), "does not fit"),
+        (flow("f", ["10.0.0.1"], byte_matches=["ip[0:1] = 4"]), "is not"),
         (flow("f", []), "no VIPs"),
         (flow("f", ["10.0.0.0/24"]), "single address"),
         (flow("f", ["10.0.0.1"], protocols=["icmp"]), "protocol"),
@@ -130,16 +136,82 @@ def test_unusable_flows_are_reported(bad: Flow, why: str) -> None:
     assert [f.name for f in classifier.flows] == ["ok"]
 
 
-def test_byte_match_flow_falls_through_to_lower_priority() -> None:
+def test_byte_match_parsing() -> None:
+    assert parse_byte_match("tcp[2:2] = 4002") == ByteMatch(TCP, 2, 2, 0, 4002)
+    assert parse_byte_match(" UDP[ 0 : 4 ] & 0xffff0000 = 0x13890000 ") == ByteMatch(
+        UDP, 0, 4, 0xFFFF0000, 0x13890000
+    )
+    assert parse_byte_match("sctp[11:1]=0x7") == ByteMatch(SCTP, 11, 1, 0, 7)
+    assert str(parse_byte_match("tcp[13:1] & 0x12 = 2")) == "tcp[13:1] & 0x12 = 2"
+    spec = parse_flow(flow("f", ["10.0.0.1"], byte_matches=["tcp[2:2] = 1", "udp[0:2] = 2"]))
+    assert [str(m) for m in spec.byte_matches] == ["tcp[2:2] = 1", "udp[0:2] = 2"]
+    assert spec.matches_of(UDP) == (ByteMatch(UDP, 0, 2, 0, 2),)
+
+
+def tcp_header(sport: int, dport: int, flags: int) -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 1024, 0, 0)
+
+
+def ipv4(proto: int, l4: bytes, *, frag: int = 0) -> bytes:
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, frag, 64, proto, 0,
+                       a("1.2.3.4"), a("10.0.0.1")) + l4  # fmt: skip
+
+
+def ipv6(proto: int, l4: bytes) -> bytes:
+    header = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, a("fd00::1"), a("2001:db8::1"))
+    return header + l4
+
+
+def test_byte_matches_read_the_l4_header_of_their_protocol() -> None:
     classifier = Classifier.compile(
         [
-            flow("hi", ["10.0.0.1"], priority=9, byte_matches=["tcp[2:2] = 5001"]),
-            flow("lo", ["10.0.0.1"], priority=1),
+            flow(
+                "syn-to-4002",
+                ["10.0.0.1", "2001:db8::1"],
+                priority=9,
+                protocols=["tcp", "udp"],
+                byte_matches=["tcp[2:2] = 4002", "tcp[13:1] & 0x12 = 0x2"],
+            ),
+            flow("rest", ["10.0.0.1", "2001:db8::1"], priority=1),
         ]
     )
-    got = classifier.lookup(4, TCP, a("1.2.3.4"), a("10.0.0.1"), 1000, 5001)
-    assert name_of(got) == "lo"
-    assert "'hi'" in classifier.warnings[0]
+
+    def who(family: int, proto: int, packet: bytes | None, sport: int, dport: int) -> str | None:
+        src, dst = (
+            (a("1.2.3.4"), a("10.0.0.1")) if family == 4 else (a("fd00::1"), a("2001:db8::1"))
+        )
+        return name_of(classifier.lookup(family, proto, src, dst, sport, dport, packet))
+
+    syn, ack = tcp_header(1000, 4002, 0x02), tcp_header(1000, 4002, 0x10)
+    assert who(4, TCP, ipv4(TCP, syn), 1000, 4002) == "syn-to-4002"
+    assert who(4, TCP, ipv4(TCP, ack), 1000, 4002) == "rest"  # the flag does not match
+    assert who(6, TCP, ipv6(TCP, syn), 1000, 4002) == "syn-to-4002"
+    assert who(6, TCP, ipv6(TCP, tcp_header(1000, 4003, 0x02)), 1000, 4003) == "rest"
+    # UDP is in the flow and no match is about UDP: it matches whatever its bytes
+    udp = struct.pack("!HHHH", 1000, 9, 8, 0)
+    assert who(4, UDP, ipv4(UDP, udp), 1000, 9) == "syn-to-4002"
+    # a header cut before the bytes: no match; a later fragment has no header to read
+    assert who(4, TCP, ipv4(TCP, syn[:3]), 1000, 4002) == "rest"
+    assert who(4, TCP, ipv4(TCP, syn, frag=8), 1000, 4002) == "rest"
+    # without the packet ("which target"), a header with only the ports
+    assert who(4, TCP, None, 1000, 4002) == "rest"  # flags read as 0
+    ports_only = Classifier.compile(
+        [flow("p", ["10.0.0.1"], byte_matches=["tcp[2:2] = 4002"]), flow("z", ["10.0.0.1"])]
+    )
+    assert name_of(ports_only.lookup(4, TCP, a("1.2.3.4"), a("10.0.0.1"), 7, 4002)) == "p"
+    assert name_of(ports_only.lookup(4, TCP, a("1.2.3.4"), a("10.0.0.1"), 7, 4003)) == "z"
+
+
+def test_an_icmp_error_skips_byte_matches() -> None:
+    """Classified by the flow it quotes, an ICMP error is no TCP packet: no byte match holds
+    it back (nfqlb's rule too)."""
+    classifier = Classifier.compile(
+        [flow("f", ["10.0.0.1"], protocols=["tcp"], byte_matches=["tcp[2:2] = 9"])]
+    )
+    quote = ipv4(TCP, tcp_header(4002, 1000, 0x10))  # the quoted packet: a reply
+    error = ipv4(1, struct.pack("!BBHI", 3, 4, 0, 1400) + quote)
+    got = classifier.lookup(4, TCP, a("1.2.3.4"), a("10.0.0.1"), 1000, 4002, error)
+    assert name_of(got) == "f"
 
 
 def test_duplicate_names_keep_the_later_definition() -> None:
@@ -305,7 +377,8 @@ def naive_lookup(
     daddr = ipaddress.ip_address(dst)
     assert saddr.version == daddr.version == family
     for f in sorted(latest.values(), key=lambda f: (-f.priority, f.name)):
-        if f.byte_matches:
+        # the only byte match drawn, read from a header of ports alone: TCP to port 80
+        if f.byte_matches and proto == TCP and dport != 80:
             continue
         if not any(ipaddress.ip_interface(v.address).ip == daddr for v in f.vips):
             continue

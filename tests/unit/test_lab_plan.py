@@ -172,9 +172,9 @@ def test_the_streams_of_the_lab_and_who_opens_them() -> None:
     # each stream has a target of its own, and some target has two
     for s in spec.stream_plans:
         assert plan.stream_targets(spec, s, range(1, 5))
-    # the servers listen on every stream's port
-    assert plan.server_ports(LabSpec()) == [5000]
-    assert plan.server_ports(spec) == [5000, 6000]
+    # the servers listen on every stream's port and the port NAT's
+    assert plan.server_ports(LabSpec()) == [5000, 5080]
+    assert plan.server_ports(spec) == [5000, 5080, 6000]
     assert plan.server_args(2, [6000, 5000]) == [
         "server", "--name", "target-2", "--address", "[::]:5000", "--address", "[::]:6000",
     ]  # fmt: skip
@@ -418,8 +418,17 @@ def test_the_nsp_configuration_is_valid_meridio_configuration(family: str) -> No
     assert config.trench is not None and config.trench.name == plan.TRENCH
     assert [v.address for v in config.vips] == [plan.vip_cidr(f) for f in plan.FAMILIES[family]]
     (flow,) = config.flows
-    assert flow.stream.name == plan.STREAM and list(flow.destination_port_ranges) == ["5000"]
+    assert flow.stream.name == plan.STREAM
+    assert list(flow.destination_port_ranges) == ["5000", "80"]
     assert config.streams[0].max_targets == plan.MAX_TARGETS
+    # port 80 of the VIPs reaches the targets' port 5080, TCP and UDP
+    (conduit,) = config.conduits
+    nats = [
+        (n.port, n.target_port, n.protocol, [v.address for v in n.vips])
+        for n in conduit.destination_port_nats
+    ]
+    vips = [plan.vip_cidr(f) for f in plan.FAMILIES[family]]
+    assert nats == [(80, 5080, "tcp", vips), (80, 5080, "udp", vips)]  # fmt: skip
     # static routing: no attractor, no gateway (the LBs are given the gateways' addresses)
     assert not config.attractors and not config.gateways
 
@@ -438,12 +447,12 @@ def test_the_nsp_configuration_with_two_streams_and_two_conduits(routing: str, f
     vips_a = [plan.vip_cidr(f) for f in families]
     vips_b = [plan.vip_cidr(f, plan.CONDUIT_B) for f in families]
     for name, stream, port, vips in (
-        ("flow-a", "stream-a", "5000", vips_a),
-        ("flow-b", "stream-b", "6000", vips_a),
-        ("flow-c", "stream-c", "5000", vips_b),
+        ("flow-a", "stream-a", ["5000", "80"], vips_a),
+        ("flow-b", "stream-b", ["6000"], vips_a),
+        ("flow-c", "stream-c", ["5000"], vips_b),
     ):
         flow = flows[name]
-        assert flow.stream.name == stream and list(flow.destination_port_ranges) == [port]
+        assert flow.stream.name == stream and list(flow.destination_port_ranges) == port
         assert [v.address for v in flow.vips] == vips
         assert sorted(p.lower() for p in flow.protocols) == ["sctp", "tcp", "udp"]
     if routing == "static":

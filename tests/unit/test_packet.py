@@ -16,6 +16,7 @@ from meridio.core.packet import (
     FlowTuple,
     Fragment,
     MalformedPacket,
+    l4_header,
     parse,
 )
 from tests import packetbuild as pb
@@ -531,3 +532,37 @@ def test_five_tuple_falls_back_for_icmp_errors_and_fragments() -> None:
     assert five_tuple(error) == (4, 17, t.src, t.dst, 40000, 5001)
     with pytest.raises(MalformedPacket):
         five_tuple(b"\x45\x00")
+
+
+# ---------------------------------------------------------------------------------------------
+# the packet's own L4 header (what byte matches read)
+
+
+def test_l4_header_of_plain_packets_options_and_extension_headers() -> None:
+    packet = pb.tcp_packet(CLIENT4, VIP4, 1, 2)
+    assert l4_header(packet) == (6, 20, len(packet))
+    with_options = pb.ipv4(CLIENT4, VIP4, 17, pb.udp(CLIENT4, VIP4, 1, 2), options=b"\x01" * 8)
+    assert l4_header(with_options) == (17, 28, len(with_options))
+    udp = pb.udp(CLIENT6, VIP6, 7, 9)
+    ext = pb.ipv6(CLIENT6, VIP6, 17, udp, ext=[pb.hop_by_hop(), pb.destination_options()])
+    assert l4_header(ext) == (17, len(ext) - len(udp), len(ext))
+    # the buffer beyond the IP length is not the packet's
+    assert l4_header(packet + b"pad") == (6, 20, len(packet))
+    # an ICMP error is an ICMP packet: its quote is not its header
+    error = pb.icmp_frag_needed(ROUTER4, pb.udp_packet(VIP4, CLIENT4, 80, 999))
+    assert l4_header(error) == (1, 20, len(error))
+
+
+def test_l4_header_of_fragments_and_bad_packets() -> None:
+    first, later, *_ = pb.fragment_ipv4(pb.udp_packet(CLIENT4, VIP4, 1, 2, b"x" * 100), 48)
+    assert l4_header(first) == (17, 20, len(first))
+    assert l4_header(later) is None
+    first6, later6, *_ = pb.fragment_ipv6(pb.udp_packet(CLIENT6, VIP6, 1, 2, b"x" * 100), 48)
+    assert l4_header(first6) == (17, 48, len(first6))
+    assert l4_header(later6) is None
+    assert l4_header(b"") is None
+    assert l4_header(b"\x45" + bytes(10)) is None
+    assert l4_header(b"\x75" + bytes(39)) is None
+    cut = pb.ipv6(CLIENT6, VIP6, 0, b"\x11\x05")  # hop-by-hop header cut short
+    assert l4_header(cut) is None
+    assert l4_header(memoryview(pb.tcp_packet(CLIENT6, VIP6, 1, 2))) == (6, 40, 60)

@@ -18,37 +18,51 @@ Semantics (those of nfqlb, the classifier Meridio uses, except where noted)
   ``0.0.0.0/0`` (or ``::/0``) means any source of that family. (nfqlb maps IPv4 into
   ``::ffff:0:0/96``, so there ``::/0`` would also match IPv4 sources; we do not.)
 - Port ranges ``"N"`` and ``"N-M"`` are inclusive; overlapping and adjacent ranges are merged.
-- **Byte matches are not supported yet.** A flow with ``byte_matches`` never matches; it is
-  left out and reported as a warning, so its traffic falls through to lower-priority flows (or
-  to the drop). A flow without VIPs never matches either, and is reported the same way, as is a
-  flow whose fields cannot be parsed (the configuration is normally validated by the NSP, see
+- **Byte matches** (``byte_matches``, nfqlb's syntax ``proto[offset:length] (& mask)? =
+  value``, e.g. ``tcp[2:2] = 4002``; ``length`` 1, 2 or 4; ``proto`` tcp, udp or sctp) compare
+  bytes of the packet's L4 header, read as a big-endian number, masked when a non-zero mask is
+  given. As in nfqlb, a match applies only to packets of its protocol: ``tcp[2:2] = 4002`` on a
+  flow of TCP and UDP restricts the TCP packets and leaves the UDP ones alone; all matches of a
+  packet's protocol must hold (AND); ``offset + length`` must lie within the protocol's minimal
+  header (TCP 20, UDP 8, SCTP 12 bytes), and a packet too short to hold the bytes does not
+  match. An ICMP error is classified by the flow it quotes, and no byte match applies to it
+  (its own protocol is ICMP; nfqlb does the same).
+- A flow without VIPs never matches; it is left out and reported as a warning, so its traffic
+  falls through to lower-priority flows (or to the drop), as is a flow whose fields cannot be
+  parsed (the configuration is normally validated by the NSP, see
   :mod:`meridio.core.nspconfig`, so these warnings mean a bug or a newer peer).
 - Two flows with the same name: the later one replaces the earlier (as ``nfqlb flow-set``
   does), with a warning.
 
 Lookup cost
 -----------
-Flows are pre-bucketed by ``(family, protocol, VIP address bytes)`` in a dict, each bucket a
-tuple of the candidate flows in match order; a protocol that no flow at that VIP names falls
-back to the flows without a protocol restriction. Within a bucket, port ranges are tuples of
-ints and source subnets ``(network, mask)`` integer pairs; the source address is converted to an
-int only when a candidate flow has subnets. Measured on the development VM (CPython 3.11.7,
-``tests/unit/test_classifier.py::test_lookup_cost_report``): 0.2 µs for a hit on the first
-candidate, 1.2 µs for a hit on the 21st candidate of a bucket (20 port mismatches, then a
-source-subnet check), 0.15 µs for a packet to an address that is no VIP.
+:meth:`Classifier.lookup` takes the packet too when a flow may have byte matches (the readers
+pass it; without one, as for a "which target" question, the matches are read from a header
+holding only the ports). Flows are pre-bucketed by ``(family, protocol, VIP address bytes)``
+in a dict, each bucket a tuple of the candidate flows in match order; a protocol that no flow
+at that VIP names falls back to the flows without a protocol restriction. Within a bucket,
+port ranges are tuples of ints and source subnets ``(network, mask)`` integer pairs; the
+source address is converted to an int only when a candidate flow has subnets. Measured on the
+development VM (CPython 3.11.7, ``tests/unit/test_classifier.py::test_lookup_cost_report``):
+0.2 µs for a hit on the first candidate, 1.2 µs for a hit on the 21st candidate of a bucket (20
+port mismatches, then a source-subnet check), 0.15 µs for a packet to an address that is no VIP.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from meridio.api.nsp.v1 import Flow
+from meridio.core.packet import l4_header
 
 __all__ = [
+    "L4_HEADER_LENGTHS",
     "PROTOCOLS",
+    "ByteMatch",
     "Classifier",
     "FlowError",
     "FlowMatch",
@@ -58,6 +72,7 @@ __all__ = [
     "PortRange",
     "StreamKey",
     "compile_flows",
+    "parse_byte_match",
     "parse_flow",
     "parse_flows",
     "parse_port_ranges",
@@ -74,6 +89,15 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PROTOCOLS: Final[dict[str, int]] = {"tcp": 6, "udp": 17, "sctp": 132}
 """Flow protocol names and their IP protocol numbers."""
+
+L4_HEADER_LENGTHS: Final[dict[int, int]] = {6: 20, 17: 8, 132: 12}
+"""The minimal header of each flow protocol: where byte matches may look (as in nfqlb)."""
+
+_BYTE_MATCH_RE: Final = re.compile(
+    r"\s*(tcp|udp|sctp)\s*\[\s*([0-9]+)\s*:\s*([0-9]+)\s*\]"
+    r"(?:\s*&\s*(0x[0-9a-f]+|[0-9]+))?\s*=\s*(0x[0-9a-f]+|[0-9]+)\s*",
+    re.IGNORECASE,
+)
 
 _PORT_MAX: Final = 65535
 _FAMILIES: Final = (4, 6)
@@ -92,12 +116,63 @@ class FlowMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class ByteMatch:
+    """One byte match: ``length`` bytes at ``offset`` of the L4 header of a ``proto`` packet,
+    big-endian, ``& mask`` when ``mask`` is not 0, equal to ``value``."""
+
+    proto: int
+    offset: int
+    length: int
+    mask: int
+    value: int
+
+    def __str__(self) -> str:
+        name = {v: k for k, v in PROTOCOLS.items()}[self.proto]
+        mask = f" & 0x{self.mask:x}" if self.mask else ""
+        return f"{name}[{self.offset}:{self.length}]{mask} = {self.value}"
+
+    def matches(self, header: bytes | memoryview, start: int, end: int) -> bool:
+        """Whether the L4 header at ``header[start:end]`` holds the value."""
+        at = start + self.offset
+        if at + self.length > end:
+            return False
+        found = int.from_bytes(header[at : at + self.length], "big")
+        if self.mask:
+            found &= self.mask
+        return found == self.value
+
+
+def parse_byte_match(text: str) -> ByteMatch:
+    """nfqlb's ``proto[offset:length] (& mask)? = value``; ValueError naming what is wrong."""
+    found = _BYTE_MATCH_RE.fullmatch(text)
+    if found is None:
+        raise ValueError(
+            f"byte match {text!r} is not (tcp|udp|sctp)[offset:length] (& mask)? = value"
+        )
+    proto = PROTOCOLS[found[1].lower()]
+    offset, length = int(found[2]), int(found[3])
+    mask = int(found[4], 0) if found[4] is not None else 0
+    value = int(found[5], 0)
+    if length not in (1, 2, 4):
+        raise ValueError(f"byte match {text!r}: length must be 1, 2 or 4")
+    if offset + length > L4_HEADER_LENGTHS[proto]:
+        raise ValueError(
+            f"byte match {text!r}: bytes {offset}..{offset + length - 1} are beyond the "
+            f"{L4_HEADER_LENGTHS[proto]}-byte {found[1].lower()} header"
+        )
+    if mask >= 256**length or value >= 256**length:
+        raise ValueError(f"byte match {text!r}: the mask or value does not fit in {length} bytes")
+    return ByteMatch(proto, offset, length, mask, value)
+
+
+@dataclass(frozen=True, slots=True)
 class FlowSpec:
     """A checked, normalised flow. Build it with :func:`parse_flow` (or directly in tests).
 
     Empty ``protocols``, ``dports``, ``sports`` and ``sources`` mean "any". ``protocols`` are IP
     protocol numbers, sorted; port ranges are merged and sorted; ``vips`` are single addresses,
-    sorted IPv4 first; ``sources`` are collapsed networks, sorted IPv4 first.
+    sorted IPv4 first; ``sources`` are collapsed networks, sorted IPv4 first; ``byte_matches``
+    in the order given (all must hold, each for packets of its protocol).
     """
 
     name: str
@@ -108,6 +183,7 @@ class FlowSpec:
     dports: tuple[PortRange, ...] = ()
     sports: tuple[PortRange, ...] = ()
     sources: tuple[IPNetwork, ...] = ()
+    byte_matches: tuple[ByteMatch, ...] = ()
 
     @property
     def order(self) -> tuple[int, str]:
@@ -116,6 +192,10 @@ class FlowSpec:
 
     def vips_of(self, family: int) -> tuple[IPAddress, ...]:
         return tuple(v for v in self.vips if v.version == family)
+
+    def matches_of(self, proto: int) -> tuple[ByteMatch, ...]:
+        """The byte matches that apply to packets of protocol ``proto``."""
+        return tuple(m for m in self.byte_matches if m.proto == proto)
 
     def sources_of(self, family: int) -> tuple[IPNetwork, ...] | None:
         """The source networks of one family: ``None`` for any source, ``()`` for none."""
@@ -205,8 +285,6 @@ def _sources(values: Iterable[str]) -> tuple[IPNetwork, ...]:
 def parse_flow(flow: Flow) -> FlowSpec:
     """Check and normalise one ``nsp.v1.Flow``; raises :class:`FlowError` if it cannot match."""
     name = str(flow.name)
-    if flow.byte_matches:
-        raise FlowError(f"flow {name!r}: byte-matches are not supported yet; it never matches")
     stream = flow.stream
     if stream is None or not stream.name:
         raise FlowError(f"flow {name!r}: no stream; it never matches")
@@ -228,6 +306,7 @@ def parse_flow(flow: Flow) -> FlowSpec:
             dports=parse_port_ranges(flow.destination_port_ranges),
             sports=parse_port_ranges(flow.source_port_ranges),
             sources=_sources(flow.source_subnets),
+            byte_matches=tuple(parse_byte_match(str(b)) for b in flow.byte_matches),
         )
     except ValueError as exc:
         raise FlowError(f"flow {name!r}: {exc}; it never matches") from None
@@ -256,16 +335,31 @@ def parse_flows(flows: Iterable[Flow]) -> tuple[tuple[FlowSpec, ...], tuple[str,
 # Lookup
 
 # One candidate in a bucket: dport ranges, source (network, mask) pairs, sport ranges (each
-# None for "any"), and the shared answer.
+# None for "any"), byte matches (None for none), and the shared answer.
 _Ranges = tuple[PortRange, ...] | None
 _Nets = tuple[tuple[int, int], ...] | None
-_Entry = tuple[_Ranges, _Nets, _Ranges, FlowMatch]
+_Checks = tuple[ByteMatch, ...] | None
+_Entry = tuple[_Ranges, _Nets, _Ranges, _Checks, FlowMatch]
+# Where byte matches read: (L4 protocol, bytes, start of the L4 header, end of the packet)
+_Header = tuple[int, bytes | memoryview, int, int]
 
 
 def _net_pairs(nets: tuple[IPNetwork, ...] | None) -> _Nets:
     if nets is None:
         return None
     return tuple((int(n.network_address), int(n.netmask)) for n in nets)
+
+
+def _header(packet: bytes | memoryview | None, proto: int, sport: int, dport: int) -> _Header:
+    """Where the byte matches of a lookup read: the packet's own L4 header, or without a
+    packet a header holding only the ports."""
+    if packet is None:
+        return proto, sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(16), 0, 20
+    found = l4_header(packet)
+    if found is None:  # no L4 header to read (a later fragment): no byte match holds
+        return proto, b"", 0, 0
+    l4proto, start, end = found
+    return l4proto, packet, start, end
 
 
 class Classifier:
@@ -290,7 +384,13 @@ class Classifier:
                 sources = spec.sources_of(family)
                 if not vips or sources == ():
                     continue  # no address of this family can match
-                entry = (spec.dports or None, _net_pairs(sources), spec.sports or None, match)
+                entry = (
+                    spec.dports or None,
+                    _net_pairs(sources),
+                    spec.sports or None,
+                    spec.byte_matches or None,
+                    match,
+                )
                 for vip in vips:
                     where = (family, vip.packed)
                     if spec.protocols:
@@ -318,12 +418,21 @@ class Classifier:
         return cls(specs, warnings)
 
     def lookup(
-        self, family: int, proto: int, src: bytes, dst: bytes, sport: int, dport: int
+        self,
+        family: int,
+        proto: int,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        packet: bytes | memoryview | None = None,
     ) -> FlowMatch | None:
         """The first flow (in match order) the packet matches, or None.
 
         ``family`` is 4 or 6, ``proto`` the IP protocol number, ``src``/``dst`` the packed
-        addresses (4 or 16 bytes, as in the IP header), ports as host integers.
+        addresses (4 or 16 bytes, as in the IP header), ports as host integers (for an ICMP
+        error, those of the flow it quotes). ``packet`` (from the IP header on) is read only
+        by byte matches; without it they read a header holding only the ports.
         """
         entries = self._buckets.get((family, proto, dst))
         if entries is None:
@@ -331,7 +440,8 @@ class Classifier:
             if entries is None:
                 return None
         src_int = -1
-        for dports, nets, sports, match in entries:
+        header: _Header | None = None
+        for dports, nets, sports, checks, match in entries:
             if dports is not None:
                 for low, high in dports:
                     if low <= dport <= high:
@@ -351,6 +461,12 @@ class Classifier:
                     if low <= sport <= high:
                         break
                 else:
+                    continue
+            if checks is not None:
+                if header is None:
+                    header = _header(packet, proto, sport, dport)
+                l4proto, data, start, end = header
+                if not all(m.matches(data, start, end) for m in checks if m.proto == l4proto):
                     continue
             return match
         return None

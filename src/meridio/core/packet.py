@@ -91,6 +91,7 @@ __all__ = [
     "FlowTuple",
     "Fragment",
     "MalformedPacket",
+    "l4_header",
     "parse",
 ]
 
@@ -331,7 +332,9 @@ def parse(packet: bytes) -> FlowTuple:
     raise MalformedPacket(BAD_VERSION)
 
 
-def _walk6(packet: bytes, nh: int, off: int, end: int, reason: str) -> tuple[int, int, Fragment]:
+def _walk6(
+    packet: bytes | memoryview, nh: int, off: int, end: int, reason: str
+) -> tuple[int, int, Fragment]:
     """Skip IPv6 extension headers from ``off``; return (upper-layer protocol, its offset,
     fragment position). For a LATER fragment the walk stops at the fragment header and the
     protocol is that header's next-header field."""
@@ -404,6 +407,39 @@ def _quoted6(packet: bytes, off: int, end: int) -> FlowTuple:
         qsport, qdport = _unpack_ports(packet, off)
         return FlowTuple(6, nh, qdst, qsrc, qdport, qsport, True, fragment)
     return FlowTuple(6, nh, qdst, qsrc, 0, 0, True, fragment)
+
+
+def l4_header(packet: bytes | memoryview) -> tuple[int, int, int] | None:
+    """``(protocol, start, end)`` of the packet's own L4 header: its protocol number (1 or 58
+    for an ICMP error: the outer packet's), where it starts and where the packet ends (its
+    length field or the buffer, whichever is shorter). None for a LATER fragment, which has no
+    L4 header, and for a packet too malformed to say.
+    """
+    n = len(packet)
+    if n < 20:
+        return None
+    b0 = packet[0]
+    version = b0 >> 4
+    if version == 4:
+        hl = (b0 & 15) << 2
+        total, frag, proto, _, _ = _unpack_ip4(packet)
+        end = total if hl <= total < n else n
+        if hl < 20 or hl > end or frag & 0x1FFF:
+            return None
+        return proto, hl, end
+    if version == 6 and n >= 40:
+        plen, nh, _, _ = _unpack_ip6(packet)
+        end = 40 + plen if 0 < plen < n - 40 else n
+        off = 40
+        if nh in _EXT6:
+            try:
+                nh, off, fragment = _walk6(packet, nh, off, end, TRUNCATED_EXTHDR)
+            except MalformedPacket:
+                return None
+            if fragment is _LATER:
+                return None
+        return nh, off, end
+    return None
 
 
 # --- fast path for the packet loop -------------------------------------------------------------

@@ -162,7 +162,7 @@ def dump_request(kind: str, family: int, seq: int) -> bytes:
     }[kind]
     if kind == "link":
         # without the statistics (a third of a veth's message): nothing here reads them
-        body = _IFINFOMSG.pack(family, 0, 0, 0, 0) + _attr(
+        body = _IFINFOMSG.pack(family, 0, 0, 0, 0) + attribute(
             IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS)
         )
     elif kind == "address":
@@ -177,7 +177,8 @@ def dump_request(kind: str, family: int, seq: int) -> bytes:
     return header + body
 
 
-def _attr(kind: int, value: bytes) -> bytes:
+def attribute(kind: int, value: bytes) -> bytes:
+    """One rtnetlink attribute: header, value, padding to 4 bytes."""
     return _RTATTR.pack(_RTATTR.size + len(value), kind) + value + b"\0" * (-len(value) % 4)
 
 
@@ -191,7 +192,7 @@ def _name(ifname: str) -> bytes:
 
 def link_request(ifname: str, seq: int) -> bytes:
     """An ``RTM_GETLINK`` request for the one link named ``ifname`` (not a dump)."""
-    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(ifname))
+    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + attribute(IFLA_IFNAME, _name(ifname))
     return _message(RTM_GETLINK, NLM_F_REQUEST, seq, body)
 
 
@@ -212,21 +213,21 @@ def veth_request(
     with ``ack``; without, only a failure is answered (an error message)."""
     peer_info = (
         _IFINFOMSG.pack(0, 0, 0, 0, 0)
-        + _attr(IFLA_IFNAME, _name(peer))
-        + _attr(IFLA_MTU, _U32.pack(mtu))
-        + _attr(IFLA_NET_NS_FD, _U32.pack(peer_netns_fd))
+        + attribute(IFLA_IFNAME, _name(peer))
+        + attribute(IFLA_MTU, _U32.pack(mtu))
+        + attribute(IFLA_NET_NS_FD, _U32.pack(peer_netns_fd))
     )
-    linkinfo = _attr(IFLA_INFO_KIND, b"veth\0") + _attr(
-        IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info)
+    linkinfo = attribute(IFLA_INFO_KIND, b"veth\0") + attribute(
+        IFLA_INFO_DATA, attribute(VETH_INFO_PEER, peer_info)
     )
     flags = IFF_UP if up else 0
     body = (
         _IFINFOMSG.pack(0, 0, 0, flags, flags)
-        + _attr(IFLA_IFNAME, _name(ifname))
-        + _attr(IFLA_MTU, _U32.pack(mtu))
-        + (_attr(IFLA_MASTER, _U32.pack(master)) if master is not None else b"")
-        + (_attr(IFLA_GROUP, _U32.pack(group)) if group else b"")
-        + _attr(IFLA_LINKINFO, linkinfo)
+        + attribute(IFLA_IFNAME, _name(ifname))
+        + attribute(IFLA_MTU, _U32.pack(mtu))
+        + (attribute(IFLA_MASTER, _U32.pack(master)) if master is not None else b"")
+        + (attribute(IFLA_GROUP, _U32.pack(group)) if group else b"")
+        + attribute(IFLA_LINKINFO, linkinfo)
     )
     request = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)
     return _message(RTM_NEWLINK, request, seq, body)
@@ -237,8 +238,8 @@ def alias_request(seq: int, ifname: str, alias: str, *, ack: bool = True) -> byt
     a failure is answered)."""
     body = (
         _IFINFOMSG.pack(0, 0, 0, 0, 0)
-        + _attr(IFLA_IFNAME, _name(ifname))
-        + _attr(IFLA_IFALIAS, alias.encode())
+        + attribute(IFLA_IFNAME, _name(ifname))
+        + attribute(IFLA_IFALIAS, alias.encode())
     )
     return _message(RTM_NEWLINK, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, body)
 
@@ -248,13 +249,13 @@ def isolate_request(seq: int, ifname: str, *, ack: bool = True) -> bytes:
     isolated on``): the bridge forwards nothing between two isolated ports, so what one sends
     to every port (broadcast, multicast, unknown unicast) reaches only the others. Acknowledged
     with ``ack`` (without, only a failure is answered)."""
-    linkinfo = _attr(IFLA_INFO_SLAVE_KIND, b"bridge\0") + _attr(
-        IFLA_INFO_SLAVE_DATA, _attr(IFLA_BRPORT_ISOLATED, b"\1")
+    linkinfo = attribute(IFLA_INFO_SLAVE_KIND, b"bridge\0") + attribute(
+        IFLA_INFO_SLAVE_DATA, attribute(IFLA_BRPORT_ISOLATED, b"\1")
     )
     body = (
         _IFINFOMSG.pack(0, 0, 0, 0, 0)
-        + _attr(IFLA_IFNAME, _name(ifname))
-        + _attr(IFLA_LINKINFO, linkinfo)
+        + attribute(IFLA_IFNAME, _name(ifname))
+        + attribute(IFLA_LINKINFO, linkinfo)
     )
     return _message(RTM_NEWLINK, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, body)
 
@@ -262,7 +263,7 @@ def isolate_request(seq: int, ifname: str, *, ack: bool = True) -> bytes:
 def group_delete_request(seq: int, group: int) -> bytes:
     """Delete every link of ``group`` (``ip link del group``), acknowledged: the kernel takes
     them down together, far faster than one request each."""
-    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_GROUP, _U32.pack(group))
+    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + attribute(IFLA_GROUP, _U32.pack(group))
     return _message(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
@@ -309,7 +310,8 @@ def _strerror(code: int) -> str:
     return os.strerror(code)
 
 
-def _attrs(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
+def attributes(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
+    """The (kind, value) of each rtnetlink attribute from ``offset`` on (nested flag cleared)."""
     while offset + _RTATTR.size <= len(data):
         length, kind = _RTATTR.unpack_from(data, offset)
         if length < _RTATTR.size:
@@ -327,7 +329,7 @@ def parse_rule(payload: bytes) -> Rule:
     priority = 0
     fwmark: int | None = None
     src: str | None = None
-    for kind, value in _attrs(payload, _RTMSG.size):
+    for kind, value in attributes(payload, _RTMSG.size):
         if kind == FRA_TABLE:
             (table,) = _U32.unpack_from(value)
         elif kind == FRA_PRIORITY:
@@ -346,7 +348,7 @@ def parse_route(payload: bytes) -> Route:
     dst: str | None = None
     gateways: list[str] = []
     priority = 0
-    for kind, value in _attrs(payload, _RTMSG.size):
+    for kind, value in attributes(payload, _RTMSG.size):
         if kind == RTA_TABLE:
             (table,) = _U32.unpack_from(value)
         elif kind == RTA_DST:
@@ -362,7 +364,7 @@ def parse_route(payload: bytes) -> Route:
                 if length < _RTNEXTHOP.size:
                     break
                 nested = value[offset : offset + length]
-                for nkind, nvalue in _attrs(nested, _RTNEXTHOP.size):
+                for nkind, nvalue in attributes(nested, _RTNEXTHOP.size):
                     if nkind == RTA_GATEWAY:
                         gateways.append(_address(family, nvalue))
                 offset += (length + 3) & ~3
@@ -377,7 +379,7 @@ def _vxlan(data: bytes) -> Vxlan:
     vni, port = 0, 0
     local: str | None = None
     remote: str | None = None
-    for kind, value in _attrs(data, 0):
+    for kind, value in attributes(data, 0):
         if kind == IFLA_VXLAN_ID:
             (vni,) = _U32.unpack_from(value)
         elif kind == IFLA_VXLAN_PORT:
@@ -429,7 +431,7 @@ def parse_link(payload: bytes) -> Link:
             alias = _string(payload[offset + 4 : offset + length]) or None
         elif attr == IFLA_LINKINFO:
             data = b""
-            for nkind, nvalue in _attrs(payload[offset + 4 : offset + length], 0):
+            for nkind, nvalue in attributes(payload[offset + 4 : offset + length], 0):
                 if nkind == IFLA_INFO_KIND:
                     kind = _string(nvalue)
                 elif nkind == IFLA_INFO_DATA:
@@ -445,7 +447,7 @@ def parse_address(payload: bytes) -> Address:
     peer's on a point-to-point link, else the local one), as ``ip address`` shows it."""
     family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(payload)
     address = local = ""
-    for kind, value in _attrs(payload, _IFADDRMSG.size):
+    for kind, value in attributes(payload, _IFADDRMSG.size):
         if kind == IFA_ADDRESS:
             address = _address(family, value)
         elif kind == IFA_LOCAL:
@@ -470,7 +472,7 @@ def parse_route_fields(payload: bytes) -> RouteFields:
     dst: str | None = None
     gateway: str | None = None
     oif: int | None = None
-    for kind, value in _attrs(payload, _RTMSG.size):
+    for kind, value in attributes(payload, _RTMSG.size):
         if kind == RTA_TABLE:
             (table,) = _U32.unpack_from(value)
         elif kind == RTA_DST:
@@ -494,7 +496,7 @@ def parse_neighbour(payload: bytes) -> Neighbour:
     """An ``RTM_NEWNEIGH`` message: the neighbour's address (``NDA_DST``), link and state."""
     family, index, state, _flags, _type = _NDMSG.unpack_from(payload)
     dst: str | None = None
-    for kind, value in _attrs(payload, _NDMSG.size):
+    for kind, value in attributes(payload, _NDMSG.size):
         if kind == NDA_DST and family in (socket.AF_INET, socket.AF_INET6):
             dst = _address(family, value)
     return Neighbour(family, index, dst, state)

@@ -48,6 +48,11 @@ STREAM = "stream-a"
 FLOW = "flow-a"
 MAX_TARGETS = 64
 PORT = 5000
+NAT_PORT = 80
+NAT_TARGET_PORT = 5080
+"""conduit-a's ``destination-port-nats``: TCP and UDP to port 80 of its VIPs reach the targets'
+port 5080 (their traffic servers listen there too), and the answers leave from port 80;
+stream-a's flow takes port 80 besides 5000."""
 VIPS = {4: "203.0.113.1", 6: "2001:db8::1"}
 PRIMARY = ipaddress.IPv4Network("198.19.0.0/16")
 EXTERNAL: dict[int, ipaddress.IPv4Network | ipaddress.IPv6Network] = {
@@ -471,10 +476,12 @@ def ipam_address() -> str:
     return hostport(primary_address("ipam"), IPAM_PORT)
 
 
-def vip_endpoints(families: Iterable[int], stream: StreamPlan = STREAM_A) -> list[str]:
+def vip_endpoints(
+    families: Iterable[int], stream: StreamPlan = STREAM_A, port: int | None = None
+) -> list[str]:
     """``VIP:port`` of each family, as the traffic client takes them (of ``stream``: its
-    conduit's VIPs and its flow's port)."""
-    return [hostport(stream.conduit.vips[f], stream.port) for f in sorted(families)]
+    conduit's VIPs and its flow's port, or ``port``)."""
+    return [hostport(stream.conduit.vips[f], port or stream.port) for f in sorted(families)]
 
 
 # --- which target opens which stream -------------------------------------------------------------
@@ -818,7 +825,7 @@ def nsp_configuration(
         ]
     config: dict[str, Any] = {
         "trench": {"name": TRENCH},
-        "conduits": {"items": [{"name": c.name, "trench": TRENCH} for c in spec.conduit_plans]},
+        "conduits": {"items": [conduit_item(c, vip_names[c.name]) for c in spec.conduit_plans]},
         "streams": {
             "items": [
                 {"name": s.name, "conduit": s.conduit.name, "max-targets": MAX_TARGETS}
@@ -833,7 +840,7 @@ def nsp_configuration(
                     "stream": s.name,
                     "vips": vip_names[s.conduit.name],
                     "protocols": ["tcp", "udp", "sctp"],
-                    "destination-port-ranges": [str(s.port)],
+                    "destination-port-ranges": flow_ports(s),
                 }
                 for s in spec.stream_plans
             ]
@@ -858,6 +865,27 @@ def nsp_configuration(
             ]
         }
     return config
+
+
+def flow_ports(stream: StreamPlan) -> list[str]:
+    """A stream's flow's destination ports: its port; stream-a's also the port NAT's."""
+    return [str(stream.port), str(NAT_PORT)] if stream is STREAM_A else [str(stream.port)]
+
+
+def conduit_item(conduit: ConduitPlan, vip_names: Sequence[str]) -> dict[str, Any]:
+    """A conduit in the configuration; conduit-a with its port NAT (``NAT_PORT``)."""
+    item: dict[str, Any] = {"name": conduit.name, "trench": TRENCH}
+    if conduit is CONDUIT_A:
+        item["destination-port-nats"] = [
+            {
+                "port": NAT_PORT,
+                "target-port": NAT_TARGET_PORT,
+                "vips": list(vip_names),
+                "protocol": protocol,
+            }
+            for protocol in ("tcp", "udp")
+        ]
+    return item
 
 
 def _family_name(families: Sequence[int]) -> str:
@@ -1078,8 +1106,8 @@ def target_args(state_dir: Path, spec: LabSpec, index: int, node: int) -> list[s
 
 
 def server_ports(spec: LabSpec) -> list[int]:
-    """The ports the traffic servers listen on: every stream's."""
-    return sorted({s.port for s in spec.stream_plans})
+    """The ports the traffic servers listen on: every stream's, and the port NAT's target."""
+    return sorted({NAT_TARGET_PORT, *(s.port for s in spec.stream_plans)})
 
 
 def server_args(index: int, ports: Iterable[int] = (PORT,)) -> list[str]:

@@ -1,9 +1,12 @@
-"""iptables/ip6tables rules that hand VIP packets to the NFQUEUE readers.
+"""iptables/ip6tables rules that hand VIP packets to the NFQUEUE readers (nfqueue mode).
 
-The kernel here has no nft ``queue`` expression, so queueing goes through the xtables NFQUEUE
-target. Our rules live in chains of our own in the mangle table, rewritten atomically with
-``iptables-restore --noflush`` (declaring a chain there flushes it first), and reached by one
-jump each from PREROUTING and FORWARD.
+Used where the kernel has no nft ``queue`` statement (see
+:func:`meridio.lb.nftables.probe_features`; where it has, the queue rules are in the LB's own
+nft table and this module is not used). The xtables NFQUEUE target does it: our rules live in
+a chain of our own in the mangle table, rewritten atomically with ``iptables-restore
+--noflush`` (declaring a chain there flushes it first), reached by one jump from PREROUTING.
+Nothing else: the kernel and first-packet modes use no iptables at all, and this mode no other
+built-in chain (each one is a hook every packet of the namespace would cross).
 """
 
 from __future__ import annotations
@@ -15,19 +18,10 @@ from dataclasses import dataclass
 import trio
 
 PRE_CHAIN = "MERIDIO-LB"
-FWD_CHAIN = "MERIDIO-LB-FWD"
-RAW_CHAIN = "MERIDIO-LB-RAW"
+# chains of earlier versions (first-packet and kernel mode used them): removed when found
+OLD_CHAINS = (("mangle", "FORWARD", "MERIDIO-LB-FWD"), ("raw", "PREROUTING", "MERIDIO-LB-RAW"))
 # (table, built-in chain, our chain): where each of our chains is jumped to from
-JUMPS = (
-    ("mangle", "PREROUTING", PRE_CHAIN),
-    ("mangle", "FORWARD", FWD_CHAIN),
-    ("raw", "PREROUTING", RAW_CHAIN),
-)
-
-ICMP_ERRORS = {
-    4: ("icmp", "--icmp-type", (3, 11, 12)),
-    6: ("ipv6-icmp", "--icmpv6-type", (1, 2, 3, 4)),
-}
+JUMPS = (("mangle", "PREROUTING", PRE_CHAIN),)
 
 
 class IptablesError(RuntimeError):
@@ -50,10 +44,8 @@ class QueueSpec:
         return f"-j NFQUEUE {where}" + (" --queue-bypass" if self.bypass else "")
 
 
-def render(
-    mode: str, family: int, vips: Sequence[str], queue: QueueSpec, *, untrack_syn: bool = False
-) -> str:
-    """The iptables-restore script for one family ("4" or "6") and LB mode."""
+def render(family: int, vips: Sequence[str], queue: QueueSpec) -> str:
+    """The iptables-restore script for one family (4 or 6): every packet to a VIP is queued."""
     dests = sorted(
         {
             str(ipaddress.ip_network(v, strict=False))
@@ -61,38 +53,8 @@ def render(
             if ipaddress.ip_network(v, strict=False).version == family
         }
     )
-    pre: list[str] = []
-    fwd: list[str] = []
-    raw: list[str] = []
-    for dst in dests:
-        if mode == "nfqueue":
-            pre.append(f"-A {PRE_CHAIN} -d {dst} {queue.target()}")
-        elif mode == "first-packet":
-            # With several LBs, replies may leave through another LB, so this LB may see only
-            # the client's side of a connection; tracked from its SYN, such a connection stays
-            # SYN_SENT, its later packets are INVALID and its mark is never restored.
-            # Untracked SYNs let conntrack pick it up at the client's first ACK. The price,
-            # measured with one LB: about half of new connections wait 200 ms longer.
-            if untrack_syn:
-                raw.append(f"-A {RAW_CHAIN} -d {dst} -p tcp --syn -j CT --notrack")
-            pre.append(f"-A {PRE_CHAIN} -d {dst} -j CONNMARK --restore-mark")
-            pre.append(f"-A {PRE_CHAIN} -d {dst} -m mark --mark 0 {queue.target()}")
-            # NFQUEUE's accept resumes at the next hook, so the mark is saved in FORWARD
-            fwd.append(
-                f"-A {FWD_CHAIN} -d {dst} -m connmark --mark 0 -m mark ! --mark 0 "
-                "-j CONNMARK --save-mark"
-            )
-        elif mode == "kernel":
-            proto, option, types = ICMP_ERRORS[family]
-            for icmp_type in types:
-                pre.append(
-                    f"-A {PRE_CHAIN} -d {dst} -p {proto} {option} {icmp_type} {queue.target()}"
-                )
-        else:
-            raise ValueError(f"unknown LB mode {mode!r}")
-    lines = ["*raw", f":{RAW_CHAIN} - [0:0]", *raw, "COMMIT"]
-    lines += ["*mangle", f":{PRE_CHAIN} - [0:0]", f":{FWD_CHAIN} - [0:0]", *pre, *fwd, "COMMIT", ""]
-    return "\n".join(lines)
+    pre = [f"-A {PRE_CHAIN} -d {dst} {queue.target()}" for dst in dests]
+    return "\n".join(["*mangle", f":{PRE_CHAIN} - [0:0]", *pre, "COMMIT", ""])
 
 
 def _tool(family: int, suffix: str = "") -> str:
@@ -119,13 +81,24 @@ async def apply(family: int, script: str) -> None:
 
 
 async def remove(family: int) -> None:
-    """Remove the jumps and our chains; harmless when they are not there."""
-    for table, builtin, chain in JUMPS:
+    """Remove the jumps and our chains (those of earlier versions too); harmless when they are
+    not there (nothing is created in their place)."""
+    for table, builtin, chain in (*JUMPS, *OLD_CHAINS):
         tool = [_tool(family), "--wait", "-t", table]
         while await _run([*tool, "-D", builtin, "-j", chain], check=False) == 0:
             pass
         await _run([*tool, "-F", chain], check=False)
         await _run([*tool, "-X", chain], check=False)
+
+
+async def present(family: int) -> bool:
+    """Whether a chain of ours (of any version) is in iptables (``iptables-save``, which
+    creates nothing where there is no table)."""
+    result = await trio.run_process(
+        [_tool(family, "-save")], capture_stdout=True, capture_stderr=True, check=False
+    )
+    text = result.stdout.decode(errors="replace")
+    return any(f":{chain} " in text for _, _, chain in (*JUMPS, *OLD_CHAINS))
 
 
 async def current(family: int) -> str:

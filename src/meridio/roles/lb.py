@@ -10,18 +10,24 @@ e.g. a rule deleted by hand), and removes all it installed when the role stops.
 Modes (``mode`` setting), all from the same table:
 
 * ``kernel``: an nftables map per stream holds the table; ``jhash`` of the 5-tuple picks the
-  entry, no packet visits user space except ICMP errors (steered by their quoted header with the
-  kernel's own jhash, so path MTU discovery reaches the right target).
+  entry, no packet visits user space (ICMP errors are steered by their quoted header in the
+  kernel too). With the ingress fast path, packets to targets on the LB's own links are
+  forwarded at the ingress link, before routing; the rest take the routed path.
 * ``nfqueue``: every VIP packet is queued; the reader classifies it by flow, hashes it with a
   keyed hash and sets the mark.
-* ``first-packet``: only the first packet of a connection is queued; its mark is kept in
-  conntrack, so established connections stay put when the target set changes.
+* ``first-packet``: the first packet of a connection is steered by the same in-kernel map and
+  its mark kept in conntrack, so established connections stay put when the target set
+  changes.
+
+The nftables side is :mod:`meridio.lb.nftables` (rendering, counters), the fast path's
+eligibility :mod:`meridio.lb.fastpath`, port NAT :mod:`meridio.lb.portnat`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -74,11 +80,11 @@ from meridio.core.lbstate import (
     desired_state,
 )
 from meridio.core.packet import MalformedPacket, five_tuple
-from meridio.lb import iptables
+from meridio.lb import fastpath, iptables, portnat
 from meridio.lb import nftables as nft
 from meridio.lb.external import External, ExternalError, external_spec, split_list
 from meridio.lb.frontend import Frontend
-from meridio.lb.nfq import QueueReader
+from meridio.lb.nfq import DROP, QueueReader
 from meridio.roles.base import Role
 from meridio.roles.common import KERNEL_ERRORS
 from meridio.runtime.metrics import REGISTRY
@@ -114,12 +120,20 @@ class LbSettings(LbConnectSettings, kw_only=True):
     conduit: str = ""
     """Serve the streams of this conduit (empty: every conduit of the trench)."""
     mode: str = "kernel"
+    fast_path: bool = True
+    """kernel mode: steer and forward VIP packets at the ingress links, before routing, to
+    targets on links of the LB's own (see meridio.lb.nftables); what it cannot handle takes
+    the routed path."""
+    fast_path_interfaces: str | list[str] = ""
+    """The links VIP traffic arrives on, where the fast path hooks (a list, or
+    comma-separated); empty: the external interface."""
     table_size: int = 0
     """Maglev table size M; 0 picks the smallest prime of at least 100 x max-targets."""
     queue: int = 0
-    """First NFQUEUE number."""
+    """nfqueue mode: first NFQUEUE number."""
     queues: int = 1
-    """Number of queues (and reader tasks); packets are spread over them by flow hash."""
+    """nfqueue mode: number of queues (and reader tasks); packets are spread over them by flow
+    hash."""
     fail_open: bool = False
     """With no reader bound, let queued packets through unmarked (they are then dropped by
     routing unless the host routes VIPs elsewhere) instead of dropping them in the queue."""
@@ -135,8 +149,9 @@ class LbSettings(LbConnectSettings, kw_only=True):
     SYNs so connections seen one way only still keep their mark; about half of new
     connections then take 200 ms longer to start."""
     defrag: bool = True
-    """kernel mode: reassemble fragments before classifying, so they follow their flow (about
-    6% of forwarding throughput here); off only where VIP traffic is never fragmented."""
+    """Reassemble fragments of VIP traffic before classifying, so they follow their flow (no
+    conntrack needed where the kernel has nft tproxy); off only where VIP traffic is never
+    fragmented."""
     inspect_listen: str = ""
     """Also serve the LbInspect API on this TCP host:port (always on <run-dir>/lb.sock)."""
     # --- the external side (see meridio.lb.external) ---
@@ -220,8 +235,7 @@ class DataPath:
     vips: tuple[str, ...]
     seed: int
     hash_flow: maglev.FlowHasher
-    kernel_hash: bool
-    """Hash with the kernel's jhash (kernel mode: only ICMP errors reach user space)."""
+    port_nats: tuple[nft.PortNat, ...] = ()
 
 
 @dataclass
@@ -264,46 +278,41 @@ def target_specs(targets: list[Target]) -> list[TargetSpec]:
 
 
 class Verdicts:
-    """The per-packet decision of the user-space readers, with its counters.
+    """The per-packet decision of the user-space readers (nfqueue mode), with its counters.
 
-    Kept lean on purpose (it runs for every queued packet): parse, classify, hash, look up,
-    mark; counters are list and dict increments, exported only when scraped.
+    Kept lean on purpose (it runs for every queued packet, in the reader threads): parse,
+    classify, hash, look up; it returns the mark (or :data:`meridio.lb.nfq.DROP`) and the
+    reader sends the verdicts in batches. Counters are list and dict increments, exported
+    only when scraped.
     """
 
     def __init__(self, role: LbRole) -> None:
         self.role = role
         self.drops: Counter[str] = Counter()
 
-    def __call__(self, pkt: Any) -> None:
+    def __call__(self, pkt: Any) -> int:
         path = self.role.datapath
         payload = pkt.get_payload()
         try:
             family, proto, src, dst, sport, dport = five_tuple(payload)
         except MalformedPacket as exc:
-            self._drop(pkt, f"malformed-{exc.reason}")
-            return
+            self.drops[f"malformed-{exc.reason}"] += 1
+            return DROP
         if path is None:
-            self._drop(pkt, "not-ready")
-            return
-        match = path.classifier.lookup(family, proto, src, dst, sport, dport)
+            self.drops["not-ready"] += 1
+            return DROP
+        match = path.classifier.lookup(family, proto, src, dst, sport, dport, payload)
         if match is None:
-            self._drop(pkt, "no-flow")
-            return
+            self.drops["no-flow"] += 1
+            return DROP
         stream = path.streams.get(match.stream)
         if stream is None:
-            self._drop(pkt, "no-stream")
-            return
-        if path.kernel_hash:
-            # ICMP errors in kernel mode: the kernel's own jhash, so the error follows its flow
-            key = flow_key(src, dst, sport, dport)
-            identifier = stream.table.lookup(nft_bucket(key, stream.table.size, path.seed))
-        else:
-            identifier = stream.table.lookup(path.hash_flow(src, dst, proto, sport, dport))
+            self.drops["no-stream"] += 1
+            return DROP
+        identifier = stream.table.lookup(path.hash_flow(src, dst, proto, sport, dport))
         if identifier == 0:
-            self._drop(pkt, "no-target")
-            return
-        pkt.set_mark(stream.offset + identifier)
-        pkt.accept()
+            self.drops["no-target"] += 1
+            return DROP
         hits = stream.hits
         hits.packets[identifier] += 1
         # the packet's own length: the queue copies only its first bytes to user space
@@ -311,10 +320,7 @@ class Verdicts:
             hits.octets[identifier] += payload[2] << 8 | payload[3]
         else:
             hits.octets[identifier] += 40 + (payload[4] << 8 | payload[5])
-
-    def _drop(self, pkt: Any, reason: str) -> None:
-        pkt.drop()
-        self.drops[reason] += 1
+        return stream.offset + identifier
 
 
 class LbCollector:
@@ -344,7 +350,7 @@ class LbCollector:
         drops = CounterMetricFamily(
             "meridio_lb_dropped_packets", "Packets the LB dropped, by reason", labels=["reason"]
         )
-        for reason, count in sorted(self.role.verdicts.drops.items()):
+        for reason, count in sorted((self.role.verdicts.drops + self.role.kernel_drops).items()):
             drops.add_metric([reason], count)
         yield from (packets, octets, drops)
         frontend = self.role.frontend
@@ -403,6 +409,9 @@ class LbRole(Role[LbSettings]):
         external_spec(settings, routes_from_frontend=bool(settings.attractor))
         if settings.attractor:
             birdconf.router_id(settings.router_id, (), "check")
+        for name in split_list(settings.fast_path_interfaces):
+            if not re.fullmatch(r"[^\s/\"']{1,15}", name):
+                raise ValueError(f"setting 'fast-path-interfaces': {name!r} is no interface name")
         if settings.withdraw_grace < 0 or settings.bird_poll_interval <= 0:
             raise ValueError("settings 'withdraw-grace' and 'bird-poll-interval' must be > 0")
 
@@ -426,8 +435,17 @@ class LbRole(Role[LbSettings]):
         self.retry_soon = False
         self._tables: dict[tuple[StreamKey, int, tuple[int, ...]], maglev.MaglevTable] = {}
         self._installed = lbplan.Observed(frozenset(), frozenset())
-        self._nft_structure: Any = None
-        self._nft_entries: dict[StreamKey, tuple[int, ...]] = {}
+        self._nft_applied: nft.TableSpec | None = None
+        """What the kernel holds (kernel, first-packet; nfqueue: the NAT/defrag table)."""
+        self._fast_links: dict[str, int] = {}
+        """Fast path hook: device name -> its index when the table was loaded."""
+        self._fast_links_seen: dict[str, int] = {}
+        self.fast_pending = False
+        """Some target of the fast path's links has no neighbour entry yet: look again soon."""
+        self._fast_retries = 0
+        self.kernel_totals = nft.CounterTotals()
+        self.kernel_drops: Counter[str] = Counter()
+        self.features: nft.Features | None = None
         self._iptables: dict[int, str] = {}
         self.nft_table = "meridio-lb"
         self.log = runtime.log
@@ -502,13 +520,16 @@ class LbRole(Role[LbSettings]):
         served = {s.name for s in inputs.streams}
         flows = [f for f in inputs.flows if f.stream and f.stream.name in served]
         vip_addresses = tuple(sorted({v.address for f in flows for v in f.vips}))
+        nats, problems = portnat.port_nats_of_streams(inputs.streams)
+        for problem in problems:
+            self.log.warning("port NAT left out", problem=problem)
         path = DataPath(
             Classifier.compile(flows),
             streams,
             vip_addresses,
             self.seed,
             self.hash_flow,
-            kernel_hash=self.mode == "kernel",
+            port_nats=nats,
         )
         return desired, path
 
@@ -535,7 +556,10 @@ class LbRole(Role[LbSettings]):
             self.log.info("routing reconciled", **changes, failed=len(failed), drift=check_drift)
         self._installed = lbplan.installed_after(desired.rules, desired.routes, failed, observed)
         # routes that could not be installed are tried again in a second, not at the next resync
-        self.retry_soon = bool(failed)
+        # a target on a fast path link without a neighbour yet: look again in a second (for a
+        # while; then the resync period)
+        self._fast_retries = self._fast_retries + 1 if self.fast_pending else 0
+        self.retry_soon = bool(failed) or (self.fast_pending and self._fast_retries <= 10)
         self.desired = desired
         for key, stream in path.streams.items():
             TARGETS.labels(*key).set(len(stream.targets))
@@ -631,17 +655,30 @@ class LbRole(Role[LbSettings]):
         return lbplan.Observed(rules, routes)
 
     async def _reconcile_datapath(self, path: DataPath, check_drift: bool) -> None:
-        for family in (4, 6):
-            script = iptables.render(
-                self.mode, family, path.vips, self._queue_spec(), untrack_syn=self.lb.untrack_syn
+        if self.features is None:
+            self.features = await nft.probe_features()
+            self.log.info(
+                "nftables features",
+                native_queue=self.features.native_queue,
+                tproxy=self.features.tproxy,
+                fwd=self.features.fwd,
             )
-            if script != self._iptables.get(family) or (
-                check_drift and not await self._iptables_intact(family)
-            ):
-                await iptables.apply(family, script)
-                self._iptables[family] = script
-        if self.mode == "kernel":
-            await self._reconcile_nft(path, check_drift)
+        if self.mode == "nfqueue" and not self.features.native_queue:
+            # no nft queue statement on this kernel: the queue rules go through iptables
+            for family in (4, 6):
+                script = iptables.render(family, path.vips, self._queue_spec())
+                if script != self._iptables.get(family) or (
+                    check_drift and not await self._iptables_intact(family)
+                ):
+                    await iptables.apply(family, script)
+                    self._iptables[family] = script
+        elif not self._iptables:
+            # none of ours in iptables in this mode: remove what an earlier LB may have left
+            for family in (4, 6):
+                if await iptables.present(family):
+                    await iptables.remove(family)
+                self._iptables[family] = ""
+        await self._reconcile_nft(path, check_drift)
 
     async def _iptables_intact(self, family: int) -> bool:
         text = await iptables.current(family)
@@ -651,46 +688,151 @@ class LbRole(Role[LbSettings]):
         return all(line in text for line in expected) and f"-N {iptables.PRE_CHAIN}" in text
 
     def _queue_spec(self) -> iptables.QueueSpec:
-        count = 1 if self.mode == "kernel" else self.lb.queues
-        return iptables.QueueSpec(self.lb.queue, count, self.lb.fail_open)
+        return iptables.QueueSpec(self.lb.queue, self.lb.queues, self.lb.fail_open)
 
-    def _nft_spec(self, path: DataPath) -> nft.TableSpec:
+    def _fast_devices(self) -> tuple[str, ...]:
+        if self.mode != "kernel" or not self.lb.fast_path:
+            return ()
+        if self.features is not None and not self.features.fwd:
+            return ()
+        named = split_list(self.lb.fast_path_interfaces)
+        if not named and self.external is not None:
+            named = (self.external.spec.interface,)
+        return named
+
+    async def _fast_path(self, path: DataPath) -> nft.FastPath | None:
+        """The fast path's hook devices and its targets: those on links of ours with a known
+        neighbour (see meridio.lb.fastpath)."""
+        wanted = self._fast_devices()
+        if not wanted:
+            return None
+        netlink = await self.runtime.netlink()
+        links = {link.index: link for link in await netlink.link_list()}
+        by_name = {link.name: link for link in links.values()}
+        devices = tuple(sorted(name for name in set(wanted) if name in by_name))
+        if not devices:
+            return None
+        self._fast_links_seen = {name: by_name[name].index for name in devices}
+        # one next hop per family and target, the first address (as the routes: lbstate)
+        hops: dict[tuple[int, int], str] = {}
+        for stream in path.streams.values():
+            for identifier, target in stream.targets.items():
+                for ip in target.ips:
+                    hop = ipaddress.ip_interface(ip).ip
+                    hops.setdefault((hop.version, stream.offset + identifier), str(hop))
+        found = await fastpath.probe(hops.values(), {i: link.name for i, link in links.items()})
+        chosen: dict[int, list[tuple[int, nft.FastTarget]]] = {4: [], 6: []}
+        mtus = []
+        pending = False
+        for (family, mark), address in sorted(hops.items()):
+            link = fastpath.eligible(address, found)
+            if link is None:
+                route = found.routes.get(address)
+                pending |= route is not None and not route.gateway  # on a link, no neighbour yet
+                continue
+            chosen[family].append((mark, nft.FastTarget(address, link)))
+            mtus.append(by_name[link].mtu)
+        self.fast_pending = pending
+        # a packet is at most as long as its ingress link's MTU (GRO aggregates stay GSO
+        # packets, which the links segment): check lengths only where a link out is smaller
+        smallest = min(mtus, default=0)
+        mtu = smallest if mtus and smallest < max(by_name[d].mtu for d in devices) else None
+        return nft.FastPath(devices, tuple(chosen[4]), tuple(chosen[6]), mtu)
+
+    async def _nft_spec(self, path: DataPath) -> nft.TableSpec:
+        assert self.features is not None
         maps = []
-        for key, stream in sorted(path.streams.items()):
-            marks = stream.table.entries.astype("int64") + stream.offset
-            marks[stream.table.entries == maglev.NO_TARGET] = 0
-            maps.append(nft.StreamMap(key, tuple(marks.tolist())))
+        marks = []
+        if self.mode != "nfqueue":
+            for key, stream in sorted(path.streams.items()):
+                entries = stream.table.entries.astype("int64") + stream.offset
+                entries[stream.table.entries == maglev.NO_TARGET] = 0
+                maps.append(nft.StreamMap(key, tuple(entries.tolist())))
+                marks += [stream.offset + identifier for identifier in stream.targets]
+        native = None
+        if self.mode == "nfqueue" and self.features.native_queue:
+            native = (self.lb.queue, self.lb.queues, self.lb.fail_open)
         return nft.TableSpec(
             streams=tuple(maps),
-            flows=path.classifier.flows,
+            flows=path.classifier.flows if self.mode != "nfqueue" else (),
             seed=path.seed,
             name=self.nft_table,
+            vips=tuple(f"{ipaddress.ip_interface(v).ip}" for v in path.vips),
             reject_no_target=self.lb.reject_no_target,
             defrag=self.lb.defrag,
+            mode=self.mode,
+            marks=tuple(marks),
+            port_nats=path.port_nats,
+            fast=await self._fast_path(path),
+            untrack_syn=self.lb.untrack_syn and self.mode == "first-packet",
+            defrag_by_conntrack=not self.features.tproxy,
+            native_queue=native,
         )
 
     async def _reconcile_nft(self, path: DataPath, check_drift: bool) -> None:
-        spec = self._nft_spec(path)
-        structure = spec.structure()
-        missing = check_drift and not await nft.exists(self.nft_table)
-        if structure != self._nft_structure or missing:
-            await nft.apply(nft.render_table(spec))
-            self._nft_structure = structure
-            if missing:
-                self.log.warning("nftables table was missing, reinstalled", table=self.nft_table)
-        else:
-            for stream_map in spec.streams:
-                old = self._nft_entries[stream_map.key]
-                changes: list[tuple[int, int | None]] = [
-                    (i, new)
-                    for i, (new, was) in enumerate(zip(stream_map.entries, old, strict=True))
-                    if new != was
-                ]
-                if changes:
-                    name = spec.map_name(stream_map.key)
-                    await nft.apply(nft.render_map_update(spec.name, name, changes))
-                    self.log.info("maglev map updated", map=name, entries=len(changes))
-        self._nft_entries = {s.key: s.entries for s in spec.streams}
+        spec = await self._nft_spec(path)
+        old = self._nft_applied
+        reload = old is None or old.structure() != spec.structure()
+        if old is not None and old.mode != "nfqueue" and (check_drift or reload or old != spec):
+            # before counters go (a reload, a target's element deleted), and at every resync
+            await self._read_kernel_counters(old, path)
+        if not reload and check_drift:
+            reload = not await self._nft_intact(spec)
+            if reload:
+                self.log.warning("nftables table missing or changed, reinstalled")
+        if not reload and spec.fast is not None:
+            # a hook device deleted and made again loses its hook: load the table again
+            reload = self._fast_links_seen != self._fast_links
+        if not reload:
+            assert old is not None
+            try:
+                await nft.apply(nft.render_update(old, spec))
+            except nft.NftError as exc:
+                self.log.warning("nftables update refused, reloading the table", error=str(exc))
+                reload = True
+        if reload:
+            if nft.needs_table(spec):
+                await nft.apply(nft.render_table(spec))
+            else:
+                await nft.apply(nft.render_delete(self.nft_table))
+            self._fast_links = dict(self._fast_links_seen) if spec.fast is not None else {}
+        if reload:
+            self.log.info("nftables table loaded", table=self.nft_table, fast=spec.fast is not None)
+        self._nft_applied = spec
+
+    async def _nft_intact(self, spec: nft.TableSpec) -> bool:
+        if not nft.needs_table(spec):
+            return True
+        if not await nft.exists(spec.name):
+            return False
+        if spec.fast is not None:
+            return await nft.exists(nft.fast_table_name(spec.name), family="netdev")
+        return True
+
+    async def _read_kernel_counters(self, applied: nft.TableSpec, path: DataPath) -> None:
+        """Per-target hits (routed and fast path) and drops, from the kernel's counters into
+        the metrics (kernel and first-packet modes)."""
+        try:
+            readings = await nft.read_counters(applied)
+        except nft.NftError as exc:
+            self.log.warning("reading the nftables counters failed", error=str(exc))
+            return
+        totals = self.kernel_totals
+        totals.update(readings.flat())
+        for stream in path.streams.values():
+            hits = stream.hits
+            for identifier in range(1, len(hits.packets)):
+                mark = stream.offset + identifier
+                routed, fast = totals.total(f"routed/{mark}"), totals.total(f"fast/{mark}")
+                if routed[0] or fast[0]:
+                    hits.packets[identifier] = routed[0] + fast[0]
+                    hits.octets[identifier] = routed[1] + fast[1]
+        self.kernel_drops = Counter(
+            {
+                reason: totals.total(reason)[0]
+                for reason in (nft.NO_FLOW_COUNTER, nft.NO_TARGET_COUNTER)
+            }
+        )
 
     async def cleanup(self) -> None:
         """Remove every rule, route, chain, table and map this LB installed."""
@@ -704,10 +846,12 @@ class LbRole(Role[LbSettings]):
         for route in sorted(observed.routes | self._installed.routes):
             await netlink.ensure_route_absent("default", table=route.table, family=route.family)
         self._installed = lbplan.Observed(frozenset(), frozenset())
-        for family in (4, 6):
-            await iptables.remove(family)
-        if self.mode == "kernel":
-            await nft.apply(nft.render_delete(self.nft_table), check=False)
+        if any(self._iptables.values()):
+            for family in (4, 6):
+                await iptables.remove(family)
+        self._iptables = {}
+        await nft.apply(nft.render_delete(self.nft_table), check=False)
+        self._nft_applied = None
         self.log.info("data path removed")
 
     # --- role life ---------------------------------------------------------------------------
@@ -796,7 +940,7 @@ class LbRole(Role[LbSettings]):
                 await self._detach_external()
 
     async def _start_readers(self, nursery: trio.Nursery) -> None:
-        count = 1 if self.mode == "kernel" else self.lb.queues
+        count = self.lb.queues if self.mode == "nfqueue" else 0
         self.readers = [
             QueueReader(self.lb.queue + i, self.verdicts, batch=self.lb.batch) for i in range(count)
         ]
@@ -1011,7 +1155,8 @@ class LbRole(Role[LbSettings]):
 
 
 def _show_counters(role: LbRole) -> dict[str, int]:
-    counters = {f"drop {reason}": count for reason, count in role.verdicts.drops.items()}
+    drops = role.verdicts.drops + role.kernel_drops
+    counters = {f"drop {reason}": count for reason, count in drops.items()}
     for (_, _, stream), hits in role.hit_counters.items():
         for identifier, count in enumerate(hits.packets):
             if count:
@@ -1082,7 +1227,7 @@ class LbInspect(LbInspectBase):
         if match is None:
             return WhichResponse()
         stream = path.streams[match.stream]
-        if self.role.mode == "kernel":
+        if self.role.mode in ("kernel", "first-packet"):
             key = flow_key(src.packed, dst.packed, req.sport, req.dport)
             index = nft_bucket(key, stream.table.size, path.seed)
         else:
