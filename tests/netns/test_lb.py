@@ -42,10 +42,10 @@ from tests.netns.lbtopo import (
     register,
     shown_identifiers,
     unregister,
-    wait_until,
 )
 from tests.netns.lbtopo import lb_show as show
 from tests.packetbuild import icmp_frag_needed, icmpv6_packet_too_big, udp_packet
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -29,7 +29,7 @@ import pytest
 from meridio.api.meridio.admin.v1 import GatewaysRequest, GatewaysResponse, LbInspectStub
 from tests.conftest import make_netns
 from tests.netns.daemons import SERVING, channel, health_status, run_async
-from tests.netns.lbtopo import NSP_CONFIG, TRENCH, VIP4, VIP6, ip_json, wait_until
+from tests.netns.lbtopo import NSP_CONFIG, TRENCH, VIP4, VIP6, ip_json
 from tests.netns.test_lb_external import (
     GW4,
     GW6,
@@ -39,6 +39,7 @@ from tests.netns.test_lb_external import (
     ExternalTopology,
     udp_echo,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
