@@ -11,6 +11,8 @@ Per role (nsp, ipam, lb, proxy, target):
   Readiness probe (the health socket) answers SERVING, then its RSS and PSS 0.5 s later. The
   NSP and IPAM the LB and proxy need run beside them (the target opens no stream: it is ready
   without any); every instance measured starts afresh (own run-dir and database).
+* **stop**: the same daemons, SIGTERM until the process has exited (readiness off, the
+  role's own clean-up: the LB removes its rules, routes and tables, the proxy its links).
 * **steady**: a small lab (``meridio.lab``: one LB, one proxy, two targets, two streams on
   conduit-a, static routing, TLS as ``lab up`` sets it; namespaces ``mlab-b<pid>f-``, removed
   afterwards) in which ``target-2`` has both streams open; every role's RSS and PSS 25 s after
@@ -147,6 +149,7 @@ class Samples:
         self.cpu: dict[str, list[float]] = {}
         self.rss: dict[str, list[int]] = {}
         self.pss: dict[str, list[int]] = {}
+        self.stop: dict[str, list[float]] = {}
 
     def add(self, key: str, seconds: float, cpu: float, memory: tuple[int, int] | None) -> None:
         self.times.setdefault(key, []).append(seconds)
@@ -235,14 +238,18 @@ def role_args(role: str, workdir: Path, nsp: Path, ipam: Path, config: Path) -> 
     ]
 
 
-def stop(daemon: Daemon) -> None:
+def stop(daemon: Daemon) -> float | None:
+    """SIGTERM; the seconds until the process exited (None: it had to be killed)."""
     if not daemon.alive():
-        return
+        return None
+    started = time.monotonic()
     daemon.signal(signal.SIGTERM)
     try:
         run_async(daemon.wait_exit(15))
     except AssertionError:
         daemon.kill()
+        return None
+    return time.monotonic() - started
 
 
 def measure_ready(samples: Samples, workdir: Path) -> None:
@@ -272,7 +279,9 @@ def measure_ready(samples: Samples, workdir: Path) -> None:
                         if k > 0:
                             samples.add(role, seconds, cpu, memory_kb(daemon.pid))
                     finally:
-                        stop(daemon)
+                        stopped = stop(daemon)
+                    if k > 0 and stopped is not None:
+                        samples.stop.setdefault(role, []).append(stopped)
             target = samples.times["target"]
             progress(
                 f"ready: {READY_RUNS} rounds; target {statistics.median(target):.3f} s median, "
@@ -333,6 +342,13 @@ def spread(values: Sequence[float], scale: float = 1.0, fmt: str = "{:.3f}") -> 
     return f"{fmt.format(statistics.median(values) * scale)} / {fmt.format(min(values) * scale)}"
 
 
+def upto(values: Sequence[float]) -> str:
+    """``median / max`` of ``values``, or ``-`` without any."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.3f} / {max(values):.3f}"
+
+
 def report(load: Samples, ready: Samples, steady: dict[str, tuple[int, int]]) -> None:
     bare_time = statistics.median(load.times["bare"])
     bare_rss = statistics.median(load.rss["bare"])
@@ -349,18 +365,18 @@ def report(load: Samples, ready: Samples, steady: dict[str, tuple[int, int]]) ->
     )
     print(
         f"\n  start, s (median / min; load: {LOAD_RUNS} runs, spawn->ready: {READY_RUNS} runs;"
-        " x bare: median load wall over the baseline's)"
+        " x bare: median load wall over the baseline's; SIGTERM->exit: median / max)"
     )
     print(
         f"  {'role':<8} {'load wall':>13} {'load CPU':>13} {'x bare':>7}"
-        f" {'ready wall':>13} {'ready CPU':>13}"
+        f" {'ready wall':>13} {'ready CPU':>13} {'SIGTERM->exit':>14}"
     )
     for role in ROLES:
         ratio = statistics.median(load.times[role]) / bare_time
         print(
             f"  {role:<8} {spread(load.times[role]):>13} {spread(load.cpu[role]):>13}"
             f" {ratio:>7.1f} {spread(ready.times.get(role, [])):>13}"
-            f" {spread(ready.cpu.get(role, [])):>13}"
+            f" {spread(ready.cpu.get(role, [])):>13} {upto(ready.stop.get(role, [])):>14}"
         )
     print("\n  memory, MB (median / min; x bare: median loaded RSS over the baseline's)")
     print(
