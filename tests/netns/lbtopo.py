@@ -66,7 +66,7 @@ from meridio.api.meridio.admin.v1 import (
 from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetRegistryStub, TargetStatus, Trench
 from tests.conftest import Netns, delete_netns
 from tests.netns.daemons import MERIDIOD, Daemon, channel, run_async
-from tests.waiting import wait_until
+from tests.waiting import HANG, wait_until
 
 PREFIX = "mlbt-"
 TRENCH = "trench-a"
@@ -663,7 +663,7 @@ class LbTopology:
         for proc in procs:
             proc.wait(10)
 
-    def stop_lb(self, timeout: float = 10.0) -> int:
+    def stop_lb(self, timeout: float = HANG) -> int:
         """SIGTERM the LB and wait for its exit status."""
         assert self.lb is not None
         self.lb_exit = run_async(self.lb.stop(timeout))
