@@ -605,10 +605,12 @@ def tcp_echo(client_ns: str, family: int, timeout: float = 3.0) -> str:
         return reply.split(b" ", 1)[0].decode()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
     """:func:`tests.waiting.wait_until`; a predicate that raises (a daemon not answering yet)
     means "not yet"."""
-    return waiting.wait_until(predicate, timeout, what, errors=(Exception,))
+    return waiting.wait_until(predicate, timeout, what, interval=interval, errors=(Exception,))
 
 
 def in_network(address: str, networks: Iterable[str]) -> bool:
