@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -46,7 +46,7 @@ def wait_until(
             last = exc
         else:
             if last:
-                return last
+                return cast(T, last)
         if time.monotonic() > deadline:
             raise _failed(what, timeout, last)
         time.sleep(interval)
@@ -66,7 +66,7 @@ async def wait_until_async(
         if inspect.isawaitable(last):
             last = await last
         if last:
-            return last  # type: ignore[return-value]
+            return cast(T, last)
         if time.monotonic() > deadline:
             raise _failed(what, timeout, last)
         await asyncio.sleep(interval)
