@@ -596,7 +596,8 @@ async def test_tcp_stall_is_a_lost_connection() -> None:
     assert report["hosts"] == {"mute": 1}
     assert report["lost_per_host"] == {"mute": 1}
     assert report["connections"][0]["error"] == "no reply for more than 0.5s"
-    assert report["connections"][0]["ended"] < 1.5
+    # lost by its reply timeout, not at the end of the run (2 s)
+    assert report["connections"][0]["ended"] < settings.duration
 
 
 async def test_udp_flow_that_goes_silent_is_lost() -> None:
