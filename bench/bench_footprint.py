@@ -16,7 +16,10 @@ Per role (nsp, ipam, lb, proxy, target):
 * **steady**: a small lab (``meridio.lab``: one LB, one proxy, two targets, two streams on
   conduit-a, static routing, TLS as ``lab up`` sets it; namespaces ``mlab-b<pid>f-``, removed
   afterwards) in which ``target-2`` has both streams open; every role's RSS and PSS 25 s after
-  the lab is up. The goal of the issue: the target at <= 45 MB RSS there.
+  the lab is up. The goal of the issue: the target at <= 45 MB RSS there. Then, in the same
+  lab, ``target-2`` closes and opens ``stream-b`` through its TAPA a few times: the time until
+  the LB's tables hold exactly the targets with the stream open (the lab polls them every
+  0.1 s).
 
 The baseline, measured in the same run: a bare interpreter (``python -c``, reading its own
 memory the way the loaders do): its wall time and RSS; ratios are against it. Medians and
@@ -55,6 +58,7 @@ LOAD_RUNS = int(os.environ.get("MERIDIO_FOOTPRINT_RUNS", "10"))
 READY_RUNS = max(2, LOAD_RUNS // 2)
 STEADY = float(os.environ.get("MERIDIO_FOOTPRINT_STEADY", "25"))
 SETTLE = 0.5
+TAPA_ROUNDS = 5
 TRENCH, CONDUIT, STREAM = "trench-a", "conduit-a", "stream-a"
 CONFIG: dict[str, Any] = {
     "trench": {"name": TRENCH},
@@ -305,7 +309,19 @@ STEADY_NAMES = {
 }
 
 
-def measure_steady(workdir: Path) -> dict[str, tuple[int, int]]:
+def measure_tapa(lab: Lab) -> dict[str, list[float]]:
+    """``target-2`` closes and opens ``stream-b`` through its TAPA, TAPA_ROUNDS times: the
+    seconds until the LB's tables hold exactly the targets with the stream open."""
+    times: dict[str, list[float]] = {"close": [], "open": []}
+    for _ in range(TAPA_ROUNDS):
+        for action in ("close", "open"):
+            started = time.monotonic()
+            lab.tap("target-2", action, ["stream-b"])
+            times[action].append(time.monotonic() - started)
+    return times
+
+
+def measure_steady(workdir: Path) -> tuple[dict[str, tuple[int, int]], dict[str, list[float]]]:
     prefix = f"mlab-b{os.getpid()}f-"
     lab = Lab(workdir / "lab", prefix)
     try:
@@ -323,7 +339,7 @@ def measure_steady(workdir: Path) -> dict[str, tuple[int, int]]:
                     out[label] = memory_kb(pid)
         if {r["stream"] for r in lab.tap_list("target-2")} != {"stream-a", "stream-b"}:
             progress("steady: target-2 no longer has both streams open!")
-        return out
+        return out, measure_tapa(lab)
     finally:
         lab.down()
 
@@ -349,7 +365,12 @@ def upto(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.3f} / {max(values):.3f}"
 
 
-def report(load: Samples, ready: Samples, steady: dict[str, tuple[int, int]]) -> None:
+def report(
+    load: Samples,
+    ready: Samples,
+    steady: dict[str, tuple[int, int]],
+    tapa: dict[str, list[float]],
+) -> None:
     bare_time = statistics.median(load.times["bare"])
     bare_rss = statistics.median(load.rss["bare"])
     wall_ms = spread(load.times["bare"], 1000, "{:.0f}")
@@ -404,6 +425,11 @@ def report(load: Samples, ready: Samples, steady: dict[str, tuple[int, int]]) ->
         if two is not None:
             verdict = "met" if two[0] <= 45 * 1024 else f"missed by {mb(two[0] - 45 * 1024)} MB"
             print(f"  goal, the target with two streams open at <= 45 MB RSS: {verdict}")
+    if tapa:
+        print(
+            f"\n  TAPA, target-2's stream-b ({TAPA_ROUNDS} times, median / max): close -> out of"
+            f" the LB's table {upto(tapa['close'])} s, open -> in it {upto(tapa['open'])} s"
+        )
     for what, values in (("wall", load.times["target"]), ("CPU", load.cpu["target"])):
         median = statistics.median(values)
         verdict = "met" if median <= 0.3 else f"missed by {median - 0.3:.3f} s"
@@ -435,8 +461,8 @@ def main() -> None:
             load, ready = Samples(), Samples()
             measure_load(load)
             measure_ready(ready, workdir)
-            steady = measure_steady(workdir) if STEADY > 0 else {}
-        report(load, ready, steady)
+            steady, tapa = measure_steady(workdir) if STEADY > 0 else ({}, {})
+        report(load, ready, steady, tapa)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
