@@ -11,7 +11,7 @@ four targets installed and the LB's conntrack table empty, and puts back what it
 - established TCP connections to the remaining targets survive a removal (first-packet: all);
 - ICMP fragmentation-needed / packet-too-big about a flow reach that flow's target;
 - a rule, a route and the nft table(s) deleted by hand come back;
-- SIGTERM: exit 0 within 5 s, no rule, route, nft table, iptables chain or bound queue left;
+- SIGTERM: exit 0, no rule, route, nft table, iptables chain or bound queue left;
   kernel and first-packet modes never touch iptables;
 - two LBs fed the same targets in different orders (own NSP each) show the same digest;
 - Meridio's flow model (tests/netns/lbtopo.py FLOW_MODEL_CONFIG): stateless port NAT (VIP:80 to
@@ -57,10 +57,10 @@ from tests.netns.lbtopo import (
     register,
     shown_identifiers,
     unregister,
-    wait_until,
 )
 from tests.netns.lbtopo import lb_show as show
 from tests.packetbuild import icmp_frag_needed, icmpv6_packet_too_big, udp_packet
+from tests.waiting import HANG, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -317,7 +317,7 @@ def test_icmp_errors_reach_the_flows_target(topo: LbTopology) -> None:
         )
 
     with contextlib.suppress(AssertionError):
-        wait_until(lambda: got() == expected, 3.0, "ICMP errors counted")
+        wait_until(lambda: got() == expected, HANG, "ICMP errors counted")
     assert got() == expected
 
 
@@ -342,7 +342,9 @@ def _route(topo: LbTopology, family: str, table: int, gateway: str) -> bool:
 
 
 def test_drift_is_repaired(topo: LbTopology) -> None:
-    margin = RESYNC + 3.0
+    # repaired by the next resync (every RESYNC s; how fast a change reaches the kernel:
+    # bench_lbscale); HANG only turns a repair that never comes into a failure
+    margin = HANG
     mark = OFFSET + 1
     assert _rule(topo, "-4", mark)
     topo.lb_ns.run(
@@ -358,9 +360,7 @@ def test_drift_is_repaired(topo: LbTopology) -> None:
         str(RULE_PRIORITY),
     )
     assert not _rule(topo, "-4", mark)
-    t0 = time.monotonic()
     wait_until(lambda: _rule(topo, "-4", mark), margin, "the deleted rule back")
-    rule_back = time.monotonic() - t0
 
     table = OFFSET + 2
     assert _route(topo, "-6", table, "fd00:1::12")
@@ -384,7 +384,6 @@ def test_drift_is_repaired(topo: LbTopology) -> None:
     finally:
         flows.close()
     assert None not in answers.values() and len(set(answers.values())) == 4, answers
-    assert rule_back <= margin
 
 
 # -- 7. equal tables on every LB ----------------------------------------------------------------
@@ -460,11 +459,8 @@ def test_sigterm_removes_everything(topo: LbTopology) -> None:
         assert "table ip " not in tables and "table ip6 " not in tables, tables
     assert bool(queues()) == queued
 
-    t0 = time.monotonic()
-    code = topo.stop_lb(timeout=10)
-    took = time.monotonic() - t0
-    assert code == 0
-    assert took < 5, f"the LB took {took:.1f}s to exit"
+    # how long the LB takes to stop: bench_footprint (SIGTERM->exit)
+    assert topo.stop_lb() == 0
     assert topo.lb_rules() == []
     assert routes() == []
     assert LB_NFT_TABLE not in ns.run("nft", "list", "tables").stdout  # (and its -fast)
@@ -555,7 +551,7 @@ def test_hits_are_counted_per_target(topo: LbTopology) -> None:
         now = shown_hits(topo)
         return sum((now - before).values()) >= 200 and all(now[i] > before[i] for i in ALL)
 
-    wait_until(grown, RESYNC + 3, "per-target hits in Show")
+    wait_until(grown, HANG, "per-target hits in Show")
 
 
 # -- 11. the ingress fast path (kernel mode) ---------------------------------------------------
