@@ -6,15 +6,18 @@ route as the baseline. Per event, a probe opens new TCP connections at a fixed r
 external host while the gateway's route to the VIP is watched every few milliseconds:
 
 * LB killed (``kill -9`` of meridiod; its BIRD dies with it);
+* LB pod gone (its network namespace deleted with everything in it);
 * LB hung (its process alive, every packet of its namespace dropped: only BFD can tell);
 * graceful withdraw (``scale --lbs 1``: SIGTERM, the LB withdraws first);
 * LB (re)joining (``scale --lbs 2``: announced once it forwards to every target).
 
 Convergence is the time from the event to the gateway's route losing (or gaining) the LB;
-failed connections are the probe's. Static routing never converges on a crash: its figures
+failed connections are the probe's, with the time from the start of the first one to that of
+the last one. Static routing never converges on a crash: its figures
 are over the rest of the run.
 
     python -m bench attraction
+    MERIDIO_BENCH_CASES=gone python -m bench attraction     # some of the cases only
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ RATE = 200
 RUN = 8.0
 EVENT_AT = 2.0
 REPEAT = 3
-CASES = ("killed", "hung", "withdraw", "join")
+ALL_CASES = ("killed", "gone", "hung", "withdraw", "join")
+# MERIDIO_BENCH_CASES=gone,hung runs some of them (names of other benchmarks' cases ignored)
+CASES = (
+    tuple(c for c in os.environ.get("MERIDIO_BENCH_CASES", "").split(",") if c in ALL_CASES)
+    or ALL_CASES
+)
 
 
 def routed(lab: Lab, lb: int) -> bool:
@@ -75,6 +83,8 @@ def one(lab: Lab, case: str, dynamic: bool) -> tuple[float | None, dict[str, Any
     converged: float | None = None
     if case == "killed":
         lab.kill("lb-2")
+    elif case == "gone":
+        lab.kill("lb-2", netns=True)
     elif case == "hung":
         hang(lab, 2)
     elif case == "withdraw":
@@ -91,7 +101,7 @@ def one(lab: Lab, case: str, dynamic: bool) -> tuple[float | None, dict[str, Any
         lab.scale(lbs=1)
         watcher.join()
         converged = done[0] if done and done[0] < 10 else None
-    if case in ("killed", "hung"):
+    if case in ("killed", "gone", "hung"):
         limit = RUN - EVENT_AT - 0.5
         while routed(lab, 2) and time.monotonic() - started < limit:
             time.sleep(0.002)
@@ -148,6 +158,13 @@ def run_lab(routing: str, workdir: Path) -> dict[str, list[tuple[float | None, d
     return results
 
 
+def starts_span(report: dict[str, Any]) -> float:
+    """Seconds from the start of the first failed new connection to that of the last one (an
+    attempt that times out fails a connect timeout later, but it started when it started)."""
+    starts = [f["t"] for f in report["failures"]]
+    return max(starts) - min(starts) if starts else 0.0
+
+
 def fmt_conv(values: list[float | None]) -> str:
     got = [v for v in values if v is not None]
     if not got:
@@ -180,6 +197,9 @@ def main() -> None:
         b = statistics.median(r["failed"] for _, r in bgp[case])
         s = statistics.median(r["failed"] for _, r in static[case])
         row(f"{case}: failed new connections (of {int(RATE * RUN)})", f"{b:g}", f"{s:g}")
+        b = statistics.median(starts_span(r) for _, r in bgp[case])
+        s = statistics.median(starts_span(r) for _, r in static[case])
+        row(f"{case}: their starts, first to last", f"{b * 1000:.0f} ms", f"{s * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,15 @@ Per role (nsp, ipam, lb, proxy, target):
   Readiness probe (the health socket) answers SERVING, then its RSS and PSS 0.5 s later. The
   NSP and IPAM the LB and proxy need run beside them (the target opens no stream: it is ready
   without any); every instance measured starts afresh (own run-dir and database).
+* **stop**: the same daemons, SIGTERM until the process has exited (readiness off, the
+  role's own clean-up: the LB removes its rules, routes and tables, the proxy its links).
 * **steady**: a small lab (``meridio.lab``: one LB, one proxy, two targets, two streams on
   conduit-a, static routing, TLS as ``lab up`` sets it; namespaces ``mlab-b<pid>f-``, removed
   afterwards) in which ``target-2`` has both streams open; every role's RSS and PSS 25 s after
-  the lab is up. The goal of the issue: the target at <= 45 MB RSS there.
+  the lab is up. The goal of the issue: the target at <= 45 MB RSS there. Then, in the same
+  lab, ``target-2`` closes and opens ``stream-b`` through its TAPA a few times: the time until
+  the LB's tables hold exactly the targets with the stream open (the lab polls them every
+  0.1 s).
 
 The baseline, measured in the same run: a bare interpreter (``python -c``, reading its own
 memory the way the loaders do): its wall time and RSS; ratios are against it. Medians and
@@ -53,6 +58,7 @@ LOAD_RUNS = int(os.environ.get("MERIDIO_FOOTPRINT_RUNS", "10"))
 READY_RUNS = max(2, LOAD_RUNS // 2)
 STEADY = float(os.environ.get("MERIDIO_FOOTPRINT_STEADY", "25"))
 SETTLE = 0.5
+TAPA_ROUNDS = 5
 TRENCH, CONDUIT, STREAM = "trench-a", "conduit-a", "stream-a"
 CONFIG: dict[str, Any] = {
     "trench": {"name": TRENCH},
@@ -147,6 +153,7 @@ class Samples:
         self.cpu: dict[str, list[float]] = {}
         self.rss: dict[str, list[int]] = {}
         self.pss: dict[str, list[int]] = {}
+        self.stop: dict[str, list[float]] = {}
 
     def add(self, key: str, seconds: float, cpu: float, memory: tuple[int, int] | None) -> None:
         self.times.setdefault(key, []).append(seconds)
@@ -235,14 +242,18 @@ def role_args(role: str, workdir: Path, nsp: Path, ipam: Path, config: Path) -> 
     ]
 
 
-def stop(daemon: Daemon) -> None:
+def stop(daemon: Daemon) -> float | None:
+    """SIGTERM; the seconds until the process exited (None: it had to be killed)."""
     if not daemon.alive():
-        return
+        return None
+    started = time.monotonic()
     daemon.signal(signal.SIGTERM)
     try:
         run_async(daemon.wait_exit(15))
     except AssertionError:
         daemon.kill()
+        return None
+    return time.monotonic() - started
 
 
 def measure_ready(samples: Samples, workdir: Path) -> None:
@@ -272,7 +283,9 @@ def measure_ready(samples: Samples, workdir: Path) -> None:
                         if k > 0:
                             samples.add(role, seconds, cpu, memory_kb(daemon.pid))
                     finally:
-                        stop(daemon)
+                        stopped = stop(daemon)
+                    if k > 0 and stopped is not None:
+                        samples.stop.setdefault(role, []).append(stopped)
             target = samples.times["target"]
             progress(
                 f"ready: {READY_RUNS} rounds; target {statistics.median(target):.3f} s median, "
@@ -296,7 +309,19 @@ STEADY_NAMES = {
 }
 
 
-def measure_steady(workdir: Path) -> dict[str, tuple[int, int]]:
+def measure_tapa(lab: Lab) -> dict[str, list[float]]:
+    """``target-2`` closes and opens ``stream-b`` through its TAPA, TAPA_ROUNDS times: the
+    seconds until the LB's tables hold exactly the targets with the stream open."""
+    times: dict[str, list[float]] = {"close": [], "open": []}
+    for _ in range(TAPA_ROUNDS):
+        for action in ("close", "open"):
+            started = time.monotonic()
+            lab.tap("target-2", action, ["stream-b"])
+            times[action].append(time.monotonic() - started)
+    return times
+
+
+def measure_steady(workdir: Path) -> tuple[dict[str, tuple[int, int]], dict[str, list[float]]]:
     prefix = f"mlab-b{os.getpid()}f-"
     lab = Lab(workdir / "lab", prefix)
     try:
@@ -314,7 +339,7 @@ def measure_steady(workdir: Path) -> dict[str, tuple[int, int]]:
                     out[label] = memory_kb(pid)
         if {r["stream"] for r in lab.tap_list("target-2")} != {"stream-a", "stream-b"}:
             progress("steady: target-2 no longer has both streams open!")
-        return out
+        return out, measure_tapa(lab)
     finally:
         lab.down()
 
@@ -333,7 +358,19 @@ def spread(values: Sequence[float], scale: float = 1.0, fmt: str = "{:.3f}") -> 
     return f"{fmt.format(statistics.median(values) * scale)} / {fmt.format(min(values) * scale)}"
 
 
-def report(load: Samples, ready: Samples, steady: dict[str, tuple[int, int]]) -> None:
+def upto(values: Sequence[float]) -> str:
+    """``median / max`` of ``values``, or ``-`` without any."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.3f} / {max(values):.3f}"
+
+
+def report(
+    load: Samples,
+    ready: Samples,
+    steady: dict[str, tuple[int, int]],
+    tapa: dict[str, list[float]],
+) -> None:
     bare_time = statistics.median(load.times["bare"])
     bare_rss = statistics.median(load.rss["bare"])
     wall_ms = spread(load.times["bare"], 1000, "{:.0f}")
@@ -349,18 +386,18 @@ def report(load: Samples, ready: Samples, steady: dict[str, tuple[int, int]]) ->
     )
     print(
         f"\n  start, s (median / min; load: {LOAD_RUNS} runs, spawn->ready: {READY_RUNS} runs;"
-        " x bare: median load wall over the baseline's)"
+        " x bare: median load wall over the baseline's; SIGTERM->exit: median / max)"
     )
     print(
         f"  {'role':<8} {'load wall':>13} {'load CPU':>13} {'x bare':>7}"
-        f" {'ready wall':>13} {'ready CPU':>13}"
+        f" {'ready wall':>13} {'ready CPU':>13} {'SIGTERM->exit':>14}"
     )
     for role in ROLES:
         ratio = statistics.median(load.times[role]) / bare_time
         print(
             f"  {role:<8} {spread(load.times[role]):>13} {spread(load.cpu[role]):>13}"
             f" {ratio:>7.1f} {spread(ready.times.get(role, [])):>13}"
-            f" {spread(ready.cpu.get(role, [])):>13}"
+            f" {spread(ready.cpu.get(role, [])):>13} {upto(ready.stop.get(role, [])):>14}"
         )
     print("\n  memory, MB (median / min; x bare: median loaded RSS over the baseline's)")
     print(
@@ -388,6 +425,11 @@ def report(load: Samples, ready: Samples, steady: dict[str, tuple[int, int]]) ->
         if two is not None:
             verdict = "met" if two[0] <= 45 * 1024 else f"missed by {mb(two[0] - 45 * 1024)} MB"
             print(f"  goal, the target with two streams open at <= 45 MB RSS: {verdict}")
+    if tapa:
+        print(
+            f"\n  TAPA, target-2's stream-b ({TAPA_ROUNDS} times, median / max): close -> out of"
+            f" the LB's table {upto(tapa['close'])} s, open -> in it {upto(tapa['open'])} s"
+        )
     for what, values in (("wall", load.times["target"]), ("CPU", load.cpu["target"])):
         median = statistics.median(values)
         verdict = "met" if median <= 0.3 else f"missed by {median - 0.3:.3f} s"
@@ -419,8 +461,8 @@ def main() -> None:
             load, ready = Samples(), Samples()
             measure_load(load)
             measure_ready(ready, workdir)
-            steady = measure_steady(workdir) if STEADY > 0 else {}
-        report(load, ready, steady)
+            steady, tapa = measure_steady(workdir) if STEADY > 0 else ({}, {})
+        report(load, ready, steady, tapa)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -13,15 +13,24 @@ time per call and the time until every watcher has the final state. The clients 
 with requests encoded before the clock starts (see ``bench/grpcio_load.py``): a Python client
 costs about what the daemon does per call and would take the CPU the daemon is measured for.
 
+Configuration edits: the file replaced (as a ConfigMap mount is) until a Watch of the streams
+shows the change, picked up by the file poll (default interval, and the file must read the
+same twice before it is applied) and by SIGHUP (applied at once); the daemon runs with its
+default settings apart from the entry timeout.
+
     python -m bench.bench_nsp
+    python -m bench.bench_nsp config          # the configuration edits only (about 20 s)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +44,7 @@ from bench.common import health_call, health_warmup, progress, row
 from meridio.api.grpc.health.v1 import HealthCheckRequest, HealthStub
 from meridio.api.nsp.v1 import (
     Conduit,
+    ConfigurationManagerStub,
     Stream,
     Target,
     TargetRegistryStub,
@@ -66,6 +76,7 @@ WATCHERS = 20
 CHANGES = 50
 STREAM_B = 20
 BIG_CHANGES = 6
+CONFIG_EDITS = 5
 
 CONFIG = {
     "trench": {"name": "trench-a"},
@@ -95,6 +106,66 @@ def make_target(
         status=status,
         stream=stream(stream_name),
     )
+
+
+# -- configuration edits -------------------------------------------------------------------------
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """Replace the file atomically, as a ConfigMap mount does."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(path)
+
+
+async def config_delays(daemon: Daemon, path: Path, edits: int) -> dict[str, list[float]]:
+    """Seconds from each edit of the file to a Watch of the streams showing it: picked up by
+    the poll, then with a SIGHUP right after the edit. The file is as it was afterwards."""
+    ch = Channel(path=str(daemon.socket))
+    seen: asyncio.Queue[set[str]] = asyncio.Queue()
+
+    async def pump() -> None:
+        async for reply in ConfigurationManagerStub(ch).watch_stream(Stream()):
+            seen.put_nowait({s.name for s in reply.streams})
+
+    task = asyncio.create_task(pump())
+    delays: dict[str, list[float]] = {"poll": [], "sighup": []}
+    try:
+        await asyncio.wait_for(seen.get(), 10)
+        for way in ("poll", "sighup"):
+            for i in range(edits):
+                name = f"edit-{way}-{i}"
+                config = yaml.safe_load(yaml.safe_dump(CONFIG))
+                config["streams"]["items"].append(
+                    {"name": name, "conduit": "conduit-a", "max-targets": 10}
+                )
+                write_config(path, config)
+                started = time.monotonic()
+                if way == "sighup":
+                    daemon.signal(signal.SIGHUP)
+                while name not in await asyncio.wait_for(seen.get(), 30):
+                    pass
+                delays[way].append(time.monotonic() - started)
+                await asyncio.sleep(0.5)  # apart, so that every edit is a change of its own
+        write_config(path, CONFIG)
+        daemon.signal(signal.SIGHUP)
+        while any(n.startswith("edit-") for n in await asyncio.wait_for(seen.get(), 30)):
+            pass
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        ch.close()
+    return delays
+
+
+def print_config_delays(delays: dict[str, list[float]]) -> None:
+    for way, label in (("poll", "by the file poll (every 1 s)"), ("sighup", "with SIGHUP")):
+        values = delays[way]
+        row(
+            f"configuration edit -> Watch, {label}, p50 / max",
+            f"{ms(statistics.median(values))} / {ms(max(values))}",
+        )
 
 
 # -- calls made by the load processes ------------------------------------------------------------
@@ -326,7 +397,7 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-def measure(daemon: Daemon) -> None:
+def measure(daemon: Daemon, config_path: Path) -> None:
     layout = {"processes": PROCESSES, "tasks": TASKS_PER_PROCESS}
     targets = [make_target(i) for i in range(TARGETS)]
 
@@ -370,6 +441,8 @@ def measure(daemon: Daemon) -> None:
     big_last, _ = run_async(fanout_delays(daemon, whole, extra, watchers=1, changes=BIG_CHANGES))
     progress("whole-registry watch done")
     churn = measure_churn(daemon)
+    progress("state changes done")
+    edits = run_async(config_delays(daemon, config_path, CONFIG_EDITS))
     alive = daemon.alive()
     code = run_async(daemon.stop())
 
@@ -414,6 +487,8 @@ def measure(daemon: Daemon) -> None:
         f"{churn['change_cpu'] / churn['baseline_cpu']:.2f}x",
     )
     row(f"  last reply -> all {CHURN_WATCHERS} watchers final", ms(churn["converged"]))
+    print()
+    print_config_delays(edits)
     print(
         f"\n  state changes: {churn['calls']} Register calls on the clock ({CHURN_TARGETS} "
         f"stream-c targets flipped ENABLED/DISABLED {CHURN_ROUNDS} times by {churn_layout} "
@@ -451,7 +526,10 @@ def main() -> None:
                 flush=True,
             )
             try:
-                measure(daemon)
+                if "config" in sys.argv[1:]:
+                    print_config_delays(run_async(config_delays(daemon, config, CONFIG_EDITS)))
+                else:
+                    measure(daemon, config)
             except BaseException:
                 print(f"daemon log (tail):\n{daemon.log_text()[-3000:]}", flush=True)
                 raise

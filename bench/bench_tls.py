@@ -8,7 +8,12 @@ spawned processes, each with its connections opened off the clock, so a rate is 
 does per call over an established connection. A last part opens a new connection for every
 call: the handshake's price (ECDSA P-256 certificates, TLS 1.3).
 
+Certificate reload: an NSP with mutual TLS and its default reload interval gets a new
+certificate in its directory (as cert-manager or SPIRE writes one), at random moments; the
+time until a new handshake is presented the new certificate.
+
     python -m bench.bench_tls
+    python -m bench.bench_tls reload          # the certificate reload only (about 30 s)
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import multiprocessing
+import random
 import shutil
+import ssl
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +37,9 @@ from bench.common import progress
 from meridio import pki
 from meridio.api.ipam.v1 import Child, IpFamily, Subnet
 from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetStatus, Trench
+from meridio.settings import CommonSettings
 from tests.netns.daemons import IPAM_PREFIXES, Daemon, bench_netns, run_async
+from tests.netns.tlsclient import client_context, netns_socket
 
 TARGETS = 1000
 CHILDREN = 2000
@@ -38,6 +48,7 @@ TASKS_PER_PROCESS = 4
 PASSES = 4
 IPAM_PASSES = 2  # 2000 new children each: a node prefix (/24) holds 254
 HANDSHAKES = 300
+RELOADS = 6
 SERVER_NAME = "meridio.test"  # a DNS SAN of the servers' certificates: grpcio checks host names
 PORTS = {("nsp", True): 7778, ("nsp", False): 7788, ("ipam", True): 7777, ("ipam", False): 7787}
 CONFIG = {
@@ -337,11 +348,78 @@ def measure(ns: Any, workdir: Path) -> None:
     )
 
 
+def served_certificate(netns: str, port: int, client: Path) -> bytes | None:
+    """The certificate (DER) a new handshake with the daemon is presented; None on failure."""
+    ctx = client_context(client / "tls.crt", client / "tls.key", client / "ca.crt")
+    try:
+        sock = netns_socket(netns, "127.0.0.1", port)
+        sock.setblocking(True)
+        sock.settimeout(5)
+        with ctx.wrap_socket(sock, server_hostname=SERVER_NAME) as tls:
+            return tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def measure_reload(ns: Any, workdir: Path) -> list[float]:
+    """Seconds from a new certificate in the NSP's directory to a handshake presenting it."""
+    ca = pki.make_ca()
+    spiffe = f"spiffe://{ca.trust_domain}/meridio"
+
+    def issue(out: Path, spiffe_id: str) -> bytes:
+        cert, key = pki.make_svid(ca, spiffe_id, dns_names=(SERVER_NAME,))
+        pki.write_credentials(out, pki.cert_pem(cert), pki.key_pem(key), ca.pem)
+        return ssl.PEM_cert_to_DER_cert(pki.cert_pem(cert).decode())
+
+    client = workdir / "pki" / "reload-client"
+    issue(client, f"{spiffe}/proxy/reload-client")
+    server = workdir / "pki" / "reload-nsp"
+    issue(server, f"{spiffe}/nsp/reload-nsp")
+    config = workdir / "reload-configuration.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    port = PORTS["nsp", True]
+    daemon = Daemon(
+        ns,
+        "nsp",
+        workdir / "reload",
+        f"--listen=127.0.0.1:{port}",
+        f"--tls-dir={server}",
+        f"--configuration-file={config}",
+    )
+    run_async(daemon.start(30))
+    delays: list[float] = []
+    try:
+        for _ in range(RELOADS):
+            # at a random moment of the daemon's poll period
+            time.sleep(random.uniform(0, CommonSettings().tls_reload_interval))
+            wanted = issue(server, f"{spiffe}/nsp/reload-nsp")
+            started = time.monotonic()
+            while served_certificate(ns.name, port, client) != wanted:
+                if time.monotonic() - started > 60:
+                    raise RuntimeError(f"the new certificate was not served:\n{daemon.log_text()}")
+                time.sleep(0.01)
+            delays.append(time.monotonic() - started)
+    finally:
+        run_async(daemon.stop())
+    return delays
+
+
+def print_reload(delays: list[float]) -> None:
+    interval = CommonSettings().tls_reload_interval
+    print(
+        f"\n  certificate replaced -> served (reload interval {interval:g} s, {len(delays)} "
+        f"times): p50 {statistics.median(delays):.2f} s, max {max(delays):.2f} s",
+        flush=True,
+    )
+
+
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mbench-tls-", dir="/tmp"))
     try:
         with bench_netns() as ns:
-            measure(ns, workdir)
+            if "reload" not in sys.argv[1:]:
+                measure(ns, workdir)
+            print_reload(measure_reload(ns, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

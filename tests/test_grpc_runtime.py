@@ -140,7 +140,10 @@ async def test_pump_reconnects_after_server_restart(aio_loop: object, tmp_path: 
                 )
             )
             for _ in range(2):  # the server comes up (late), goes away, and comes back
-                await trio.sleep(0.3)
+                failures = states.count(False)
+                with trio.fail_after(10):  # the pump tried with no server there, and failed
+                    while states.count(False) == failures:
+                        await trio.sleep(0.01)
                 server = GrpcStack()
                 await server.serve([HealthService(Health())], [Endpoint(path=str(sock))])
                 with trio.fail_after(10):

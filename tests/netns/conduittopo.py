@@ -56,6 +56,7 @@ from meridio.api.nsp.v1 import (
     TargetType,
     Trench,
 )
+from tests import waiting
 from tests.conftest import Netns
 from tests.netns.daemons import Daemon, channel, run_async
 from tests.netns.lbtopo import (
@@ -604,19 +605,12 @@ def tcp_echo(client_ns: str, family: int, timeout: float = 3.0) -> str:
         return reply.split(b" ", 1)[0].decode()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = predicate()
-        except Exception as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
-        time.sleep(0.05)
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """:func:`tests.waiting.wait_until`; a predicate that raises (a daemon not answering yet)
+    means "not yet"."""
+    return waiting.wait_until(predicate, timeout, what, interval=interval, errors=(Exception,))
 
 
 def in_network(address: str, networks: Iterable[str]) -> bool:

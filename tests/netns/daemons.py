@@ -4,6 +4,9 @@ Every daemon runs under ``ip netns exec`` (``Netns.popen``) and listens on unix 
 the test's ``tmp_path``, so the test process reaches it without any route into the namespace.
 Readiness is the daemon's own ``grpc.health.v1`` ``Readiness`` probe on ``<run-dir>/health.sock``.
 
+Waits are bounded by ``tests.waiting.HANG`` unless a caller gives its own bound: a bound that
+turns a hang into a failure, never a performance goal.
+
 Clients are plain asyncio + grpclib; :func:`aio_test` turns an ``async def`` test into a sync one
 run on a plain asyncio loop (the project's pytest-trio mode is for trio tests only).
 """
@@ -33,6 +36,7 @@ from meridio.api.grpc.health.v1 import (
     HealthCheckResponseServingStatus,
     HealthStub,
 )
+from tests.waiting import HANG
 
 MERIDIOD = str(Path(sys.executable).parent / "meridiod")
 SERVING = HealthCheckResponseServingStatus.SERVING
@@ -160,7 +164,7 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(signum)
 
-    async def ready(self, timeout: float = 10.0) -> None:
+    async def ready(self, timeout: float = HANG) -> None:
         """Wait until Readiness is SERVING on the health socket; fail if the process exits."""
         deadline = time.monotonic() + timeout
         while True:
@@ -177,7 +181,7 @@ class Daemon:
                 )
             await asyncio.sleep(0.02)
 
-    async def start(self, timeout: float = 10.0) -> Daemon:
+    async def start(self, timeout: float = HANG) -> Daemon:
         self.spawn()
         await self.ready(timeout)
         return self
@@ -195,7 +199,7 @@ class Daemon:
             await asyncio.sleep(0.01)
         return self.proc.returncode
 
-    async def stop(self, timeout: float = 5.0) -> int:
+    async def stop(self, timeout: float = HANG) -> int:
         """SIGTERM and wait for the exit status."""
         self.signal(signal.SIGTERM)
         return await self.wait_exit(timeout)
@@ -206,7 +210,7 @@ class Daemon:
         self.proc.kill()
         self.proc.wait(5)
 
-    async def restart(self, timeout: float = 10.0) -> None:
+    async def restart(self, timeout: float = HANG) -> None:
         """Start again on the same database, run-dir and sockets."""
         await self.start(timeout)
 
@@ -229,7 +233,7 @@ class Daemon:
         return out
 
     async def wait_log(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = HANG
     ) -> dict[str, Any]:
         """The first JSON log record matching ``predicate``, waiting for it if needed."""
         deadline = time.monotonic() + timeout
@@ -294,7 +298,7 @@ class Watcher:
         else:
             self._queue.put_nowait(StreamEnded())
 
-    async def next(self, timeout: float = 5.0) -> Any:
+    async def next(self, timeout: float = HANG) -> Any:
         try:
             item = await asyncio.wait_for(self._queue.get(), timeout)
         except TimeoutError:
@@ -303,7 +307,7 @@ class Watcher:
             raise item
         return item
 
-    async def until(self, predicate: Callable[[Any], bool], timeout: float = 5.0) -> Any:
+    async def until(self, predicate: Callable[[Any], bool], timeout: float = HANG) -> Any:
         """Skip messages until one satisfies ``predicate``; return it."""
         deadline = time.monotonic() + timeout
         while True:
@@ -322,7 +326,7 @@ class Watcher:
             return
         raise AssertionError(f"unexpected stream item: {item!r}")
 
-    async def end(self, timeout: float = 5.0) -> BaseException:
+    async def end(self, timeout: float = HANG) -> BaseException:
         """Wait for the stream to fail or end; the exception that ended it."""
         deadline = time.monotonic() + timeout
         while True:

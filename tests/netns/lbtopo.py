@@ -48,7 +48,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -66,6 +66,7 @@ from meridio.api.meridio.admin.v1 import (
 from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetRegistryStub, TargetStatus, Trench
 from tests.conftest import Netns, delete_netns
 from tests.netns.daemons import MERIDIOD, Daemon, channel, run_async
+from tests.waiting import HANG, wait_until
 
 PREFIX = "mlbt-"
 TRENCH = "trench-a"
@@ -376,17 +377,6 @@ def shown_identifiers(show: ShowResponse) -> set[int]:
     return {t.identifier for t in show.streams[0].targets}
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
-
-
 # -- the topology -----------------------------------------------------------------------------
 
 
@@ -673,7 +663,7 @@ class LbTopology:
         for proc in procs:
             proc.wait(10)
 
-    def stop_lb(self, timeout: float = 10.0) -> int:
+    def stop_lb(self, timeout: float = HANG) -> int:
         """SIGTERM the LB and wait for its exit status."""
         assert self.lb is not None
         self.lb_exit = run_async(self.lb.stop(timeout))

@@ -13,7 +13,6 @@ import ipaddress
 import json
 import signal
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ import pytest
 
 from meridio.api.nsp.v1 import TargetStatus, TargetType
 from tests.netns.conduittopo import (
-    EXPIRY,
     IPAM_V4,
     IPAM_V6,
     SMALL_STREAM,
@@ -35,6 +33,7 @@ from tests.netns.conduittopo import (
     wait_until,
 )
 from tests.netns.daemons import NOT_SERVING, health_status, run_async
+from tests.waiting import HANG
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -151,15 +150,11 @@ def mesh_problems(topo: ConduitTopology) -> list[str]:
     return problems
 
 
-def wait_settled(topo: ConduitTopology, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    problems: list[str] = []
-    while time.monotonic() < deadline:
-        problems = mesh_problems(topo)
-        if not problems:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"mesh not settled: {problems}\n{dump(topo)}")
+def wait_settled(topo: ConduitTopology) -> None:
+    try:
+        wait_until(lambda: not mesh_problems(topo), HANG, "mesh settled", interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"mesh not settled: {mesh_problems(topo)}\n{dump(topo)}") from None
 
 
 # -- every variant --------------------------------------------------------------------------------
@@ -242,14 +237,14 @@ def test_an_lb_added_is_connected_and_removed_is_disconnected(full: ConduitTopol
         status = run_async(lb3.daemon.stop(10))
         assert status == 0, lb3.daemon.log_text()
         del topo.lbs[lb3.name]
-        wait_settled(topo, timeout=10)
+        wait_settled(topo)
         assert topo.conduit_links(lb3.ns, "lbc") == [], "the stopped LB left conduit links"
         assert lb3.connect not in {
             t.context["connect"] for t in topo.nsp_targets(TargetType.FRONTEND)
         }
         wait_until(
             lambda: not any(a.name.endswith(f">{lb3.connect}-dst") for a in topo.allocations()),
-            5,
+            HANG,
             "the proxies released their addresses on the removed LB's side",
         )
     finally:
@@ -271,26 +266,27 @@ def present_everywhere(topo: ConduitTopology, ips: tuple[str, ...]) -> bool:
     return all(ips in {i for _, i in topo.lb_target_ips(lb)} for lb in topo.lbs)
 
 
-def test_a_deleted_target_namespace_leaves_nsp_and_the_lbs_within_a_second(
-    topo: ConduitTopology,
-) -> None:
+def test_a_deleted_target_namespace_leaves_nsp_and_the_lbs(topo: ConduitTopology) -> None:
     node = topo.nodes["node1"]
     target = topo.add_target(node, name="tdel")
     ips = conduit_addresses(topo, "tdel")
-    wait_until(lambda: present_everywhere(topo, ips), 10, "new target registered everywhere")
+    wait_until(lambda: present_everywhere(topo, ips), HANG, "new target registered everywhere")
     links_before = len(topo.conduit_links(node.ns, "tgt"))
-    started = time.monotonic()
     topo.remove_target_namespace(target.name)
-    # veth: the proxy sees the link go; vxlan: nothing goes away on the proxy's side, so the
-    # connection expires when the target stops refreshing it
-    limit = 1.0 if topo.mechanism == "veth" else EXPIRY + 3.0
-    wait_until(lambda: gone_everywhere(topo, ips), limit, "deleted target gone from NSP and LBs")
-    elapsed = time.monotonic() - started
-    print(f"{topo.mechanism}: the deleted target was gone everywhere after {elapsed:.3f}s")
-    assert elapsed < limit
+    wait_until(lambda: gone_everywhere(topo, ips), HANG, "deleted target gone from NSP and LBs")
+    # veth: the proxy sees the link go and closes the connection then; vxlan: nothing goes
+    # away on the proxy's side, so the connection expires when the target stops refreshing
+    # it (how soon, for veth: bench_proxyscale, "namespace gone -> gone from NSP")
+    why = "its link went away" if topo.mechanism == "veth" else "its client stopped refreshing it"
+    closed = [
+        r
+        for r in node.daemon.log_records()
+        if r.get("event") == "connection closed" and str(r.get("connection")).startswith("tdel-")
+    ]
+    assert [r.get("reason") for r in closed] == [why], closed
     wait_until(
         lambda: len(topo.conduit_links(node.ns, "tgt")) == links_before - 1,
-        EXPIRY + 3,
+        HANG,
         "the proxy's link to the deleted target removed",
     )
     names = {a.name for a in topo.allocations()}
@@ -327,13 +323,13 @@ def test_a_gracefully_stopped_target_leaves_nothing_behind(topo: ConduitTopology
     node = topo.nodes["node2"]
     target = topo.add_target(node, name="tend")
     ips = conduit_addresses(topo, "tend")
-    wait_until(lambda: present_everywhere(topo, ips), 10, "new target registered everywhere")
+    wait_until(lambda: present_everywhere(topo, ips), HANG, "new target registered everywhere")
     proxy_links = {link["ifname"] for link in topo.conduit_links(node.ns, "tgt")}
     target.daemon.signal(signal.SIGTERM)
     # it leaves NSP (and the LBs) first, while its link still carries the draining flows
-    wait_until(lambda: gone_everywhere(topo, ips), 3, "stopping target unregistered")
+    wait_until(lambda: gone_everywhere(topo, ips), HANG, "stopping target unregistered")
     assert topo.conduit_links(target.ns, "conduit"), "the link went before the drain time"
-    assert run_async(target.daemon.wait_exit(10)) == 0, target.daemon.log_text()
+    assert run_async(target.daemon.wait_exit(HANG)) == 0, target.daemon.log_text()
     assert topo.conduit_links(target.ns, "conduit") == []
     assert topo.global_addresses(target.ns) == [], topo.global_addresses(target.ns)
     lo = topo.global_addresses(target.ns, "lo")
@@ -343,7 +339,7 @@ def test_a_gracefully_stopped_target_leaves_nothing_behind(topo: ConduitTopology
         assert topo.routes(target.ns, 4096, family) == []
     wait_until(
         lambda: {link["ifname"] for link in topo.conduit_links(node.ns, "tgt")} < proxy_links,
-        3,
+        HANG,
         "the proxy removed its end",
     )
     assert not any(a.name.startswith("tend-") for a in topo.allocations())

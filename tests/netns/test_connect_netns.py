@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 
 from tests.netns.daemons import run_async
 from tests.netns.lbtopo import CONDUIT, TRENCH, lb_daemon, start_nsp
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -73,12 +73,13 @@ def test_connect_accepts_only_the_callers_namespace(
     sleeper = other_ns.popen("sleep", "600")  # another process, in another namespace
     other_pid = sleeper.pid
     # `ip netns exec` execs the command: its pid is the sleeper's; wait until it has entered
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{other_pid}/ns/net").stat().st_ino != (
-        Path(f"/run/netns/{other_ns.name}").stat().st_ino
-    ):
-        assert time.monotonic() < deadline, "the sleeper did not enter its namespace"
-        time.sleep(0.05)
+    wait_until(
+        lambda: (
+            Path(f"/proc/{other_pid}/ns/net").stat().st_ino
+            == Path(f"/run/netns/{other_ns.name}").stat().st_ino
+        ),
+        what="the sleeper in its namespace",
+    )
     nsp = start_nsp(lb_ns, workdir / "nsp")
     sock = workdir / "connect.sock"
     lb = lb_daemon(
@@ -93,10 +94,7 @@ def test_connect_accepts_only_the_callers_namespace(
     )
     try:
         run_async(lb.start(timeout=30))
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert time.monotonic() < deadline, "the connect endpoint did not come up"
-            time.sleep(0.05)
+        wait_until(sock.exists, what="the connect endpoint up")
         cases = {
             "own": "/proc/{pid}/ns/net",
             "other": f"/proc/{other_pid}/ns/net",

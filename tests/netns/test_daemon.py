@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.netns.daemons import (
     health_status,
     watching,
 )
+from tests.waiting import HANG
 
 pytestmark = pytest.mark.netns
 
@@ -120,11 +120,10 @@ async def test_nsp_health_serving_then_not_serving_and_exit_0_on_sigterm(
         ) as readiness:
             assert (await readiness.next()).status == SERVING
             await readiness.assert_quiet(0.2)
-            sent = time.monotonic()
+            # readiness off first, then the exit (how long it takes: bench_footprint)
             daemon.signal(signal.SIGTERM)
-            assert (await readiness.next(2.0)).status == NOT_SERVING
-            assert await daemon.wait_exit(2.0) == 0
-            assert time.monotonic() - sent < 2.0
+            assert (await readiness.next(HANG)).status == NOT_SERVING
+            assert await daemon.wait_exit(HANG) == 0
             await readiness.end()
     assert not daemon.health_socket.exists()
     assert not daemon.socket.exists()
@@ -135,7 +134,7 @@ async def test_nsp_health_serving_then_not_serving_and_exit_0_on_sigterm(
 async def test_sigint_also_exits_0(netns: Any, tmp_path: Path) -> None:
     daemon = await Daemon(netns, "ipam", tmp_path / "d").start()
     daemon.signal(signal.SIGINT)
-    assert await daemon.wait_exit(2.0) == 0
+    assert await daemon.wait_exit(HANG) == 0
 
 
 @aio_test

@@ -16,6 +16,7 @@ from meridio.api.ipam.v1 import Child, IpamStub, IpFamily, Prefix, Subnet
 from meridio.api.meridio.admin.v1 import IpamInspectStub, ListAllocationsRequest
 from meridio.api.nsp.v1 import Conduit, Trench
 from tests.netns.daemons import IPAM_PREFIXES, Daemon, aio_test, channel, grpc_error
+from tests.waiting import HANG
 
 pytestmark = pytest.mark.netns
 
@@ -255,12 +256,15 @@ async def test_a_restart_after_more_than_the_lease_time_keeps_every_allocation(
         assert [r["count"] for r in restored] == [0, 3]
         (live_address,) = [row[6] for row in state if row[5] == "live"]
         record = None
-        while record is None:  # the live one's owner keeps refreshing it
-            assert (await client.allocate(child("live"))).address == live_address
-            await asyncio.sleep(0.1)
-            collected = [
-                r for r in daemon.log_records() if r.get("event") == "collected stale allocations"
-            ]
-            record = collected[0] if collected else None
+        async with asyncio.timeout(HANG):
+            while record is None:  # the live one's owner keeps refreshing it, every 0.1 s
+                assert (await client.allocate(child("live"))).address == live_address
+                await asyncio.sleep(0.1)
+                collected = [
+                    r
+                    for r in daemon.log_records()
+                    if r.get("event") == "collected stale allocations"
+                ]
+                record = collected[0] if collected else None
         assert record["count"] == 2 and record["restored"] == 2
         assert [row[5] for row in await client.state()] == ["live"]

@@ -12,10 +12,10 @@ accepted instead and must be counted by the kernel's ICMP statistics without che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
-import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
@@ -26,6 +26,7 @@ import pytest
 from meridio.core.jhash import flow_bucket
 from meridio.core.packet import parse
 from tests import packetbuild as pb
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -163,10 +164,11 @@ def _snmp(netns: Any) -> dict[str, int]:
     return counters
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.05)
+def _wait(predicate: Callable[[], bool]) -> None:
+    """Wait until ``predicate()`` holds, or give up (a hang): the checks after it say what is
+    missing."""
+    with contextlib.suppress(AssertionError):
+        wait_until(predicate, what="packets seen")
 
 
 def _packed(address: str) -> bytes:

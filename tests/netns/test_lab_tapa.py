@@ -24,7 +24,6 @@ import queue
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from meridio.lab import plan, system
 from meridio.lab.lab import Lab
 from meridio.lab.plan import LabSpec
 from tests.netns.test_lab import diagnose, meridioctl, reap_stale_labs, summary
+from tests.waiting import HANG, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.lab_tapa]
 
@@ -164,14 +164,13 @@ def test_a_stream_closed_on_one_target_moves_nothing_else_and_opened_again_gets_
     lab = restore
     victim = "target-2"
     runs = {
-        "stream-a": lab.start_traffic(["--duration", "6", *LONG], stream="stream-a"),
-        "stream-b": lab.start_traffic(["--duration", "6", *LONG], stream="stream-b"),
+        "stream-a": lab.start_traffic(["--duration", "6", *LONG], stream="stream-a", progress=True),
+        "stream-b": lab.start_traffic(["--duration", "6", *LONG], stream="stream-b", progress=True),
     }
-    time.sleep(2)
+    for run in runs.values():
+        run.wait_connected()
     before = {lb: lb_tables(lab, lb) for lb in LBS["conduit-a"]}
-    started = time.monotonic()
     lab.tap(victim, "close", ["stream-a"])  # returns once every LB's tables say so
-    closed_in = time.monotonic() - started
     assert tap_rows(lab, victim) == {"stream-b": "OPEN"}
     for lb in LBS["conduit-a"]:
         assert holders(lab, lb, "stream-a") == serving("stream-a") - {victim}, lb
@@ -181,10 +180,7 @@ def test_a_stream_closed_on_one_target_moves_nothing_else_and_opened_again_gets_
         assert after["stream-b"] == before[lb]["stream-b"], lb
         assert set(after["stream-a"].items()) < set(before[lb]["stream-a"].items()), lb
     reports = {stream: run.result() for stream, run in runs.items()}
-    print(
-        f"close: out of every LB in {closed_in:.2f} s; "
-        + json.dumps({s: summary(r) for s, r in reports.items()})
-    )
+    print("close: " + json.dumps({s: summary(r) for s, r in reports.items()}))
     # the other stream of the target keeps its traffic, untouched
     assert_clean(reports["stream-b"], serving("stream-b"), lab, "stream-b across the close")
     assert reports["stream-b"]["host_changes"] == 0, summary(reports["stream-b"])
@@ -226,10 +222,7 @@ def test_closing_a_conduit_s_last_stream_leaves_the_conduit_and_the_cli_drives_t
         ("conduit-a", "stream-a", "OPEN")
     ]
     # its conduit-b link goes once the conduit's drain time (1 s) has passed
-    deadline = time.monotonic() + 15
-    while link_b in conduit_ips(lab, target):
-        assert time.monotonic() < deadline, conduit_ips(lab, target)
-        time.sleep(0.1)
+    wait_until(lambda: link_b not in conduit_ips(lab, target), what=f"{link_b} gone", interval=0.1)
     report = lab.start_traffic(["--duration", "2", *LONG], stream="stream-c").result()
     assert_clean(report, serving("stream-c") - {target}, lab, "stream-c without target-3")
     done = meridioctl(lab, "tap", target, "open", "conduit-b/stream-c")
@@ -258,8 +251,8 @@ def test_a_restarted_target_gets_its_identifiers_back_and_the_tables_stay_the_sa
     target = "target-1"  # in two conduits
     before = digests(lab)
     identifiers = {lb: lb_tables(lab, lb) for lb in ("lb-1", "lbb-1")}
-    run = lab.start_traffic(["--duration", "5", *LONG], stream="stream-a")
-    time.sleep(1.5)
+    run = lab.start_traffic(["--duration", "5", *LONG], stream="stream-a", progress=True)
+    run.wait_connected()
     proc = lab.load().processes[target]
     old = system.role_pid(proc)
     # SIGKILL; its supervisor starts it again; this waits for OPEN and the tables
@@ -289,38 +282,33 @@ def test_watch_shows_unavailable_while_the_nsp_is_down_and_open_again_after_it_i
         stderr=subprocess.PIPE,
         text=True,
     )
-    lines: queue.Queue[tuple[float, dict[str, str]]] = queue.Queue()
+    lines: queue.Queue[dict[str, str]] = queue.Queue()
 
     def read() -> None:
         assert watch.stdout is not None
         for line in watch.stdout:
-            lines.put((time.monotonic(), {r["stream"]: r["status"] for r in json.loads(line)}))
+            lines.put({r["stream"]: r["status"] for r in json.loads(line)})
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    seen: list[tuple[float, dict[str, str]]] = []
+    seen: list[dict[str, str]] = []
 
-    def until(wanted: dict[str, str], timeout: float) -> float:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                item = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {wanted} within {timeout}s; seen {seen}") from None
-            seen.append(item)
-            if item[1] == wanted:
-                return item[0]
+    def until(wanted: dict[str, str]) -> None:
+        """Wait for the watch to show ``wanted`` (HANG: a bound for a hang, not a goal)."""
+        try:
+            while seen[-1:] != [wanted]:
+                seen.append(lines.get(timeout=HANG))
+        except queue.Empty:
+            raise AssertionError(f"no {wanted} within {HANG:g}s; seen {seen}") from None
 
     try:
         opened = dict.fromkeys(OPENED[target], "OPEN")
-        until(opened, 15)
+        until(opened)
         before = digests(lab)
-        killed = time.monotonic()
         lab.kill("nsp")  # its supervisor starts it again; nobody calls Open
-        unavailable = until(dict.fromkeys(OPENED[target], "UNAVAILABLE"), 10) - killed
-        back = until(opened, 30) - killed
-        lab.wait_whole(30)
-        print(f"NSP killed: UNAVAILABLE after {unavailable:.2f} s, OPEN again {back:.2f} s after")
+        until(dict.fromkeys(OPENED[target], "UNAVAILABLE"))
+        until(opened)
+        lab.wait_whole(HANG)
     finally:
         watch.terminate()
         watch.wait(5)

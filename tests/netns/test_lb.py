@@ -11,14 +11,13 @@ four targets installed and the LB's conntrack table empty, and puts back what it
 - established TCP connections to the remaining targets survive a removal (first-packet: all);
 - ICMP fragmentation-needed / packet-too-big about a flow reach that flow's target;
 - a rule, a route (and in kernel mode the nft table) deleted by hand come back;
-- SIGTERM: exit 0 within 5 s, no rule, route, nft table, iptables chain or bound queue left;
+- SIGTERM: exit 0, no rule, route, nft table, iptables chain or bound queue left;
 - two LBs fed the same targets in different orders (own NSP each) show the same digest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -42,10 +41,10 @@ from tests.netns.lbtopo import (
     register,
     shown_identifiers,
     unregister,
-    wait_until,
 )
 from tests.netns.lbtopo import lb_show as show
 from tests.packetbuild import icmp_frag_needed, icmpv6_packet_too_big, udp_packet
+from tests.waiting import HANG, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -291,7 +290,9 @@ def _route(topo: LbTopology, family: str, table: int, gateway: str) -> bool:
 
 
 def test_drift_is_repaired(topo: LbTopology) -> None:
-    margin = RESYNC + 3.0
+    # repaired by the next resync (every RESYNC s; how fast a change reaches the kernel:
+    # bench_lbscale); HANG only turns a repair that never comes into a failure
+    margin = HANG
     mark = OFFSET + 1
     assert _rule(topo, "-4", mark)
     topo.lb_ns.run(
@@ -307,9 +308,7 @@ def test_drift_is_repaired(topo: LbTopology) -> None:
         str(RULE_PRIORITY),
     )
     assert not _rule(topo, "-4", mark)
-    t0 = time.monotonic()
     wait_until(lambda: _rule(topo, "-4", mark), margin, "the deleted rule back")
-    rule_back = time.monotonic() - t0
 
     table = OFFSET + 2
     assert _route(topo, "-6", table, "fd00:1::12")
@@ -329,7 +328,6 @@ def test_drift_is_repaired(topo: LbTopology) -> None:
     finally:
         flows.close()
     assert None not in answers.values() and len(set(answers.values())) == 4, answers
-    assert rule_back <= margin
 
 
 # -- 7. equal tables on every LB ----------------------------------------------------------------
@@ -401,11 +399,8 @@ def test_sigterm_removes_everything(topo: LbTopology) -> None:
     assert (LB_NFT_TABLE in tables) == (topo.mode == "kernel")
     assert queues()
 
-    t0 = time.monotonic()
-    code = topo.stop_lb(timeout=10)
-    took = time.monotonic() - t0
-    assert code == 0
-    assert took < 5, f"the LB took {took:.1f}s to exit"
+    # how long the LB takes to stop: bench_footprint (SIGTERM->exit)
+    assert topo.stop_lb() == 0
     assert topo.lb_rules() == []
     assert routes() == []
     assert LB_NFT_TABLE not in ns.run("nft", "list", "tables").stdout

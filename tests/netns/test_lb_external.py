@@ -38,8 +38,8 @@ from tests.netns.lbtopo import (
     make_ns,
     reap_stale,
     start_nsp,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -52,6 +52,7 @@ from tests.netns.tlsclient import (
     metric,
     netns_socket,
 )
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.netns
 
@@ -312,12 +313,10 @@ def served_serial(ch: Any) -> str:
 
 
 async def wait_reloads(daemon: Daemon, count: int) -> None:
-    for _ in range(100):
-        reloads = [r for r in daemon.log_records() if r.get("event") == "tls credentials reloaded"]
-        if len(reloads) >= count:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"fewer than {count} reloads:\n{daemon.log_text()}")
+    def reloads() -> int:
+        return sum(1 for r in daemon.log_records() if r.get("event") == "tls credentials reloaded")
+
+    await wait_until_async(lambda: reloads() >= count, what=f"{count} reloads")
 
 
 def meridiod(netns: Any, *args: str) -> subprocess.Popen[str]:
@@ -431,7 +430,12 @@ async def test_noise_at_the_tls_port(netns: Any, tmp_path: Path) -> None:
             asyncio.run_coroutine_threadsafe(send(data), loop).result(10)
 
         await loop.run_in_executor(None, case)
-        await asyncio.sleep(0.5)
+
+        async def all_counted() -> bool:
+            text = await fetch_metrics(netns.name, HOST, METRICS_PORT)
+            return metric(text, "meridio_grpc_refused_total", reason="handshake") >= cases
+
+        await wait_until_async(all_counted, what="every noisy connection counted")
         await probe(tls_channel(netns, ca.role("proxy", "0")))
         # with health-plaintext, the kubelet's probes (plain text) get health, and only that
         plain = NsChannel(netns.name, HOST, HEALTH_PORT)

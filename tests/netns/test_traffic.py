@@ -24,12 +24,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from meridio.lab.lab import parse_progress
 from tests.conftest import Netns
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -78,6 +81,24 @@ class Lab:
         return self.cli.popen(
             *TRAFFIC, "probe", "-o", "json", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
+
+
+def wait_progress(
+    proc: subprocess.Popen[bytes], condition: Callable[[dict[str, int]], bool]
+) -> None:
+    """Read a client's progress lines (``--progress line``) until one satisfies ``condition``."""
+    assert proc.stderr is not None
+    stderr = proc.stderr
+
+    def met() -> bool:
+        ready, _, _ = select.select([stderr], [], [], 0.1)
+        if not ready:
+            return False
+        line = stderr.readline().decode()
+        assert line, "the client ended"
+        return condition(parse_progress(line))
+
+    wait_until(met, what="the client's progress", interval=0)
 
 
 def finish(
@@ -156,9 +177,10 @@ def test_clean_runs_tcp_udp_ipv4_ipv6_and_analyze(lab: Lab, tmp_path: Path) -> N
 def test_killing_the_server_loses_connections_then_connects_fail(lab: Lab) -> None:
     server = lab.server("srv-c", "[::]:5002")
     common = ["-c", "6", "-r", "120", "-d", "3", "--retries", "3", "--retry-delay", "0.1"]
-    tcp = lab.client("-a", "203.0.113.3:5002", *common)
-    udp = lab.client("-a", "[2001:db8::3]:5002", "--udp", *common)
-    time.sleep(1.5)  # both clients up and answered
+    tcp = lab.client("-a", "203.0.113.3:5002", *common, "--progress", "line")
+    udp = lab.client("-a", "[2001:db8::3]:5002", "--udp", *common, "--progress", "line")
+    for proc in (tcp, udp):  # both clients up and answered
+        wait_progress(proc, lambda p: p.get("active") == 6 and p["received"] >= 6)
     server.kill()
     server.wait(5)
     for proto, proc in (("tcp", tcp), ("udp", udp)):
@@ -267,22 +289,27 @@ def test_probe_measures_a_server_outage(lab: Lab) -> None:
     # The first progress line: the probe runs (and has had a second of answers).
     ready, _, _ = select.select([probe.stderr], [], [], 15)
     assert ready and b"new connections" in probe.stderr.readline()
+    killing = time.time()
     server.kill()
     server.wait(5)
-    down = time.monotonic()
-    time.sleep(0.5)
+    time.sleep(0.5)  # the outage itself: nothing listens for half a second
     lab.server("after", "[::]:5005")
-    outage = time.monotonic() - down
+    back = time.time()
     report, _ = finish(probe)
     assert set(report["hosts"]) == {"before", "after"}
     # Refused while nothing listened; the kill may have reset an attempt in flight.
     assert set(report["errors"]) <= {"refused", "reset"} and report["failed"] > 0
     assert report["errors"].get("reset", 0) <= 2
     assert report["ok"] + report["failed"] == report["attempts"] >= 450
-    # One window, from the kill to the restart: at least the half second slept, at most the
-    # measured outage (a refusal ends at once; the clock started before the kill was sent).
+    # One window, from the kill to the restart: what the probe measures is the outage the
+    # test made, so it is compared with the test's clock. Every refusal started between the
+    # kill and the restart (wall-clock times: the report's start plus each attempt's offset),
+    # and the window covers at least most of the half second nothing listened.
     assert len(report["failure_periods"]) == 1
-    assert 0.4 < report["failure_window"] <= outage + 0.1
+    started = datetime.fromisoformat(report["started"]).timestamp()
+    refused = [started + f["t"] for f in report["failures"] if f["error"] == "refused"]
+    assert killing - 0.001 <= min(refused) and max(refused) <= back, (killing, refused, back)
+    assert report["failure_window"] > 0.4
     assert report["failure_window"] == pytest.approx(
         report["last_failure"] - report["first_failure"], abs=0.05
     )

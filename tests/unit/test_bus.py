@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import trio
+import trio.testing
 
 from meridio.runtime.bus import EventBus, Lagged
 
@@ -53,9 +54,10 @@ async def test_receive_waits_for_publish_and_close_ends_iteration() -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(consume)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the consumer waits in receive
         bus.publish(Base(1))
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # and got it
+        assert got == [Base(1)]
         sub.close()
     assert got == [Base(1)]
     assert bus.publish(Base(2)) == 0

@@ -322,6 +322,8 @@ def test_the_bgp_gateway_config() -> None:
     text = plan.gateway_bird_config(LabSpec(), 1)
     flat = " ".join(text.split())
     assert "router id 192.0.2.1;" in flat
+    # its log says why a session went down (BFD, the connection closed, the hold timer)
+    assert "log stderr all; debug protocols { states, events };" in flat
     assert (
         'protocol bfd { interface "ext" { min rx interval 100 ms; min tx interval 100 ms; '
         "multiplier 3; }; }" in flat

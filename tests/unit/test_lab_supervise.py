@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from meridio.lab.supervise import SuperviseStatus, read_status
+from tests.waiting import wait_until
 
 # a child that notes the signals it gets, and ends on SIGTERM with status 0 (Python, not sh: a
 # shell runs a trap only between commands, and under load one was seen never to run)
@@ -51,13 +51,14 @@ class Supervised:
         return status
 
     def until(self, what: str, condition: Callable[[SuperviseStatus], bool]) -> SuperviseStatus:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        def met() -> SuperviseStatus | None:
             status = read_status(self.status_path)
-            if status is not None and condition(status):
-                return status
-            time.sleep(0.02)
-        raise AssertionError(f"{what}: {read_status(self.status_path)}\n{self.log.read_text()}")
+            return status if status is not None and condition(status) else None
+
+        try:
+            return wait_until(met, what=what, interval=0.02)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log.read_text()}") from None
 
     def running(self) -> SuperviseStatus:
         return self.until("the child runs", lambda s: s.state == "running" and s.pid is not None)
@@ -84,7 +85,7 @@ def supervised(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
             one.proc.wait(5)
         status = read_status(one.status_path)
         if status is not None and status.pid is not None:
-            gone_within(status.pid, 5)
+            gone(status.pid)
 
 
 def alive(pid: int) -> bool:
@@ -95,11 +96,8 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def gone_within(pid: int, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not alive(pid), f"{pid} still runs"
+def gone(pid: int) -> None:
+    wait_until(lambda: not alive(pid), what=f"{pid} gone", interval=0.02)
 
 
 def test_a_child_that_dies_is_started_again_and_counted(
@@ -131,21 +129,16 @@ def test_sigterm_is_passed_on_and_nothing_is_started_again(
     sup = supervised()
     child = sup.running().pid or 0
     # The child notes "started" once its traps are set; a SIGHUP before that would end it.
-    deadline = time.monotonic() + 10
-    while "started" not in sup.notes_seen() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: "started" in sup.notes_seen(), what="the child's traps set")
     os.kill(sup.proc.pid, signal.SIGHUP)  # passed on as it is
-    deadline = time.monotonic() + 10
-    while "hup" not in sup.notes_seen() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert "hup" in sup.notes_seen()
+    wait_until(lambda: "hup" in sup.notes_seen(), what="SIGHUP passed on to the child")
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(10) == 0
     status = sup.status()
     assert status.state == "stopped" and status.restarts == 0 and status.pid is None
     assert status.last_exit is not None and status.last_exit.code == 0
     assert sup.notes_seen().count("term") == 1
-    gone_within(child, 5)
+    gone(child)
 
 
 def test_with_no_restart_the_supervisor_ends_with_its_child(
@@ -176,7 +169,7 @@ def test_a_killed_supervisor_takes_its_child_along(supervised: Callable[..., Sup
     child = sup.running().pid or 0
     sup.proc.kill()
     sup.proc.wait(5)
-    gone_within(child, 5)
+    gone(child)
 
 
 def test_the_supervisor_needs_a_program(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -34,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -133,20 +135,97 @@ def resolve_external(choice: str) -> str:
 # --- traffic -----------------------------------------------------------------------------------
 
 
-@dataclass
-class TrafficRun:
-    """A traffic client running in the gateway namespace (``-o json``)."""
+# ``name: value`` and ``a/b/c: 1/2/3`` groups of the traffic tool's progress lines
+PROGRESS_GROUP = re.compile(r"([a-z]+(?:/[a-z]+)*): (\d+(?:/\d+)*)")
 
-    proc: subprocess.Popen[str]
-    argv: list[str]
+
+def parse_progress(line: str) -> dict[str, int]:
+    """The counts of a progress line of the traffic client or probe (``--progress line``):
+    ``active``, ``failed``, ``connecting``, ``lost``, ``sent``, ``received``, ``dropped``;
+    ``ok``, ``failed``, ``skipped``, ``flight`` (in flight). Empty for any other line."""
+    counts: dict[str, int] = {}
+    for names, values in PROGRESS_GROUP.findall(line):
+        keys, numbers = names.split("/"), values.split("/")
+        if len(keys) == len(numbers):
+            counts.update(zip(keys, map(int, numbers), strict=True))
+    return counts
+
+
+class TrafficRun:
+    """A traffic client running in the gateway namespace (``-o json``).
+
+    With ``progress``, it runs with ``--progress line`` and its progress is followed while it
+    runs (:meth:`wait_progress`): a caller can wait for its connections to be up, or for
+    replies to come, instead of waiting for some time.
+    """
+
+    def __init__(self, proc: subprocess.Popen[str], argv: list[str], progress: bool = False):
+        self.proc = proc
+        self.argv = argv
+        self.progress: dict[str, int] = {}
+        self._lines: dict[str, list[str]] = {"out": [], "err": []}
+        self._changed = threading.Condition()
+        self._readers: list[threading.Thread] = []
+        if progress:
+            for name, stream in (("out", proc.stdout), ("err", proc.stderr)):
+                reader = threading.Thread(target=self._read, args=(name, stream), daemon=True)
+                reader.start()
+                self._readers.append(reader)
+
+    def _read(self, name: str, stream: Any) -> None:
+        for line in stream:
+            counts = parse_progress(line) if name == "err" else {}
+            with self._changed:
+                if counts:
+                    self.progress = counts
+                else:
+                    self._lines[name].append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_progress(
+        self, condition: Callable[[dict[str, int]], bool], what: str, timeout: float = 60.0
+    ) -> dict[str, int]:
+        """Wait until the latest progress line's counts satisfy ``condition``; those counts.
+        LabError if the run ends first or ``timeout`` seconds pass (a hang, not a goal)."""
+        assert self._readers, "started without progress"
+        with self._changed:
+            met = self._changed.wait_for(
+                lambda: condition(self.progress) or self.proc.poll() is not None, timeout
+            )
+            if met and condition(self.progress):
+                return dict(self.progress)
+        how = "ended" if self.proc.poll() is not None else f"not within {timeout:g}s"
+        raise LabError(f"traffic client: {what}: {how} (last progress {self.progress})")
+
+    def wait_connected(self, timeout: float = 60.0) -> dict[str, int]:
+        """Wait until every connection of the client is up (none connecting, none failed)."""
+        wanted = 10  # the client's default
+        for flag, value in itertools.pairwise(self.argv):
+            if flag in ("-c", "--connections"):
+                wanted = int(value)
+        return self.wait_progress(
+            lambda p: p.get("active") == wanted, f"{wanted} connections up", timeout
+        )
 
     def result(self, timeout: float = 120.0) -> dict[str, Any]:
         """Wait for the end of the run; its report."""
         try:
-            out, err = self.proc.communicate(timeout=timeout)
+            if self._readers:
+                self.proc.wait(timeout)
+                for reader in self._readers:
+                    reader.join(timeout)
+                out, err = ("".join(self._lines[k]) for k in ("out", "err"))
+            else:
+                out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, err = self.proc.communicate()
+            if self._readers:
+                self.proc.wait()
+                err = "".join(self._lines["err"])
+            else:
+                _, err = self.proc.communicate()
             raise LabError(f"traffic client did not finish within {timeout}s: {err}") from None
         try:
             report: dict[str, Any] = json.loads(out)
@@ -1779,10 +1858,14 @@ class Lab:
         families: Iterable[int] | None = None,
         command: str = "client",
         stream: str | None = None,
+        *,
+        progress: bool = False,
     ) -> TrafficRun:
-        """Start a traffic client (or ``probe``; JSON report) in the background."""
+        """Start a traffic client (or ``probe``; JSON report) in the background; with
+        ``progress``, followed while it runs (:meth:`TrafficRun.wait_progress`)."""
+        shown = "line" if progress else "none"
         argv = self.traffic_argv(
-            ["--output", "json", "--progress", "none", *args], families, command, stream
+            ["--output", "json", "--progress", shown, *args], families, command, stream
         )
         proc = subprocess.Popen(
             argv,
@@ -1792,7 +1875,7 @@ class Lab:
             text=True,
             env=system.clean_environment(),
         )
-        return TrafficRun(proc, argv)
+        return TrafficRun(proc, argv, progress)
 
     def traffic(self, args: Sequence[str], families: Iterable[int] | None = None) -> dict[str, Any]:
         """Run a traffic client to its end; its report."""

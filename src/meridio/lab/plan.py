@@ -670,6 +670,8 @@ def gateway_bird_config(spec: LabSpec, router: int) -> str:
     lines = [
         f"# {gateway_instance(router)}: the lab's gateway router {host}, {spec.routing} routing",
         "log stderr all;",
+        # session state changes and why (BFD down, connection closed, hold timer expired)
+        "debug protocols { states, events };",
         f"router id {gateway_router_address(4, router)};",
         "timeformat protocol iso long;",
         "",

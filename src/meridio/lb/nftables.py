@@ -60,8 +60,8 @@ Decisions, each checked on nft 1.0.6 / kernel 6.18 (see tests/netns/test_nftable
 - The whole table is replaced atomically (``table inet X {}`` + ``delete table inet X`` + the new
   table, in one script). A reload resets the counters.
 
-Load times (``nft -f`` through ``ip netns exec``, nft 1.0.6, kernel 6.18, 2-vCPU VM; printed by
-``tests/netns/test_nftables_kernel.py::test_load_times``): the whole table with two 10007-entry
+Load times (``nft -f`` through ``ip netns exec``, nft 1.0.6, kernel 6.18, 2-vCPU VM; measured
+by ``python -m bench.bench_maglev nft``): the whole table with two 10007-entry
 maps loads in about 75 ms, with one 65537-entry map in about 215 ms (a replacement of an
 existing table costs the same); 4096 entries took 29 ms in the reference measurement. The size
 of the ``add element`` chunks (1024, 8192 or all in one) makes no measurable difference. Reading
