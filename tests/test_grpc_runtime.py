@@ -40,6 +40,9 @@ async def test_health_check_over_unix_socket(aio_loop: object, tmp_path: Path) -
         assert reply.status == NOT_SERVING
         check.set(True)
         reply = await stack.call(stub.check, HealthCheckRequest(service="Readiness"))
+        assert reply.status == NOT_SERVING  # the role has not said it started
+        health.start()
+        reply = await stack.call(stub.check, HealthCheckRequest(service="Readiness"))
         assert reply.status == SERVING
         with pytest.raises(grpclib.GRPCError) as err:
             await stack.call(stub.check, HealthCheckRequest(service="nope"))
@@ -53,6 +56,7 @@ async def test_health_watch_streams_changes(aio_loop: object, tmp_path: Path) ->
     try:
         health, stub = await _serve_health(stack, tmp_path)
         check = health.register("NSP")
+        health.start()
         send, recv = trio.open_memory_channel[HealthCheckResponse](10)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(

@@ -44,6 +44,7 @@ async def supervise(
     with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
         async with trio.open_nursery() as role_nursery:
             await role_nursery.start(role.run)
+            runtime.health.start()
             if started is not None:
                 started.set()
             log.info("role started", version=__version__, health=str(runtime.health_socket))

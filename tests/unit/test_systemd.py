@@ -103,6 +103,7 @@ def test_describe() -> None:
     health = Health()
     boot = health.register("Boot", ["Startup", "Liveness"])
     nsp = health.register("NSPCli", ["Readiness"])
+    health.start()
     assert describe(health) == "starting; not serving: Boot, NSPCli"
     boot.set(True)
     assert describe(health) == "not ready; not serving: NSPCli"
@@ -118,7 +119,7 @@ async def test_ready_status_watchdog_and_stopping(
     systemd_socket: tuple[str, socket.socket], autojump_clock: trio.testing.MockClock
 ) -> None:
     address, sock = systemd_socket
-    health = Health()  # no checks yet: Readiness is vacuously SERVING
+    health = Health()  # not started: Readiness is NOT_SERVING whatever the checks say
     started = trio.Event()
     notifier = Notifier(parse_address(address), watchdog=1.0)
     async with trio.open_nursery() as nursery:
@@ -133,6 +134,7 @@ async def test_ready_status_watchdog_and_stopping(
         live = health.register("Loop", ["Startup", "Liveness"])
         ready = health.register("NSPCli", ["Readiness"])
         live.set(True)
+        health.start()  # as meridio.daemon does, with the event
         started.set()
         await trio.testing.wait_all_tasks_blocked()
         assert received(sock) == [["STATUS=not ready; not serving: NSPCli"]]

@@ -3,7 +3,10 @@
 Roles register named sub-checks (``NSP``, ``IPAM``, ``NSPCli``, ...) and say which probe
 services each one feeds: ``Startup``, ``Readiness``, ``Liveness``. An aggregate is SERVING
 when every sub-check feeding it is serving (and, for Readiness, the process is not shutting
-down). A sub-check can also be queried by its own name; the empty name is the process itself.
+down). Startup and Readiness are NOT_SERVING until the role has started (:meth:`Health.start`):
+before the role registers its sub-checks none feeds them, and "all of none" must not read as
+ready to a probe that asks in that moment. A sub-check can also be queried by its own name;
+the empty name is the process itself.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Health:
 
     def __init__(self) -> None:
         self._checks: dict[str, SubCheck] = {}
+        self.started = False
         self.shutting_down = False
         self.changes = Changes()
         self._trio_waiters: set[trio.Event] = set()
@@ -66,6 +70,12 @@ class Health:
         self._changed()
         return check
 
+    def start(self) -> None:
+        """The role has started and registered its sub-checks: Startup and Readiness follow
+        them from now on."""
+        self.started = True
+        self._changed()
+
     def begin_shutdown(self) -> None:
         self.shutting_down = True
         self._changed()
@@ -76,6 +86,8 @@ class Health:
         if service in self._checks:
             return SERVING if self._checks[service].serving else NOT_SERVING
         if service in PROBES:
+            if service != LIVENESS and not self.started:
+                return NOT_SERVING
             if service == READINESS and self.shutting_down:
                 return NOT_SERVING
             feeding = [c for c in self._checks.values() if service in c.probes]

@@ -159,8 +159,8 @@ def describe(health: Health) -> str:
 async def report(health: Health, notifier: Notifier, started: trio.Event) -> None:
     """Tell systemd about ``health`` until cancelled, then close ``notifier``.
 
-    ``started`` is set once the role's ``run`` has started (an empty health state is vacuously
-    SERVING, so readiness means nothing before that). Sends STATUS= on every change of
+    ``started`` is set once the role's ``run`` has started (and ``health.start()`` called).
+    Sends STATUS= on every change of
     :func:`describe`, READY=1 the first time Readiness is SERVING after ``started``, STOPPING=1
     when the shutdown begins, and runs the watchdog pings from the start.
     """
