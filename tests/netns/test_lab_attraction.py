@@ -120,6 +120,34 @@ def wait_until_not_routed(lab: Lab, lb: int) -> float:
         raise AssertionError(f"{exc}\n{diagnose(lab)}") from None
 
 
+def reply_next_hops(lab: Lab, node: str, family: int) -> int:
+    """How many LBs the proxy of ``node`` sends replies over (its egress table's default
+    route, table 1)."""
+    out = system.run("ip", "-n", lab.netns(node), f"-{family}", "-j", "route", "show", "table", "1")
+    hops = 0
+    for route in json.loads(out.stdout or "[]"):
+        if route.get("dst") == "default":
+            hops += len(route.get("nexthops", [])) or ("gateway" in route)
+    return hops
+
+
+def wait_until_replies_avoid_a_gone_lb(lab: Lab, remaining: int) -> float:
+    """When an LB's pod is gone the proxies must also stop sending replies to it (a reply to
+    a new connection sent there is lost, and the connect fails): wait until every proxy's
+    replies go over ``remaining`` LBs only; the wall-clock time of that reading's end."""
+    state = lab.load()
+    nodes = [f"node-{i}" for i in range(1, state.spec.proxies + 1)]
+
+    def avoided() -> float | None:
+        counts = [reply_next_hops(lab, n, f) for n in nodes for f in state.spec.families]
+        return time.time() if all(c == remaining for c in counts) else None
+
+    try:
+        return wait_until(avoided, what="replies over the remaining LBs only", interval=0.005)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(lab)}") from None
+
+
 def failed_after(probe: dict[str, Any], moment: float) -> list[dict[str, Any]]:
     """The probe's failed attempts that started after ``moment`` (wall-clock time)."""
     started = datetime.fromisoformat(probe["started"]).timestamp()
@@ -170,7 +198,7 @@ def test_an_lb_pod_gone_costs_new_connections_only_until_the_gateway_drops_it(
     load = Load(lab, 6)
     load.running()
     lab.kill("lb-2", netns=True)
-    converged = wait_until_not_routed(lab, 2)
+    converged = max(wait_until_not_routed(lab, 2), wait_until_replies_avoid_a_gone_lb(lab, 1))
     judge(lab, "LB pod gone", load, converged)
 
 
@@ -306,6 +334,8 @@ def test_kernel_mode_crash_cases(tmp_path: Path) -> None:
             load.running()
             lab.kill("lb-2", netns=how == "netns")
             converged = wait_until_not_routed(lab, 2)
+            if how == "netns":
+                converged = max(converged, wait_until_replies_avoid_a_gone_lb(lab, 1))
             judge(lab, f"kernel mode, LB {how}", load, converged)
             lab.scale(lbs=2)
             lab.wait_gateway_routes([1, 2])
