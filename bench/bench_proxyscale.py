@@ -27,7 +27,8 @@ The baseline is the smallest case (N = 10) of the same run: ratios are against i
     python -m bench.bench_proxyscale 1000   # N = 10 (baseline) and 1000
 
 ``MERIDIO_BENCH_PROFILE=DIR``: record the proxy with py-spy (raw collapsed stacks) during the
-cold start and the steady state, into ``DIR/<case>-cold.txt`` and ``DIR/<case>-steady.txt``.
+cold start and the steady state, into ``DIR/<case>-cold.txt`` and ``DIR/<case>-steady.txt``
+(``MERIDIO_BENCH_PROFILE_RATE``: samples a second, 50 unless given).
 ``MERIDIO_BENCH_LOGS=DIR``: keep the daemons' logs, as ``DIR/<case>-<role>.log``.
 ``MERIDIO_BENCH_PROXY_ARGS``: more proxy settings (``--register-interval=30 ...``).
 ``MERIDIO_BENCH_PROXY_SRC`` / ``MERIDIO_BENCH_CONTROL_SRC``: a source tree (its ``src``
@@ -379,6 +380,7 @@ class FakeTarget:
     requests: int = 0
     failures: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[None] | None = None
     period: float = 0.0  # seconds between refreshes, as the proxy's expiry asks
 
@@ -415,19 +417,24 @@ class FakeTarget:
                     await self.wake.wait()
                     self.wake.clear()
                     continue
-                self.requests += 1
-                try:
-                    reply = await stub.request(request)
-                    if not self.up_done:
-                        await link_up(self.ns.sock, "conduit0")
-                        self.up_done = True
-                except Exception as exc:  # as the target's client: any failure, ask again
-                    self.failures += 1
-                    ERRORS[type(exc).__name__] += 1
-                    if ERRORS[type(exc).__name__] == 1 and os.environ.get("DBG"):
-                        import traceback
+                async with self.busy:  # a Close waits for a request on its way
+                    if not self.wanted:
+                        continue
+                    self.requests += 1
+                    try:
+                        reply = await stub.request(request)
+                        if not self.up_done:
+                            await link_up(self.ns.sock, "conduit0")
+                            self.up_done = True
+                    except Exception as exc:  # as the target's client: any failure, ask again
+                        self.failures += 1
+                        ERRORS[type(exc).__name__] += 1
+                        if ERRORS[type(exc).__name__] == 1 and os.environ.get("DBG"):
+                            import traceback
 
-                        traceback.print_exc()
+                            traceback.print_exc()
+                        reply = None
+                if reply is None:
                     await asyncio.sleep(RETRY)
                     continue
                 self.ips = tuple(reply.client_addresses)
@@ -439,18 +446,20 @@ class FakeTarget:
             channel.close()
 
     async def close(self) -> None:
-        """Stop refreshing and Close, as a target whose last stream closed does."""
+        """Stop refreshing and Close, as a target whose last stream closed does (its
+        connection's task ends first: a refresh on its way is not answered after the Close)."""
         self.wanted = False
-        self.up_done = False
         channel = Channel(path=str(self.endpoint))
         try:
-            with contextlib.suppress(Exception):  # not answered: the waits say what happened
-                await ConnectStub(channel, timeout=10).close(
-                    CloseRequest(
-                        network_service=f"proxy.{CONDUIT}.{TRENCH}",
-                        connection_id=self.connection_id,
+            async with self.busy:
+                self.up_done = False
+                with contextlib.suppress(Exception):  # not answered: the waits say what happened
+                    await ConnectStub(channel, timeout=10).close(
+                        CloseRequest(
+                            network_service=f"proxy.{CONDUIT}.{TRENCH}",
+                            connection_id=self.connection_id,
+                        )
                     )
-                )
         finally:
             channel.close()
 
@@ -508,7 +517,7 @@ def profile(pid: int, name: str, seconds: float) -> Any:
             "record",
             "--nonblocking",
             "-r",
-            "50",
+            os.environ.get("MERIDIO_BENCH_PROFILE_RATE", "50"),
             "-f",
             "raw",
             "-d",
@@ -653,6 +662,7 @@ async def run_case(name: str, workdir: Path, ns: Any, targets_ns: list[TargetNs]
             return sum(1 for t in targets if t.ipv4 and t.ipv4 in registered.ips) == n
 
         cpu0 = {d.role: cpu_seconds(d.pid) for d in (nsp, ipam)}
+        bench0 = sum(os.times()[:2])
         proxy.spawn()
         started = time.monotonic()
         spy = profile(proxy.pid, f"{name}-cold", 60)
@@ -676,6 +686,7 @@ async def run_case(name: str, workdir: Path, ns: Any, targets_ns: list[TargetNs]
             f"{name}: CPU during the cold start: "
             + ", ".join(f"{role} {cpu:.1f} s" for role, cpu in cold_cpu.items())
             + f" (proxy: user {user:.1f} s, system {system:.1f} s)"
+            + f"; the targets (this process) {sum(os.times()[:2]) - bench0:.1f} s"
             + f"; load average {os.getloadavg()[0]:.1f}"
         )
         if spy is not None:
