@@ -46,6 +46,7 @@ from meridio.api.meridio.admin.v1 import (
     ShowRequest,
 )
 from meridio.api.meridio.connect.v1 import ConnectBase
+from meridio.api.meridio.ipam.v1 import IpamBatchBase
 from meridio.api.nsp.v1 import (
     ConfigurationManagerBase,
     Target,
@@ -70,6 +71,8 @@ DOCUMENTED: dict[str, set[Status]] = {
     "nsp.v1.ConfigurationManager": ALWAYS,
     "ipam.v1.Ipam": ALWAYS | {Status.UNAVAILABLE},
     "meridio.admin.v1.IpamInspect": ALWAYS,
+    # a child refused is in the answer (status OK); the call as a whole as ipam.v1.Ipam's
+    "meridio.ipam.v1.IpamBatch": ALWAYS | {Status.UNAVAILABLE},
     "meridio.admin.v1.LbInspect": ALWAYS | {Status.UNAVAILABLE},
     # PERMISSION_DENIED: a veth namespace that is not the caller's (docs/security.md)
     "meridio.connect.v1.Connect": ALWAYS
@@ -421,7 +424,7 @@ def test_fuzz_every_method_of_every_role(netns_factory: Any, tmp_path: Path) -> 
             Target_(
                 "ipam",
                 unix(ipam.socket),
-                methods(IpamBase) + methods(IpamInspectBase),
+                methods(IpamBase) + methods(IpamBatchBase) + methods(IpamInspectBase),
                 lambda: ipam_state(ipam.socket),
             ),
             Target_("ipam health", unix(ipam.health_socket), health, None),

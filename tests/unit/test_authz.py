@@ -191,6 +191,7 @@ def test_every_served_method_is_in_the_table() -> None:
     from meridio.api.ipam import v1 as ipam
     from meridio.api.meridio.admin import v1 as admin
     from meridio.api.meridio.connect import v1 as connect
+    from meridio.api.meridio.ipam import v1 as ipambatch
     from meridio.api.nsp import v1 as nsp
 
     bases = [
@@ -198,6 +199,7 @@ def test_every_served_method_is_in_the_table() -> None:
         health.HealthBase,
         ipam.IpamBase,
         admin.IpamInspectBase,
+        ipambatch.IpamBatchBase,
         admin.LbInspectBase,
         connect.ConnectBase,
         nsp.TargetRegistryBase,

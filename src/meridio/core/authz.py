@@ -253,6 +253,13 @@ TABLE: tuple[Rule, ...] = (
         "addresses for the proxy's bridge, its LB links and its targets",
     ),
     Rule(
+        "meridio.ipam.v1.IpamBatch",
+        ("Allocate",),
+        frozenset({"ipam"}),
+        frozenset({"proxy"}),
+        "many of the proxy's addresses in one call (its targets, at start)",
+    ),
+    Rule(
         "meridio.admin.v1.IpamInspect",
         ("List",),
         frozenset({"ipam"}),

@@ -40,9 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpclib
 import trio
+from grpclib.const import Status
 from grpclib.exceptions import StreamTerminatedError
 
 from meridio.api.ipam.v1 import Child, IpamStub, IpFamily, Subnet
+from meridio.api.meridio.ipam.v1 import AllocateResponse, IpamBatchStub
 from meridio.api.nsp.v1 import (
     Conduit,
     ConfigurationManagerStub,
@@ -92,6 +94,7 @@ if TYPE_CHECKING:
     from meridio.runtime import Runtime
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
+IPAM_BATCH = 512  # addresses asked for in one IpamBatch call at most
 REGISTER_CONCURRENCY = 32  # NSP calls in flight at once
 KEEPALIVE_SLICE = 100  # keepalives sent together at most
 FULL_PASS = 60.0  # seconds between two reads of every connection by the registrar
@@ -177,6 +180,114 @@ class ProxyPolicy:
         await self.role.release_all(target_child(connection.connection_id))
 
 
+class _Ask:
+    """The addresses of one name (a child per family), as a batch answers them."""
+
+    __slots__ = ("children", "done", "error", "result")
+
+    def __init__(self, children: list[bytes]) -> None:
+        self.children = children
+        self.done = trio.Event()
+        self.result: tuple[str, ...] | None = None
+        self.error: Exception | None = None
+
+
+class AddressBatches:
+    """The targets' addresses from IPAM, many in one ``meridio.ipam.v1.IpamBatch`` call.
+
+    What is asked for while a call is on its way goes in the next one (at most IPAM_BATCH
+    children): alone, an address waits for one round trip as before; a thousand targets that
+    connect together cost a few calls instead of two thousand. An IPAM that does not have the
+    service (Meridio's, an older one: UNIMPLEMENTED) is asked one ``Allocate`` per address
+    from then on.
+    """
+
+    def __init__(self, role: ProxyRole) -> None:
+        self.role = role
+        self.batched = True
+        self._stub: IpamBatchStub | None = None
+        self._waiting: list[_Ask] = []
+        self._wake = trio.Event()
+
+    async def allocate(self, name: str) -> tuple[str, ...]:
+        role = self.role
+        if self.batched and self._stub is not None:
+            ask = _Ask([role._encoded_child(name, f).data for f in role.families])
+            self._waiting.append(ask)
+            self._wake.set()
+            await ask.done.wait()
+            if ask.error is not None:
+                raise ask.error
+            if ask.result is not None:
+                return ask.result
+        return await role.allocate_each(name)  # the IPAM has no batches
+
+    async def run(self, channel: Any) -> None:
+        self._stub = IpamBatchStub(channel, timeout=NSP_TIMEOUT)
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await trio.sleep(0)  # the others that ask at this very moment join
+            while self._waiting:
+                count = size = 0
+                for ask in self._waiting:
+                    if size and size + len(ask.children) > IPAM_BATCH:
+                        break
+                    count, size = count + 1, size + len(ask.children)
+                asks, self._waiting = self._waiting[:count], self._waiting[count:]
+                await self._send(asks)
+
+    async def _send(self, asks: list[_Ask]) -> None:
+        assert self._stub is not None
+        request = b"".join(_field(1, child) for ask in asks for child in ask.children)
+        try:
+            reply: AllocateResponse = await self.role.runtime.grpc.call(
+                self._stub.allocate, Encoded(request)
+            )
+            answers = reply.allocations
+            if len(answers) != sum(len(ask.children) for ask in asks):
+                raise ValueError(f"IPAM answered {len(answers)} of the addresses asked for")
+            at = 0
+            for ask in asks:
+                got, at = answers[at : at + len(ask.children)], at + len(ask.children)
+                refused = next((a for a in got if a.status), None)
+                if refused is not None:
+                    ask.error = grpclib.GRPCError(Status(refused.status), refused.message)
+                else:
+                    ask.result = tuple(cidr(a.prefix.address, a.prefix.prefix_length) for a in got)
+        except grpclib.GRPCError as exc:
+            if not _unimplemented(exc):
+                for ask in asks:
+                    ask.error = exc
+            elif self.batched:  # the askers ask one address at a time, from now on
+                self.batched = False
+                self.role.log.info("the IPAM has no batch allocation: one call per address")
+        except (*NSP_ERRORS, ValueError) as exc:  # the requests fail: their clients ask again
+            for ask in asks:
+                ask.error = exc
+        finally:
+            for ask in asks:
+                ask.done.set()
+
+
+def _unimplemented(exc: grpclib.GRPCError) -> bool:
+    """The server has no such method: UNIMPLEMENTED, or how grpclib's client reads a grpclib
+    server's answer to it (sent without a content type, which that client checks first)."""
+    return exc.status == Status.UNIMPLEMENTED or (
+        exc.status == Status.UNKNOWN and exc.message == "Missing content-type header"
+    )
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    length, varint = len(data), bytearray()
+    while length >= 0x80:
+        varint.append(length & 0x7F | 0x80)
+        length >>= 7
+    varint.append(length)
+    return bytes([number << 3 | 2]) + bytes(varint) + data
+
+
 class ProxyRole(NspInputs, Role[ProxySettings]):
     name = "proxy"
     Settings = ProxySettings
@@ -227,6 +338,7 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         self._messages: dict[Registration, Encoded] = {}
         self._wanted = DesiredRegistrations()  # the registrations the targets call for
         self._subnets: dict[int, bytes] = {}  # family -> a Child with only its subnet
+        self.addresses = AddressBatches(self)
         self._inputs_changed = trio.Event()
         trench = Trench(name=settings.trench)
         self.conduit_msg = Conduit(name=settings.conduit, trench=trench)
@@ -250,7 +362,12 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         return cidr(prefix.address, prefix.prefix_length)
 
     async def allocate_all(self, name: str) -> tuple[str, ...]:
-        """``name``'s address in every family of the conduit, asked for at once."""
+        """``name``'s address in every family of the conduit (with other names asked for at
+        the same moment: :class:`AddressBatches`)."""
+        return await self.addresses.allocate(name)
+
+    async def allocate_each(self, name: str) -> tuple[str, ...]:
+        """``name``'s address in every family of the conduit, a call each, at once."""
 
         async def both() -> tuple[str, ...]:
             prefixes = await asyncio.gather(
@@ -329,7 +446,8 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         health.register("Proxy", ["Liveness"]).set(True)
         self._sysctls()
         self.netlink = kernel.serial(await self.runtime.netlink(events=True))
-        self.ipam = IpamStub(await self.runtime.grpc.channel(settings.ipam), timeout=5)
+        ipam_channel = await self.runtime.grpc.channel(settings.ipam)
+        self.ipam = IpamStub(ipam_channel, timeout=5)
         nsp = await self.runtime.grpc.channel(settings.nsp)
         # calls go in batches, with a deadline for each batch (see _nsp_batch)
         self.registry = TargetRegistryStub(nsp)
@@ -371,6 +489,7 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
                 addresses=list(self.bridge_addresses.values()),
             )
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.addresses.run, ipam_channel)
                 await nursery.start(self.endpoint.run, [settings.connect_listen])
                 await nursery.start(self.client.run)
                 frontend_filter = Target(
