@@ -5,8 +5,9 @@ throw-away namespace. The N targets are not target daemons (about 44 MB each) bu
 namespaces this process makes, and one connect client per target in this process: it sends
 the requests the target role's ConnectClient sends (``proxy.<conduit>.<trench>``, a veth into
 the target's namespace named ``conduit0``, the stream's identifier and the node in the extra
-context), over a connection of its own, brings its end of the veth up as the target does, and
-refreshes every third of the expiry the proxy answers with. Per case:
+context), over a connection of its own, brings its end of the veth up as the target does,
+refreshes every third of the expiry the proxy answers with, and asks again at once when its
+connection to the proxy drops. Per case:
 
 * cold start: the proxy spawned while the N targets keep asking (every 0.1 s) until every
   target's link is up in the proxy's bridge and every target is registered ENABLED in NSP;
@@ -72,6 +73,7 @@ from meridio.api.nsp.v1 import Conduit, Stream, Target, Trench
 from meridio.connect.client import ClientSpec, build_request
 from meridio.core import conduit, rtnl
 from meridio.roles.proxy import ProxySettings
+from meridio.runtime.grpc import on_connection_lost
 from tests.netns.daemons import MERIDIOD, Daemon, RawCodec, bench_netns, run_async
 
 TRENCH, CONDUIT, STREAM, NODE = "trench-a", "conduit-a", "s0", "node1"
@@ -439,6 +441,7 @@ class FakeTarget:
                     continue
                 self.ips = tuple(reply.client_addresses)
                 self.period = max(0.2, reply.expiry_seconds / 3)
+                on_connection_lost(channel, self.index, self.wake.set)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.period)
                 self.wake.clear()

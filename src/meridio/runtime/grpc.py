@@ -70,6 +70,38 @@ KEEPALIVE = grpclib.config.Configuration(
 )
 
 
+_WATCHERS = "_meridio_on_lost"
+
+
+def on_connection_lost(
+    channel: grpclib.client.Channel, key: object, callback: Callable[[], None]
+) -> None:
+    """Call ``callback`` (in the event loop) when the transport connection ``channel`` holds
+    now is lost: the peer closed it (its process exited), pings found it dead, or the channel
+    was closed. Once; a later callback for the same ``key`` replaces this one. Nothing happens
+    when the channel holds no connection (its next call connects afresh).
+
+    grpclib has no public hook for this: its client handler's ``close`` is what the protocol
+    calls when the connection goes (tests/unit/test_grpclib_private.py)."""
+    handler = getattr(getattr(channel, "_protocol", None), "handler", None)
+    if handler is None or getattr(handler, "connection_lost", True):
+        return
+    watchers: dict[object, Callable[[], None]] | None = handler.__dict__.get(_WATCHERS)
+    if watchers is None:
+        watchers = handler.__dict__[_WATCHERS] = {}
+        close = handler.close
+
+        def closed() -> None:
+            close()
+            called: list[Callable[[], None]] = list(watchers.values())
+            watchers.clear()
+            for fn in called:
+                fn()
+
+        handler.close = closed
+    watchers[key] = callback
+
+
 class LimitedCodec(ProtoCodec):
     """Protobuf codec that refuses messages over a size limit and decodes strictly.
 
