@@ -131,10 +131,13 @@ class ProxySettings(CommonSettings, kw_only=True):
     table: int = 1
     """Routing table of the egress (multipath default route toward the LBs)."""
     rule_priority: int = 100
-    connect_expiry: float = 30.0
-    """Seconds a target's connection lives without a refresh."""
-    register_interval: float = 10.0
-    """Seconds between NSP registrations of each target (keep well under its entry-timeout)."""
+    connect_expiry: float = 90.0
+    """Seconds a target's connection lives without a refresh (targets refresh every third of
+    it). It only ends connections whose client went silent while its link stays: a link that
+    goes (the target's namespace deleted) or a Close ends a connection at once."""
+    register_interval: float = 30.0
+    """Seconds between NSP registrations of each target, the keepalive (keep it at most half
+    of NSP's entry-timeout, 60 s by default; Meridio's TAPA refreshes every 30 s too)."""
     resync_period: float = 5.0
     netns_path: str = ""
     """This proxy's network namespace as LBs open it (veth); default /proc/<pid>/ns/net."""
