@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meridio.api.ipam.v1 import Child, IpFamily, Subnet
-from meridio.api.nsp.v1 import Conduit, Target, TargetStatus, TargetType, Trench
+from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetStatus, TargetType, Trench
 from meridio.core import proxystate as ps
 from meridio.core.proxystate import Registration, SourceRule, TargetConnection
 
@@ -187,6 +187,34 @@ def test_child_bytes_are_what_betterproto_makes(name: str) -> None:
     )
     assert ps.child_bytes(name, bytes(Child(subnet=subnet))) == bytes(
         Child(name=name, subnet=subnet)
+    )
+
+
+@given(
+    st.lists(st.text(max_size=200), max_size=4),
+    st.dictionaries(st.text(max_size=20), st.text(max_size=200), max_size=3),
+    st.sampled_from(list(TargetStatus)),
+    st.sampled_from(list(TargetType)),
+    st.sampled_from(["", "stream-a", "s" * 300]),
+)
+def test_target_bytes_are_what_betterproto_makes(
+    ips: list[str],
+    context: dict[str, str],
+    status: TargetStatus,
+    type_: TargetType,
+    name: str,
+) -> None:
+    stream = Stream(name=name, conduit=Conduit(name="conduit-a", trench=Trench(name="trench-a")))
+    stream_bytes = bytes(stream) if name else b""
+    made = ps.target_bytes(ips, context, int(status), stream_bytes, int(type_))
+    assert made == bytes(
+        Target(
+            ips=ips,
+            context=context,
+            status=status,
+            type=type_,
+            stream=stream if name else Stream(),
+        )
     )
 
 

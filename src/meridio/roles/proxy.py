@@ -77,11 +77,13 @@ from meridio.core.proxystate import (
     TargetConnection,
     child_bytes,
     cidr,
+    delimited,
     egress_next_hops,
     egress_rules,
     lb_child,
     lb_connection_id,
     lb_peers,
+    target_bytes,
     target_child,
 )
 from meridio.roles.base import Role
@@ -242,7 +244,7 @@ class AddressBatches:
 
     async def _send(self, asks: list[_Ask]) -> None:
         assert self._stub is not None
-        request = b"".join(_field(1, child) for ask in asks for child in ask.children)
+        request = b"".join(delimited(1, child) for ask in asks for child in ask.children)
         try:
             reply: AllocateResponse = await self.role.runtime.grpc.call(
                 self._stub.allocate, Encoded(request)
@@ -279,16 +281,6 @@ def _unimplemented(exc: grpclib.GRPCError) -> bool:
     return exc.status == Status.UNIMPLEMENTED or (
         exc.status == Status.UNKNOWN and exc.message == "Missing content-type header"
     )
-
-
-def _field(number: int, data: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    length, varint = len(data), bytearray()
-    while length >= 0x80:
-        varint.append(length & 0x7F | 0x80)
-        length >>= 7
-    varint.append(length)
-    return bytes([number << 3 | 2]) + bytes(varint) + data
 
 
 class ProxyRole(NspInputs, Role[ProxySettings]):
@@ -339,6 +331,7 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         self.draining = False
         self._registry_wake = Signal()
         self._messages: dict[Registration, Encoded] = {}
+        self._streams: dict[str, bytes] = {}  # stream name -> its Stream message, serialized
         self._wanted = DesiredRegistrations()  # the registrations the targets call for
         self._subnets: dict[int, bytes] = {}  # family -> a Child with only its subnet
         self.addresses = AddressBatches(self)
@@ -663,21 +656,22 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
             return None
         return TargetConnection(conn.connection_id, conn.assigned.client, ids, conn.up)
 
-    def _target_message(self, reg: Registration, status: TargetStatus) -> Target:
-        return Target(
-            ips=list(reg.ips),
-            context={identifiers.IDENTIFIER_KEY: str(reg.identifier)},
-            status=status,
-            type=TargetType.DEFAULT,
-            stream=Stream(name=reg.stream, conduit=self.conduit_msg),
-        )
+    def _target_bytes(self, reg: Registration, status: TargetStatus) -> Encoded:
+        """``reg`` as an NSP ``Target`` with ``status``, serialized (its stream once)."""
+        stream = self._streams.get(reg.stream)
+        if stream is None:
+            stream = self._streams[reg.stream] = bytes(
+                Stream(name=reg.stream, conduit=self.conduit_msg)
+            )
+        context = {identifiers.IDENTIFIER_KEY: str(reg.identifier)}
+        return Encoded(target_bytes(reg.ips, context, int(status), stream))
 
     def _encoded(self, reg: Registration) -> Encoded:
         """``reg`` as NSP is sent it, serialized once (a keepalive sends the same bytes)."""
         data = self._messages.get(reg)
         if data is None:
             status = TargetStatus.ENABLED if reg.enabled else TargetStatus.DISABLED
-            data = self._messages[reg] = Encoded(bytes(self._target_message(reg, status)))
+            data = self._messages[reg] = self._target_bytes(reg, status)
         return data
 
     async def _registrar(self) -> None:
@@ -869,7 +863,7 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
 
     async def _unregister_aio(self, reg: Registration) -> bool:
         try:
-            await self.registry.unregister(self._target_message(reg, TargetStatus.ENABLED))
+            await self.registry.unregister(self._target_bytes(reg, TargetStatus.ENABLED))
         except NSP_ERRORS as exc:
             self.log.warning("unregistering a target failed", ips=list(reg.ips), error=str(exc))
             return False
