@@ -175,6 +175,9 @@ def test_full_mesh_forms(topo: ConduitTopology) -> None:
         assert {link["ifname"] for link in topo.conduit_links(t.ns, "conduit")} == {"conduit0"}
         kinds = {link.get("linkinfo", {}).get("info_kind") for link in topo.links(t.ns)}
         assert topo.mechanism in kinds
+    for node in topo.nodes.values():  # no querier on a conduit: snooping would only cost
+        (bridge,) = topo.conduit_links(node.ns, "bridge0")
+        assert bridge["linkinfo"]["info_data"]["mcast_snooping"] == 0
 
 
 def test_addresses_unique_and_inside_their_prefixes(topo: ConduitTopology) -> None:

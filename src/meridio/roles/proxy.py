@@ -413,7 +413,12 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
     async def _ensure_bridge(self) -> None:
         netlink = self.netlink
         name = self.proxy.bridge
-        await netlink.ensure_link(name, "bridge")
+        index = await netlink.ensure_link(name, "bridge")
+        # No multicast snooping: with no querier on the conduit (there is none) the bridge
+        # floods multicast to every port anyway, and snooping only costs: the kernel walks
+        # every port at each port's state change (a thousand targets starting: a million
+        # walks, a quarter of the time their links take) and follows each target's MLD.
+        await netlink.set_link_index(index, kind="bridge", br_mcast_snooping=0)
         await self._pin_bridge_mac(name)
         kernel.write_sysctl(f"net/ipv4/conf/{name}/rp_filter", "0")
         info = (await kernel.read_links(netlink))[name]
