@@ -45,6 +45,7 @@ from grpclib.exceptions import StreamTerminatedError
 
 from meridio.api.ipam.v1 import Child, IpamStub, IpFamily, Subnet
 from meridio.api.meridio.ipam.v1 import AllocateResponse, IpamBatchStub
+from meridio.api.meridio.nsp.v1 import TargetRegistryBatchStub, UpdateResponse, UpdateResult
 from meridio.api.nsp.v1 import (
     Conduit,
     ConfigurationManagerStub,
@@ -97,7 +98,8 @@ if TYPE_CHECKING:
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
 IPAM_BATCH = 512  # addresses asked for in one IpamBatch call at most
-REGISTER_CONCURRENCY = 32  # NSP calls in flight at once
+REGISTER_CONCURRENCY = 32  # NSP calls in flight at once (an NSP without batches)
+NSP_BATCH = 512  # registrations in one TargetRegistryBatch call at most
 KEEPALIVE_SLICE = 100  # keepalives sent together at most
 FULL_PASS = 60.0  # seconds between two reads of every connection by the registrar
 REGISTER_RETRY = 1.0  # seconds before a failed registration is tried again
@@ -275,6 +277,10 @@ class AddressBatches:
                 ask.done.set()
 
 
+class _NoBatches(Exception):
+    """The server has no batch service (an older one, or Meridio's)."""
+
+
 def _unimplemented(exc: grpclib.GRPCError) -> bool:
     """The server has no such method: UNIMPLEMENTED, or how grpclib's client reads a grpclib
     server's answer to it (sent without a content type, which that client checks first)."""
@@ -332,6 +338,7 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         self._registry_wake = Signal()
         self._messages: dict[Registration, Encoded] = {}
         self._streams: dict[str, bytes] = {}  # stream name -> its Stream message, serialized
+        self._nsp_batched = True  # until the NSP says it has no TargetRegistryBatch
         self._wanted = DesiredRegistrations()  # the registrations the targets call for
         self._subnets: dict[int, bytes] = {}  # family -> a Child with only its subnet
         self.addresses = AddressBatches(self)
@@ -452,6 +459,7 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         nsp = await self.runtime.grpc.channel(settings.nsp)
         # calls go in batches, with a deadline for each batch (see _nsp_batch)
         self.registry = TargetRegistryStub(nsp)
+        self.registry_batch = TargetRegistryBatchStub(nsp, timeout=NSP_TIMEOUT)
         # streams live as long as the proxy: no deadline (the stub's 5 s would end them)
         watcher = TargetRegistryStub(nsp)
         config = ConfigurationManagerStub(nsp)
@@ -812,8 +820,15 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
     async def _nsp_batch(
         self, jobs: list[tuple[Registration, str]]
     ) -> list[tuple[Registration, str, bool]]:
-        """(asyncio) Send every job (unregister, new, change, keepalive), at most
-        REGISTER_CONCURRENCY at once; each with whether it succeeded."""
+        """(asyncio) Send every job (unregister, new, change, keepalive); each with whether
+        it succeeded. In ``meridio.nsp.v1.TargetRegistryBatch`` calls (NSP_BATCH updates
+        each); to an NSP without it, a call per job, at most REGISTER_CONCURRENCY at once."""
+        if jobs and self._nsp_batched:
+            try:
+                return await self._nsp_updates(jobs)
+            except _NoBatches:
+                self._nsp_batched = False
+                self.log.info("the NSP has no batch registration: one call per registration")
         limit = asyncio.Semaphore(REGISTER_CONCURRENCY)
 
         async def one(reg: Registration, what: str) -> bool:
@@ -839,6 +854,74 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
             (reg, what, task.done() and not task.cancelled() and task.result())
             for (reg, what), task in zip(jobs, tasks, strict=True)
         ]
+
+    async def _nsp_updates(
+        self, jobs: list[tuple[Registration, str]]
+    ) -> list[tuple[Registration, str, bool]]:
+        """(asyncio) The jobs in TargetRegistryBatch calls, sent together; _NoBatches when
+        the NSP does not have the service. A registration new to the NSP that asks to be
+        enabled is two updates in the same call (NSP stores a new target disabled)."""
+        chunks: list[list[tuple[Registration, str, list[bytes]]]] = [[]]
+        size = 0
+        for reg, what in jobs:
+            if what == "unregister":
+                updates = [delimited(1, self._target_bytes(reg, TargetStatus.ENABLED).data)]
+                updates[0] += b"\x10\x01"  # unregister = true
+            else:
+                message = delimited(1, self._encoded(reg).data)
+                updates = [message, message] if what == "new" and reg.enabled else [message]
+            if size and size + len(updates) > NSP_BATCH:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((reg, what, updates))
+            size += len(updates)
+        answers = await asyncio.gather(
+            *(self._nsp_update_call(chunk) for chunk in chunks), return_exceptions=True
+        )
+        out: list[tuple[Registration, str, bool]] = []
+        for chunk, answer in zip(chunks, answers, strict=True):
+            if isinstance(answer, grpclib.GRPCError) and _unimplemented(answer):
+                raise _NoBatches
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, (*NSP_ERRORS, ValueError)):
+                    raise answer
+                self.log.warning("registering targets failed", count=len(chunk), error=str(answer))
+                out += [(reg, what, False) for reg, what, _ in chunk]
+                continue
+            at = 0
+            for reg, what, updates in chunk:
+                results, at = answer[at : at + len(updates)], at + len(updates)
+                refused = next((r for r in results if r.status), None)
+                out.append((reg, what, refused is None))
+                self._log_update(reg, what, refused.message if refused is not None else None)
+        return out
+
+    async def _nsp_update_call(
+        self, chunk: list[tuple[Registration, str, list[bytes]]]
+    ) -> list[UpdateResult]:
+        request = b"".join(delimited(1, u) for _reg, _what, updates in chunk for u in updates)
+        reply: UpdateResponse = await self.registry_batch.update(Encoded(request))
+        results: list[UpdateResult] = reply.results
+        if len(results) != sum(len(updates) for _reg, _what, updates in chunk):
+            raise ValueError(f"the NSP answered {len(results)} of the updates sent")
+        return results
+
+    def _log_update(self, reg: Registration, what: str, refused: str | None) -> None:
+        if refused is not None:
+            action = "unregistering" if what == "unregister" else "registering"
+            self.log.warning(
+                f"{action} a target failed", ips=list(reg.ips), stream=reg.stream, error=refused
+            )
+        elif what == "unregister":
+            self.log.info("target unregistered", ips=list(reg.ips), stream=reg.stream)
+        elif what != "keepalive":
+            self.log.info(
+                "target registered",
+                ips=list(reg.ips),
+                stream=reg.stream,
+                identifier=reg.identifier,
+                status="ENABLED" if reg.enabled else "DISABLED",
+            )
 
     async def _register_aio(self, reg: Registration, what: str) -> bool:
         """(asyncio) Register ``reg``: ``new`` (NSP does not have it), ``change`` or
