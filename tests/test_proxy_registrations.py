@@ -10,7 +10,6 @@ from betterproto.lib.google.protobuf import Empty
 
 from meridio.api.meridio.nsp.v1 import (
     TargetRegistryBatchBase,
-    TargetRegistryBatchStub,
     UpdateRequest,
     UpdateResponse,
     UpdateResult,
@@ -78,7 +77,7 @@ class Role:
 
     def __init__(self, stack: GrpcStack, channel: Any) -> None:
         self.registry = TargetRegistryStub(channel)
-        self.registry_batch = TargetRegistryBatchStub(channel, timeout=5)
+        self.nsp_channel = channel
         self.conduit_msg = Conduit(name="conduit-a", trench=Trench(name="trench-a"))
         self.log = Log()
         self._messages: dict[Registration, Any] = {}

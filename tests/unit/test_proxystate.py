@@ -7,9 +7,12 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meridio.api.ipam.v1 import Child, IpFamily, Subnet
+from meridio.api.ipam.v1 import Child, IpFamily, Prefix, Subnet
+from meridio.api.meridio.ipam.v1 import AllocateResponse, Allocation
+from meridio.api.meridio.nsp.v1 import UpdateResponse, UpdateResult
 from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetStatus, TargetType, Trench
 from meridio.core import proxystate as ps
+from meridio.core import wire
 from meridio.core.proxystate import Registration, SourceRule, TargetConnection
 
 
@@ -216,6 +219,66 @@ def test_target_bytes_are_what_betterproto_makes(
             stream=stream if name else Stream(),
         )
     )
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.text(max_size=50)), max_size=20),
+    st.binary(max_size=40),
+)
+def test_update_results_decode_as_the_generated_decoder_does(
+    results: list[tuple[int, str]], junk: bytes
+) -> None:
+    data = bytes(UpdateResponse(results=[UpdateResult(status=s, message=m) for s, m in results]))
+    assert ps.update_results(data) == results
+    try:
+        expected = [(r.status, r.message) for r in wire.decode(UpdateResponse, junk).results]
+    except wire.WireError:
+        expected = None
+    try:
+        got = ps.update_results(junk)
+    except ValueError:
+        got = None
+    if got is not None:  # what the hand decoder takes, the strict one takes the same way
+        assert got == expected
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=40),
+            st.integers(-(2**31), 2**31 - 1),
+            st.integers(0, 2**32 - 1),
+            st.text(max_size=40),
+        ),
+        max_size=20,
+    ),
+    st.binary(max_size=40),
+)
+def test_allocations_decode_as_the_generated_decoder_does(
+    items: list[tuple[str, int, int, str]], junk: bytes
+) -> None:
+    data = bytes(
+        AllocateResponse(
+            allocations=[
+                Allocation(prefix=Prefix(address=a, prefix_length=n), status=s, message=m)
+                for a, n, s, m in items
+            ]
+        )
+    )
+    assert ps.allocations(data) == items
+    try:
+        expected = [
+            (a.prefix.address, a.prefix.prefix_length, a.status, a.message)
+            for a in wire.decode(AllocateResponse, junk).allocations
+        ]
+    except wire.WireError:
+        expected = None
+    try:
+        got = ps.allocations(junk)
+    except ValueError:
+        got = None
+    if got is not None:
+        assert got == expected
 
 
 @given(

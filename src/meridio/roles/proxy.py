@@ -44,8 +44,6 @@ from grpclib.const import Status
 from grpclib.exceptions import StreamTerminatedError
 
 from meridio.api.ipam.v1 import Child, IpamStub, IpFamily, Subnet
-from meridio.api.meridio.ipam.v1 import AllocateResponse, IpamBatchStub
-from meridio.api.meridio.nsp.v1 import TargetRegistryBatchStub, UpdateResponse, UpdateResult
 from meridio.api.nsp.v1 import (
     Conduit,
     ConfigurationManagerStub,
@@ -76,6 +74,7 @@ from meridio.core.proxystate import (
     RegistrationKey,
     Schedule,
     TargetConnection,
+    allocations,
     child_bytes,
     cidr,
     delimited,
@@ -86,10 +85,11 @@ from meridio.core.proxystate import (
     lb_peers,
     target_bytes,
     target_child,
+    update_results,
 )
 from meridio.roles.base import Role
 from meridio.roles.common import IP_FAMILIES, KERNEL_ERRORS, Egress, NspInputs, wait_any, watch
-from meridio.runtime.grpc import Encoded
+from meridio.runtime.grpc import Encoded, unary_raw
 from meridio.runtime.notify import Signal
 from meridio.settings import CommonSettings
 
@@ -98,6 +98,8 @@ if TYPE_CHECKING:
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
 IPAM_BATCH = 512  # addresses asked for in one IpamBatch call at most
+BATCH_ALLOCATE = "/meridio.ipam.v1.IpamBatch/Allocate"
+BATCH_UPDATE = "/meridio.nsp.v1.TargetRegistryBatch/Update"
 REGISTER_CONCURRENCY = 32  # NSP calls in flight at once (an NSP without batches)
 NSP_BATCH = 512  # registrations in one TargetRegistryBatch call at most
 KEEPALIVE_SLICE = 100  # keepalives sent together at most
@@ -212,13 +214,13 @@ class AddressBatches:
     def __init__(self, role: ProxyRole) -> None:
         self.role = role
         self.batched = True
-        self._stub: IpamBatchStub | None = None
+        self._channel: Any = None
         self._waiting: list[_Ask] = []
         self._wake = trio.Event()
 
     async def allocate(self, name: str) -> tuple[str, ...]:
         role = self.role
-        if self.batched and self._stub is not None:
+        if self.batched and self._channel is not None:
             ask = _Ask([role._encoded_child(name, f).data for f in role.families])
             self._waiting.append(ask)
             self._wake.set()
@@ -230,7 +232,7 @@ class AddressBatches:
         return await role.allocate_each(name)  # the IPAM has no batches
 
     async def run(self, channel: Any) -> None:
-        self._stub = IpamBatchStub(channel, timeout=NSP_TIMEOUT)
+        self._channel = channel
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -245,23 +247,22 @@ class AddressBatches:
                 await self._send(asks)
 
     async def _send(self, asks: list[_Ask]) -> None:
-        assert self._stub is not None
         request = b"".join(delimited(1, child) for ask in asks for child in ask.children)
         try:
-            reply: AllocateResponse = await self.role.runtime.grpc.call(
-                self._stub.allocate, Encoded(request)
+            reply = await self.role.runtime.grpc.call(
+                unary_raw, self._channel, BATCH_ALLOCATE, Encoded(request), timeout=NSP_TIMEOUT
             )
-            answers = reply.allocations
+            answers = allocations(reply)
             if len(answers) != sum(len(ask.children) for ask in asks):
                 raise ValueError(f"IPAM answered {len(answers)} of the addresses asked for")
             at = 0
             for ask in asks:
                 got, at = answers[at : at + len(ask.children)], at + len(ask.children)
-                refused = next((a for a in got if a.status), None)
+                refused = next((a for a in got if a[2]), None)
                 if refused is not None:
-                    ask.error = grpclib.GRPCError(Status(refused.status), refused.message)
+                    ask.error = grpclib.GRPCError(Status(refused[2]), refused[3])
                 else:
-                    ask.result = tuple(cidr(a.prefix.address, a.prefix.prefix_length) for a in got)
+                    ask.result = tuple(cidr(address, length) for address, length, _, _ in got)
         except grpclib.GRPCError as exc:
             if not _unimplemented(exc):
                 for ask in asks:
@@ -459,7 +460,7 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         nsp = await self.runtime.grpc.channel(settings.nsp)
         # calls go in batches, with a deadline for each batch (see _nsp_batch)
         self.registry = TargetRegistryStub(nsp)
-        self.registry_batch = TargetRegistryBatchStub(nsp, timeout=NSP_TIMEOUT)
+        self.nsp_channel = nsp
         # streams live as long as the proxy: no deadline (the stub's 5 s would end them)
         watcher = TargetRegistryStub(nsp)
         config = ConfigurationManagerStub(nsp)
@@ -891,17 +892,19 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
             at = 0
             for reg, what, updates in chunk:
                 results, at = answer[at : at + len(updates)], at + len(updates)
-                refused = next((r for r in results if r.status), None)
+                refused = next((r for r in results if r[0]), None)
                 out.append((reg, what, refused is None))
-                self._log_update(reg, what, refused.message if refused is not None else None)
+                self._log_update(reg, what, refused[1] if refused is not None else None)
         return out
 
     async def _nsp_update_call(
         self, chunk: list[tuple[Registration, str, list[bytes]]]
-    ) -> list[UpdateResult]:
+    ) -> list[tuple[int, str]]:
         request = b"".join(delimited(1, u) for _reg, _what, updates in chunk for u in updates)
-        reply: UpdateResponse = await self.registry_batch.update(Encoded(request))
-        results: list[UpdateResult] = reply.results
+        reply = await unary_raw(
+            self.nsp_channel, BATCH_UPDATE, Encoded(request), timeout=NSP_TIMEOUT
+        )
+        results = update_results(reply)
         if len(results) != sum(len(updates) for _reg, _what, updates in chunk):
             raise ValueError(f"the NSP answered {len(results)} of the updates sent")
         return results
