@@ -98,6 +98,7 @@ if TYPE_CHECKING:
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
 IPAM_BATCH = 512  # addresses asked for in one IpamBatch call at most
+IPAM_BATCHES = 4  # IpamBatch calls in flight at once
 BATCH_ALLOCATE = "/meridio.ipam.v1.IpamBatch/Allocate"
 BATCH_UPDATE = "/meridio.nsp.v1.TargetRegistryBatch/Update"
 REGISTER_CONCURRENCY = 32  # NSP calls in flight at once (an NSP without batches)
@@ -204,9 +205,10 @@ class _Ask:
 class AddressBatches:
     """The targets' addresses from IPAM, many in one ``meridio.ipam.v1.IpamBatch`` call.
 
-    What is asked for while a call is on its way goes in the next one (at most IPAM_BATCH
-    children): alone, an address waits for one round trip as before; a thousand targets that
-    connect together cost a few calls instead of two thousand. An IPAM that does not have the
+    What is asked for while IPAM_BATCHES calls are on their way goes in the next one (at most
+    IPAM_BATCH children): alone, an address waits for one round trip as before; a thousand
+    targets that connect together cost tens of calls instead of two thousand, and addresses
+    keep coming while the IPAM saves those of a call. An IPAM that does not have the
     service (Meridio's, an older one: UNIMPLEMENTED) is asked one ``Allocate`` per address
     from then on.
     """
@@ -233,18 +235,27 @@ class AddressBatches:
 
     async def run(self, channel: Any) -> None:
         self._channel = channel
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            await trio.sleep(0)  # the others that ask at this very moment join
-            while self._waiting:
-                count = size = 0
-                for ask in self._waiting:
-                    if size and size + len(ask.children) > IPAM_BATCH:
-                        break
-                    count, size = count + 1, size + len(ask.children)
-                asks, self._waiting = self._waiting[:count], self._waiting[count:]
-                await self._send(asks)
+        limit = trio.Semaphore(IPAM_BATCHES)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await trio.sleep(0)  # the others that ask at this very moment join
+                while self._waiting:
+                    await limit.acquire()  # meanwhile, more join the next call
+                    count = size = 0
+                    for ask in self._waiting:
+                        if size and size + len(ask.children) > IPAM_BATCH:
+                            break
+                        count, size = count + 1, size + len(ask.children)
+                    asks, self._waiting = self._waiting[:count], self._waiting[count:]
+                    nursery.start_soon(self._send_released, asks, limit)
+
+    async def _send_released(self, asks: list[_Ask], limit: trio.Semaphore) -> None:
+        try:
+            await self._send(asks)
+        finally:
+            limit.release()
 
     async def _send(self, asks: list[_Ask]) -> None:
         request = b"".join(delimited(1, child) for ask in asks for child in ask.children)
