@@ -2,7 +2,8 @@
 
 * **Addresses** come from IPAM, from this node's prefix of the conduit, named per connection
   (see :mod:`meridio.core.proxystate`), so a proxy restarted even with ``kill -9`` asks for and
-  gets the same ones, and never holds one twice.
+  gets the same ones, and never holds one twice. Those of targets that connect together are
+  asked for in one call (``meridio.ipam.v1.IpamBatch``; one call each from an IPAM without it).
 * **Bridge**: the conduit's bridge carries the proxy's own address (IPAM child ``bridge``).
   Every connection, to targets (this proxy is their endpoint) and to LBs (this proxy is their
   client), is a port of it, so the LBs reach this node's targets directly on one L2 segment.
@@ -16,9 +17,10 @@
 * **Targets**: each connected target is registered in NSP, once per stream it asked for in its
   extra context (``identifier/<stream>``), with its address and ``context["identifier"]``;
   disabled while its link is down, enabled when it is up, refreshed as a keepalive, and
-  unregistered at once when its connection closes or its link goes away. The proxy registers
-  (Meridio's early design), because it is the one that sees a target's link disappear, even when
-  the target's namespace vanishes without a word.
+  unregistered at once when its connection closes or its link goes away; many of these in one
+  call (``meridio.nsp.v1.TargetRegistryBatch``; one call each to an NSP without it). The proxy
+  registers (Meridio's early design), because it is the one that sees a target's link
+  disappear, even when the target's namespace vanishes without a word.
 * **Egress**: ``from <VIP>`` rules (the trench's VIPs) to a table whose default route is
   multipath over the LB-side addresses of the established LB connections; forwarding, layer-4
   multipath hashing and no reverse-path filter in this namespace (replies from VIPs arrive from
