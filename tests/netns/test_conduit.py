@@ -325,15 +325,14 @@ def test_a_proxy_killed_and_restarted_keeps_its_addresses(full: ConduitTopology)
 def test_targets_come_back_to_a_restarted_proxy_at_once(full: ConduitTopology) -> None:
     """A target whose connection to its proxy drops asks again at once, not at its next
     refresh: with a connect expiry of 300 s (a refresh every 100 s), a proxy killed and
-    restarted has every target of its node connected again within seconds."""
+    restarted has every target of its node connected again long before that."""
     topo = full
     node = topo.nodes["node1"]
     mine = sum(1 for t in topo.targets.values() if t.node is node)
 
-    def restart() -> float:
+    def restart() -> None:
         node.daemon.kill()
-        started = time.monotonic()
-        run_async(node.daemon.restart(timeout=30))
+        run_async(node.daemon.restart(timeout=HANG))
         records = node.daemon.log_records()
         last = max(i for i, r in enumerate(records) if r.get("event") == "role started")
 
@@ -341,15 +340,15 @@ def test_targets_come_back_to_a_restarted_proxy_at_once(full: ConduitTopology) -
             records = node.daemon.log_records()[last:]
             return sum(r.get("event") == "connection established" for r in records) >= mine
 
-        wait_until(back, 10, "the targets connected to the restarted proxy")
-        return time.monotonic() - started
+        # HANG (30 s) is well under the 100 s to the targets' next refresh: only targets that
+        # ask again when their connection drops are back in time
+        wait_until(back, HANG, "the targets connected to the restarted proxy")
 
     node.daemon.extra_args.append("--connect-expiry=300")
     try:
         restart()  # the targets learn the long expiry from this proxy's answers
         wait_settled(topo)
-        took = restart()  # they come back when their connection drops, not in 100 s
-        assert took < 10, took
+        restart()  # they come back when their connection drops, not in 100 s
         wait_settled(topo)
     finally:
         node.daemon.extra_args.remove("--connect-expiry=300")
