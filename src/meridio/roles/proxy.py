@@ -951,18 +951,9 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
                 # e.g. after a restart of this proxy)
                 await self.registry.register(message)
         except NSP_ERRORS as exc:
-            self.log.warning(
-                "registering a target failed", ips=list(reg.ips), stream=reg.stream, error=str(exc)
-            )
+            self._log_update(reg, what, str(exc))
             return False
-        if what != "keepalive":
-            self.log.info(
-                "target registered",
-                ips=list(reg.ips),
-                stream=reg.stream,
-                identifier=reg.identifier,
-                status="ENABLED" if reg.enabled else "DISABLED",
-            )
+        self._log_update(reg, what, None)
         return True
 
     async def _unregister_aio(self, reg: Registration) -> bool:
