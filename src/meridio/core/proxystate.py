@@ -24,6 +24,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from meridio.api.nsp.v1 import Target, TargetStatus
 from meridio.core.registry import canonical_ips
+from meridio.core.wire import encode_varint, read_varint
 
 BRIDGE_CHILD: Final = "bridge"
 CONNECT_CONTEXT: Final = "connect"
@@ -268,18 +269,9 @@ class Schedule(Generic[K]):
         return out
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def delimited(number: int, data: bytes) -> bytes:
     """A length-delimited protobuf field (``number`` below 16: its key is one byte)."""
-    return bytes((number << 3 | 2,)) + _varint(len(data)) + data
+    return bytes((number << 3 | 2,)) + encode_varint(len(data)) + data
 
 
 def child_bytes(name: str, subnet_only: bytes) -> bytes:
@@ -303,25 +295,12 @@ def target_bytes(
         if entry:
             out.append(delimited(2, entry))
     if status:
-        out.append(bytes((3 << 3,)) + _varint(status))
+        out.append(bytes((3 << 3,)) + encode_varint(status))
     if type_:
-        out.append(bytes((4 << 3,)) + _varint(type_))
+        out.append(bytes((4 << 3,)) + encode_varint(type_))
     if stream:
         out.append(delimited(5, stream))
     return b"".join(out)
-
-
-def _read_varint(data: bytes, i: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= end or shift > 63:
-            raise ValueError("a varint runs past its message")
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
 
 
 def _fields(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, Any]]:
@@ -331,15 +310,15 @@ def _fields(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tup
     end = len(data) if end is None else end
     i = start
     while i < end:
-        key, i = _read_varint(data, i, end)
+        key, i = read_varint(data, i, end)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise ValueError("field number 0")
         if wire == 0:
-            value, i = _read_varint(data, i, end)
+            value, i = read_varint(data, i, end)
             yield number, value
         elif wire == 2:
-            length, i = _read_varint(data, i, end)
+            length, i = read_varint(data, i, end)
             if i + length > end:
                 raise ValueError("a length-delimited value runs past its message")
             yield number, data[i : i + length]
