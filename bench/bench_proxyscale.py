@@ -1,17 +1,20 @@
 """The proxy's control path at scale: N targets on one node (links, addresses, registrations).
 
-A real NSP, a real IPAM and a real proxy (``meridiod --role=proxy``, default settings: connect
-expiry 30 s, NSP keepalive every 10 s) in a throw-away namespace. The N targets are not target
-daemons (about 44 MB each) but network namespaces this process makes, and one connect client
-per target in this process: it sends the requests the target role's ConnectClient sends
-(``proxy.<conduit>.<trench>``, a veth into the target's namespace named ``conduit0``, the
-stream's identifier and the node in the extra context), over a connection of its own, brings
-its end of the veth up as the target does, and refreshes every third of the expiry. Per case:
+A real NSP, a real IPAM and a real proxy (``meridiod --role=proxy``, default settings) in a
+throw-away namespace. The N targets are not target daemons (about 44 MB each) but network
+namespaces this process makes, and one connect client per target in this process: it sends
+the requests the target role's ConnectClient sends (``proxy.<conduit>.<trench>``, a veth into
+the target's namespace named ``conduit0``, the stream's identifier and the node in the extra
+context), over a connection of its own, brings its end of the veth up as the target does,
+refreshes every third of the expiry the proxy answers with, and asks again at once when its
+connection to the proxy drops. Per case:
 
 * cold start: the proxy spawned while the N targets keep asking (every 0.1 s) until every
   target's link is up in the proxy's bridge and every target is registered ENABLED in NSP;
-* steady state: the proxy's CPU (share of one core) over 15 s of refreshes and keepalives,
-  and its RSS (NSP's CPU beside it: the keepalives are its load);
+* steady state: the proxy's CPU (share of one core) over 15 s, or over the longest period of
+  its periodic work when that is longer (the targets' refreshes, every third of the connect
+  expiry; the keepalives, every ``register-interval``), so that each target's refresh and
+  keepalive fall in it once; and its RSS (NSP's CPU beside it: the keepalives are its load);
 * one change, several times, at random moments of the periodic work: a target closes its
   connection (Close, as a target does when its last stream closes) until its registration
   leaves NSP and until its link leaves the proxy's namespace; the same target connects again
@@ -25,7 +28,9 @@ The baseline is the smallest case (N = 10) of the same run: ratios are against i
     python -m bench.bench_proxyscale 1000   # N = 10 (baseline) and 1000
 
 ``MERIDIO_BENCH_PROFILE=DIR``: record the proxy with py-spy (raw collapsed stacks) during the
-cold start and the steady state, into ``DIR/<case>-cold.txt`` and ``DIR/<case>-steady.txt``.
+cold start and the steady state, into ``DIR/<case>-cold.txt`` and ``DIR/<case>-steady.txt``
+(``MERIDIO_BENCH_PROFILE_RATE``: samples a second, 50 unless given).
+``MERIDIO_BENCH_LOGS=DIR``: keep the daemons' logs, as ``DIR/<case>-<role>.log``.
 ``MERIDIO_BENCH_PROXY_ARGS``: more proxy settings (``--register-interval=30 ...``).
 ``MERIDIO_BENCH_PROXY_SRC`` / ``MERIDIO_BENCH_CONTROL_SRC``: a source tree (its ``src``
 directory) to run the proxy / the NSP and IPAM from instead of the installed one, to compare
@@ -40,6 +45,7 @@ import contextlib
 import ctypes
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -66,6 +72,8 @@ from meridio.api.meridio.connect.v1 import CloseRequest, ConnectStub
 from meridio.api.nsp.v1 import Conduit, Stream, Target, Trench
 from meridio.connect.client import ClientSpec, build_request
 from meridio.core import conduit, rtnl
+from meridio.roles.proxy import ProxySettings
+from meridio.runtime.grpc import on_connection_lost
 from tests.netns.daemons import MERIDIOD, Daemon, RawCodec, bench_netns, run_async
 
 TRENCH, CONDUIT, STREAM, NODE = "trench-a", "conduit-a", "s0", "node1"
@@ -374,7 +382,9 @@ class FakeTarget:
     requests: int = 0
     failures: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[None] | None = None
+    period: float = 0.0  # seconds between refreshes, as the proxy's expiry asks
 
     @property
     def connection_id(self) -> str:
@@ -409,41 +419,50 @@ class FakeTarget:
                     await self.wake.wait()
                     self.wake.clear()
                     continue
-                self.requests += 1
-                try:
-                    reply = await stub.request(request)
-                    if not self.up_done:
-                        await link_up(self.ns.sock, "conduit0")
-                        self.up_done = True
-                except Exception as exc:  # as the target's client: any failure, ask again
-                    self.failures += 1
-                    ERRORS[type(exc).__name__] += 1
-                    if ERRORS[type(exc).__name__] == 1 and os.environ.get("DBG"):
-                        import traceback
+                async with self.busy:  # a Close waits for a request on its way
+                    if not self.wanted:
+                        continue
+                    self.requests += 1
+                    try:
+                        reply = await stub.request(request)
+                        if not self.up_done:
+                            await link_up(self.ns.sock, "conduit0")
+                            self.up_done = True
+                    except Exception as exc:  # as the target's client: any failure, ask again
+                        self.failures += 1
+                        ERRORS[type(exc).__name__] += 1
+                        if ERRORS[type(exc).__name__] == 1 and os.environ.get("DBG"):
+                            import traceback
 
-                        traceback.print_exc()
+                            traceback.print_exc()
+                        reply = None
+                if reply is None:
                     await asyncio.sleep(RETRY)
                     continue
                 self.ips = tuple(reply.client_addresses)
+                self.period = max(0.2, reply.expiry_seconds / 3)
+                on_connection_lost(channel, self.index, self.wake.set)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), max(0.2, reply.expiry_seconds / 3))
+                    await asyncio.wait_for(self.wake.wait(), self.period)
                 self.wake.clear()
         finally:
             channel.close()
 
     async def close(self) -> None:
-        """Stop refreshing and Close, as a target whose last stream closed does."""
+        """Stop refreshing and Close, as a target whose last stream closed does (its
+        connection's task ends first: a refresh on its way is not answered after the Close)."""
         self.wanted = False
-        self.up_done = False
         channel = Channel(path=str(self.endpoint))
         try:
-            with contextlib.suppress(Exception):  # not answered: the waits say what happened
-                await ConnectStub(channel, timeout=10).close(
-                    CloseRequest(
-                        network_service=f"proxy.{CONDUIT}.{TRENCH}",
-                        connection_id=self.connection_id,
+            async with self.busy:
+                self.up_done = False
+                with contextlib.suppress(Exception):  # not answered: the waits say what happened
+                    await ConnectStub(channel, timeout=10).close(
+                        CloseRequest(
+                            network_service=f"proxy.{CONDUIT}.{TRENCH}",
+                            connection_id=self.connection_id,
+                        )
                     )
-                )
         finally:
             channel.close()
 
@@ -501,7 +520,7 @@ def profile(pid: int, name: str, seconds: float) -> Any:
             "record",
             "--nonblocking",
             "-r",
-            "50",
+            os.environ.get("MERIDIO_BENCH_PROFILE_RATE", "50"),
             "-f",
             "raw",
             "-d",
@@ -514,6 +533,14 @@ def profile(pid: int, name: str, seconds: float) -> Any:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def register_interval() -> float:
+    """The proxy's keepalive period: from MERIDIO_BENCH_PROXY_ARGS, else the default."""
+    found = re.findall(
+        r"--register-interval[= ](\S+)", os.environ.get("MERIDIO_BENCH_PROXY_ARGS", "")
+    )
+    return float(found[-1]) if found else ProxySettings().register_interval
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -638,6 +665,7 @@ async def run_case(name: str, workdir: Path, ns: Any, targets_ns: list[TargetNs]
             return sum(1 for t in targets if t.ipv4 and t.ipv4 in registered.ips) == n
 
         cpu0 = {d.role: cpu_seconds(d.pid) for d in (nsp, ipam)}
+        bench0 = sum(os.times()[:2])
         proxy.spawn()
         started = time.monotonic()
         spy = profile(proxy.pid, f"{name}-cold", 60)
@@ -661,22 +689,26 @@ async def run_case(name: str, workdir: Path, ns: Any, targets_ns: list[TargetNs]
             f"{name}: CPU during the cold start: "
             + ", ".join(f"{role} {cpu:.1f} s" for role, cpu in cold_cpu.items())
             + f" (proxy: user {user:.1f} s, system {system:.1f} s)"
+            + f"; the targets (this process) {sum(os.times()[:2]) - bench0:.1f} s"
             + f"; load average {os.getloadavg()[0]:.1f}"
         )
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait()
         await asyncio.sleep(2)
-        spy = profile(proxy.pid, f"{name}-steady", STEADY)
+        steady = max(STEADY, register_interval(), *(t.period for t in targets))
+        spy = profile(proxy.pid, f"{name}-steady", steady)
         before, nsp_before = cpu_seconds(proxy.pid), cpu_seconds(nsp.pid)
-        await asyncio.sleep(STEADY)
-        cpu = (cpu_seconds(proxy.pid) - before) / STEADY
-        nsp_cpu = (cpu_seconds(nsp.pid) - nsp_before) / STEADY
+        await asyncio.sleep(steady)
+        cpu = (cpu_seconds(proxy.pid) - before) / steady
+        nsp_cpu = (cpu_seconds(nsp.pid) - nsp_before) / steady
         rss = rss_mb(proxy.pid)
         if spy is not None:
             spy.wait()
         progress(
-            f"{name}: steady CPU {cpu * 100:.1f} % (NSP {nsp_cpu * 100:.1f} %), RSS {rss:.0f} MB"
+            f"{name}: steady CPU {cpu * 100:.1f} % over {steady:.0f} s "
+            f"(NSP {nsp_cpu * 100:.1f} %), RSS {rss:.0f} MB; "
+            f"load average {os.getloadavg()[0]:.1f}"
         )
         rng = random.Random(7)
         close_nsp: list[float] = []
@@ -731,6 +763,12 @@ async def run_case(name: str, workdir: Path, ns: Any, targets_ns: list[TargetNs]
                     await daemon.stop(timeout=limit)
                 except AssertionError:
                     daemon.kill()
+        keep = os.environ.get("MERIDIO_BENCH_LOGS")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            for daemon in (proxy, nsp, ipam):
+                with contextlib.suppress(OSError):
+                    shutil.copy(daemon.log_path, Path(keep) / f"{name}-{daemon.role}.log")
     return Result(
         name,
         n,

@@ -1,12 +1,13 @@
 """Every method of every service answers corrupt requests with INVALID_ARGUMENT.
 
-The servers run in this process on the runtime's gRPC stack (its strict codec). The NSP, IPAM
-and health services are the real ones, with their state in ``tmp_path``; the services whose
-implementations need a kernel (LB inspection, connect, TAPA) are served by their generated
-bases, which decode the request before anything else, as every implementation does. A client
-sends raw bytes: truncated messages, lengths past the end, wrong wire types, invalid UTF-8.
-Each must come back INVALID_ARGUMENT with a message naming the problem (never UNKNOWN, never
-decoded into something else: the state of the NSP and the IPAM must not change).
+The servers run in this process on the runtime's gRPC stack (its strict codec). The NSP and
+IPAM (with their batch services) and health services are the real ones, with their state in
+``tmp_path``; the services whose implementations need a kernel (LB inspection, connect, TAPA)
+are served by their generated bases, which decode the request before anything else, as every
+implementation does. A client sends raw bytes: truncated messages, lengths past the end, wrong
+wire types, invalid UTF-8. Each must come back INVALID_ARGUMENT with a message naming the
+problem (never UNKNOWN, never decoded into something else: the state of the NSP and the IPAM
+must not change).
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ from grpclib.const import Cardinality, Status
 
 import meridio.api
 from meridio.core.nspconfig import parse_config
-from meridio.roles.ipam import IpamInspectService, IpamService
-from meridio.roles.nsp import ConfigurationManagerService, NspState, TargetRegistryService
+from meridio.roles.ipam import IpamBatchService, IpamInspectService, IpamService
+from meridio.roles.nsp import (
+    ConfigurationManagerService,
+    NspState,
+    TargetRegistryBatchService,
+    TargetRegistryService,
+)
 from meridio.runtime.commit import GroupCommit
 from meridio.runtime.grpc import Endpoint, GrpcStack
 from meridio.runtime.health import Health, HealthService
@@ -124,10 +130,13 @@ async def test_every_method_refuses_corrupt_requests(aio_loop: object, tmp_path:
     handlers: list[Any] = [
         HealthService(Health()),
         TargetRegistryService(nsp),
+        TargetRegistryBatchService(nsp),
         ConfigurationManagerService(nsp),
         IpamService(ipam, ipam_commits, ""),
         IpamInspectService(ipam, ipam_commits),
     ]
+    # before Ipam: its Release removes what the valid sample of the batch allocated
+    handlers.insert(4, IpamBatchService(handlers[4]))
     bases = _service_bases()
     assert len(bases) >= 7  # health, ipam, nsp (2), admin (2), connect (+ TAPA when present)
     covered = [b for b in bases if any(isinstance(h, b) for h in handlers)]

@@ -24,8 +24,11 @@ much more than meridio uses when imported the ordinary way; :func:`install` (the
 Imports make many objects and little garbage, and the cyclic garbage collector's passes over
 them while they are made take about a sixth of a role's start: :func:`install` turns it off,
 :func:`loaded` (the modules are in) turns it on again for what is made from then on, and once
-the role has started :func:`trim` collects everything once and hands the memory freed while
-starting back to the system.
+the role has started :func:`trim` collects everything once, hands the memory freed while
+starting back to the system, and leaves what survived (modules, classes, the role's own
+state: some fifty thousand objects that live as long as the process) out of later passes.
+Without that, every full pass walks all of them again: a proxy with a thousand targets spends
+about a third less in full passes (0.16 s each before, every twenty seconds or so).
 """
 
 from __future__ import annotations
@@ -138,7 +141,9 @@ def loaded() -> None:
 
 
 def trim() -> None:
-    """Collect garbage and return free heap pages to the system (glibc's ``malloc_trim``)."""
+    """Collect garbage, return free heap pages to the system (glibc's ``malloc_trim``) and
+    freeze what is left (``gc.freeze``: later passes of the collector skip it; it is freed
+    as usual when nothing refers to it any more, only a reference cycle among it would stay)."""
     import ctypes
 
     gc.unfreeze()
@@ -147,6 +152,7 @@ def trim() -> None:
     # the running program's symbols, libc's among them (find_library would run ldconfig)
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
         ctypes.CDLL(None).malloc_trim(0)
+    gc.freeze()
 
 
 def install() -> None:

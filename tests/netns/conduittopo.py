@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import select
 import signal
 import socket
@@ -42,6 +43,7 @@ from typing import Any
 
 import yaml
 
+import meridio
 from meridio.api.meridio.admin.v1 import (
     IpamInspectStub,
     ListAllocationsRequest,
@@ -73,6 +75,9 @@ from tests.netns.lbtopo import (
 
 PREFIX = "mcdt-"
 REPO = Path(__file__).resolve().parents[2]
+# the daemons run the meridio this test runs (a worktree's, with PYTHONPATH=src), not whichever
+# the environment installed, and find tests.netns.rolelauncher in the repository
+DAEMON_PATH = os.pathsep.join([str(Path(meridio.__file__).resolve().parents[1]), str(REPO)])
 TRENCH = "trench-a"
 CONDUIT = "conduit-a"
 STREAM = "stream-a"
@@ -132,7 +137,7 @@ class RoleDaemon(Daemon):
     entry points are installed); no ``--listen``/``--database`` unless given."""
 
     def __init__(self, netns: Any, role: str, workdir: Path, *args: str) -> None:
-        super().__init__(netns, role, workdir, *args, env={"PYTHONPATH": str(REPO)})
+        super().__init__(netns, role, workdir, *args, env={"PYTHONPATH": DAEMON_PATH})
 
     @property
     def argv(self) -> list[str]:

@@ -170,6 +170,9 @@ def test_full_mesh_forms(topo: ConduitTopology) -> None:
         assert {link["ifname"] for link in topo.conduit_links(t.ns, "conduit")} == {"conduit0"}
         kinds = {link.get("linkinfo", {}).get("info_kind") for link in topo.links(t.ns)}
         assert topo.mechanism in kinds
+    for node in topo.nodes.values():  # no querier on a conduit: snooping would only cost
+        (bridge,) = topo.conduit_links(node.ns, "bridge0")
+        assert bridge["linkinfo"]["info_data"]["mcast_snooping"] == 0
 
 
 def test_addresses_unique_and_inside_their_prefixes(topo: ConduitTopology) -> None:
@@ -317,6 +320,40 @@ def test_a_proxy_killed_and_restarted_keeps_its_addresses(full: ConduitTopology)
     )
     assert len(topo.nsp_targets()) == len(topo.targets)
     assert len(topo.nsp_targets(TargetType.FRONTEND)) == len(topo.lbs)
+
+
+def test_targets_come_back_to_a_restarted_proxy_at_once(full: ConduitTopology) -> None:
+    """A target whose connection to its proxy drops asks again at once, not at its next
+    refresh: with a connect expiry of 300 s (a refresh every 100 s), a proxy killed and
+    restarted has every target of its node connected again long before that."""
+    topo = full
+    node = topo.nodes["node1"]
+    mine = sum(1 for t in topo.targets.values() if t.node is node)
+
+    def restart() -> None:
+        node.daemon.kill()
+        run_async(node.daemon.restart(timeout=HANG))
+        records = node.daemon.log_records()
+        last = max(i for i, r in enumerate(records) if r.get("event") == "role started")
+
+        def back() -> bool:
+            records = node.daemon.log_records()[last:]
+            return sum(r.get("event") == "connection established" for r in records) >= mine
+
+        # HANG (30 s) is well under the 100 s to the targets' next refresh: only targets that
+        # ask again when their connection drops are back in time
+        wait_until(back, HANG, "the targets connected to the restarted proxy")
+
+    node.daemon.extra_args.append("--connect-expiry=300")
+    try:
+        restart()  # the targets learn the long expiry from this proxy's answers
+        wait_settled(topo)
+        restart()  # they come back when their connection drops, not in 100 s
+        wait_settled(topo)
+    finally:
+        node.daemon.extra_args.remove("--connect-expiry=300")
+        restart()
+        wait_settled(topo)
 
 
 def test_a_gracefully_stopped_target_leaves_nothing_behind(topo: ConduitTopology) -> None:

@@ -46,6 +46,8 @@ from meridio.api.meridio.admin.v1 import (
     ShowRequest,
 )
 from meridio.api.meridio.connect.v1 import ConnectBase
+from meridio.api.meridio.ipam.v1 import IpamBatchBase
+from meridio.api.meridio.nsp.v1 import TargetRegistryBatchBase
 from meridio.api.nsp.v1 import (
     ConfigurationManagerBase,
     Target,
@@ -68,8 +70,12 @@ DOCUMENTED: dict[str, set[Status]] = {
     "grpc.health.v1.Health": ALWAYS | {Status.NOT_FOUND},
     "nsp.v1.TargetRegistry": ALWAYS | {Status.UNAVAILABLE},
     "nsp.v1.ConfigurationManager": ALWAYS,
+    # an update refused is in the answer (status OK); the call as a whole as Register's
+    "meridio.nsp.v1.TargetRegistryBatch": ALWAYS | {Status.UNAVAILABLE},
     "ipam.v1.Ipam": ALWAYS | {Status.UNAVAILABLE},
     "meridio.admin.v1.IpamInspect": ALWAYS,
+    # a child refused is in the answer (status OK); the call as a whole as ipam.v1.Ipam's
+    "meridio.ipam.v1.IpamBatch": ALWAYS | {Status.UNAVAILABLE},
     "meridio.admin.v1.LbInspect": ALWAYS | {Status.UNAVAILABLE},
     # PERMISSION_DENIED: a veth namespace that is not the caller's (docs/security.md)
     "meridio.connect.v1.Connect": ALWAYS
@@ -414,14 +420,16 @@ def test_fuzz_every_method_of_every_role(netns_factory: Any, tmp_path: Path) -> 
             Target_(
                 "nsp",
                 unix(nsp.socket),
-                methods(TargetRegistryBase) + methods(ConfigurationManagerBase),
+                methods(TargetRegistryBase)
+                + methods(TargetRegistryBatchBase)
+                + methods(ConfigurationManagerBase),
                 lambda: nsp_state(nsp.socket),
             ),
             Target_("nsp health", unix(nsp.health_socket), health, None),
             Target_(
                 "ipam",
                 unix(ipam.socket),
-                methods(IpamBase) + methods(IpamInspectBase),
+                methods(IpamBase) + methods(IpamBatchBase) + methods(IpamInspectBase),
                 lambda: ipam_state(ipam.socket),
             ),
             Target_("ipam health", unix(ipam.health_socket), health, None),

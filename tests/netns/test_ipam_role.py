@@ -14,6 +14,7 @@ from grpclib.const import Status
 
 from meridio.api.ipam.v1 import Child, IpamStub, IpFamily, Prefix, Subnet
 from meridio.api.meridio.admin.v1 import IpamInspectStub, ListAllocationsRequest
+from meridio.api.meridio.ipam.v1 import AllocateRequest, IpamBatchStub
 from meridio.api.nsp.v1 import Conduit, Trench
 from tests.netns.daemons import IPAM_PREFIXES, Daemon, aio_test, channel, grpc_error
 from tests.waiting import HANG
@@ -45,6 +46,7 @@ def child(
 class Client:
     def __init__(self, ch: Any) -> None:
         self.ipam = IpamStub(ch, timeout=5)
+        self.batch = IpamBatchStub(ch, timeout=5)
         self.inspect = IpamInspectStub(ch, timeout=5)
 
     async def allocate(self, c: Child) -> Prefix:
@@ -193,6 +195,46 @@ async def test_malformed_requests_are_invalid_and_change_nothing(
         assert await client.state() == before
         # The daemon still serves valid requests.
         assert (await client.allocate(child("existing"))).address == before[0][6]
+
+
+@aio_test
+async def test_a_batch_answers_each_child_as_allocate_would(netns: Any, tmp_path: Path) -> None:
+    # /29 node prefixes: 6 addresses each
+    async with ipam(
+        netns, tmp_path, "--conduit-prefix-length-ipv4=28", "--node-prefix-length-ipv4=29"
+    ) as (daemon, client):
+        known = await client.allocate(child("c1"))
+        asked = [
+            child("c0"),
+            child("c1"),  # allocated before: the same address
+            child("c0", IpFamily.IPV6),
+            child("x", trench=""),  # invalid: refused alone
+            *(child(f"c{i}") for i in range(2, 7)),  # the last one does not fit
+            child("c0"),  # twice in one call: the same address
+        ]
+        reply = await client.batch.allocate(AllocateRequest(children=asked))
+        answers = reply.allocations
+        assert len(answers) == len(asked)
+        invalid, exhausted = Status.INVALID_ARGUMENT.value, Status.RESOURCE_EXHAUSTED.value
+        assert [a.status for a in answers] == [0, 0, 0, invalid, 0, 0, 0, 0, exhausted, 0]
+        assert answers[3].message and answers[8].message
+        assert answers[1].prefix.address == known.address
+        assert answers[9].prefix.address == answers[0].prefix.address
+        too_many = AllocateRequest(children=[child(f"m{i}") for i in range(4097)])
+        err = await grpc_error(client.batch.allocate(too_many))
+        assert err.status == Status.INVALID_ARGUMENT
+        # every answer is what Allocate answers, and stays after kill -9 (it was saved)
+        daemon.kill()
+        await daemon.restart()
+        async with channel(daemon.socket) as ch:
+            again = Client(ch)
+            for request, answer in zip(asked, answers, strict=True):
+                if answer.status == 0:
+                    got = await again.allocate(request)
+                    assert (got.address, got.prefix_length) == (
+                        answer.prefix.address,
+                        answer.prefix.prefix_length,
+                    )
 
 
 @aio_test

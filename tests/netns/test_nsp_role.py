@@ -16,6 +16,7 @@ import pytest
 import yaml
 from grpclib.const import Status
 
+from meridio.api.meridio.nsp.v1 import TargetRegistryBatchStub, Update, UpdateRequest
 from meridio.api.nsp.v1 import (
     Attractor,
     Conduit,
@@ -119,6 +120,7 @@ class Nsp:
     def __init__(self, daemon: Daemon, ch: Any) -> None:
         self.daemon = daemon
         self.registry = TargetRegistryStub(ch, timeout=5)
+        self.batch = TargetRegistryBatchStub(ch, timeout=5)
         self.config = ConfigurationManagerStub(ch)
 
     async def enable(self, t: Target) -> None:
@@ -340,6 +342,42 @@ async def test_invalid_registrations_are_refused_and_nothing_is_stored(
                 target("198.18.1.1/24", "stream-c", "conduit-b", identifier="2")
             )
             assert summary(await w.next()) == [("198.18.1.1/24", "DISABLED", "stream-c")]
+
+
+@aio_test
+async def test_a_batch_applies_each_update_in_order_as_register_and_unregister_would(
+    netns: Any, tmp_path: Path
+) -> None:
+    async with nsp(netns, tmp_path) as n:
+        a, b, c = (target(f"198.18.1.{i}/24", identifier=str(i)) for i in (1, 2, 3))
+        await n.enable(c)
+        updates = [
+            Update(target=a),  # new: stored DISABLED ...
+            Update(target=a),  # ... then enabled, in the same call
+            Update(target=b),  # new: DISABLED
+            Update(target=target("198.18.1.300/24")),  # invalid: refused alone
+            Update(target=c, unregister=True),
+            Update(target=target("198.18.1.9/24"), unregister=True),  # unknown: silent
+        ]
+        async with watching(lambda: n.registry.watch(ANY)) as w:
+            assert len((await w.next()).targets) == 1
+            reply = await n.batch.update(UpdateRequest(updates=updates))
+            invalid = Status.INVALID_ARGUMENT.value
+            assert [r.status for r in reply.results] == [0, 0, 0, invalid, 0, 0]
+            assert "198.18.1.300" in reply.results[3].message
+            expected = [
+                ("198.18.1.1/24", "ENABLED", "stream-a"),
+                ("198.18.1.2/24", "DISABLED", "stream-a"),
+            ]
+            assert summary(await w.next()) == expected
+            # saved before the answer: a kill -9 keeps it
+            n.daemon.kill()
+            await w.end()
+        await n.daemon.restart()
+        assert await n.snapshot() == expected
+        too_many = UpdateRequest(updates=[Update(target=a)] * 4097)
+        err = await grpc_error(n.batch.update(too_many))
+        assert err.status == Status.INVALID_ARGUMENT
 
 
 @aio_test

@@ -191,6 +191,8 @@ def test_every_served_method_is_in_the_table() -> None:
     from meridio.api.ipam import v1 as ipam
     from meridio.api.meridio.admin import v1 as admin
     from meridio.api.meridio.connect import v1 as connect
+    from meridio.api.meridio.ipam import v1 as ipambatch
+    from meridio.api.meridio.nsp import v1 as nspbatch
     from meridio.api.nsp import v1 as nsp
 
     bases = [
@@ -198,6 +200,8 @@ def test_every_served_method_is_in_the_table() -> None:
         health.HealthBase,
         ipam.IpamBase,
         admin.IpamInspectBase,
+        ipambatch.IpamBatchBase,
+        nspbatch.TargetRegistryBatchBase,
         admin.LbInspectBase,
         connect.ConnectBase,
         nsp.TargetRegistryBase,
@@ -225,6 +229,25 @@ def test_message_rules_for_registrations() -> None:
         assert "type DEFAULT" in (authz.check_message(method, "lb", default) or "")
         assert authz.check_message(method, "proxy", SimpleNamespace(type=7)) is not None
     assert not authz.has_message_rule("/nsp.v1.TargetRegistry/Watch")
+
+
+def test_a_batch_of_registrations_is_checked_update_by_update() -> None:
+    method = "/meridio.nsp.v1.TargetRegistryBatch/Update"
+
+    def batch(*types: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            updates=[SimpleNamespace(target=SimpleNamespace(type=t)) for t in types]
+        )
+
+    assert authz.has_message_rule(method)
+    assert authz.check_message(method, "proxy", batch()) is None
+    assert authz.check_message(method, "proxy", batch(0, 0, 0)) is None
+    assert "may not send type FRONTEND" in (
+        authz.check_message(method, "proxy", batch(0, 1, 0)) or ""
+    )
+    assert decide("nsp", method, who("proxy")).allowed
+    assert not decide("nsp", method, who("lb")).allowed
+    assert not decide("nsp", method, who("target")).allowed
 
 
 def test_servers_of() -> None:

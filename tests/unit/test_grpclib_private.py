@@ -12,6 +12,9 @@ meridio uses it for:
 * ``Channel._create_connection``, ``_host``, ``_port``, ``_ssl`` (meridio.runtime.tls.TlsChannel):
   the channel connects through that method, reading ``_ssl`` at that moment.
 * ``peer._transport`` of a request event (meridio.runtime.tls._call_peer).
+* ``Channel._protocol.handler`` and its ``close`` / ``connection_lost``
+  (meridio.runtime.grpc.on_connection_lost): the protocol calls ``close`` when the connection
+  goes, whoever ends it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from meridio.api.grpc.health.v1 import (
     HealthCheckResponseServingStatus,
     HealthStub,
 )
-from meridio.runtime.grpc import KEEPALIVE, LimitedCodec, _Server
+from meridio.runtime.grpc import KEEPALIVE, LimitedCodec, _Server, on_connection_lost
 from meridio.runtime.health import Health, HealthService
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
@@ -150,6 +153,39 @@ def test_server_protocol_factory_channel_create_connection_and_peer_transport() 
             server.close()
             assert transport.is_closing()
             await server.wait_closed()
+        finally:
+            channel.close()
+
+    asyncio.run(main())
+
+
+def test_a_lost_connection_calls_back_once_per_key_with_the_latest_callback() -> None:
+    async def main() -> None:
+        calls: list[str] = []
+        server = _Server([HealthService(Health())], codec=LimitedCodec())
+        await server.start("127.0.0.1", 0)
+        port = next(iter(server._server.sockets)).getsockname()[1]
+        channel = grpclib.client.Channel("127.0.0.1", port, codec=LimitedCodec())
+        try:
+            on_connection_lost(channel, "a", lambda: calls.append("never"))  # no connection yet
+            await HealthStub(channel).check(HealthCheckRequest(service="Liveness"))
+            assert channel._protocol is not None
+            assert channel._protocol.handler.connection_lost is False
+            on_connection_lost(channel, "a", lambda: calls.append("a-old"))
+            on_connection_lost(channel, "a", lambda: calls.append("a"))  # replaces a-old
+            on_connection_lost(channel, "b", lambda: calls.append("b"))
+            await asyncio.sleep(0.05)
+            assert calls == []  # the connection is there
+            server.close()  # the peer goes: the protocol calls the handler's close
+            await server.wait_closed()
+            for _ in range(100):
+                if calls:
+                    break
+                await asyncio.sleep(0.01)
+            assert sorted(calls) == ["a", "b"]
+            assert channel._protocol.handler.connection_lost is True
+            channel.close()  # closed again: nothing more
+            assert sorted(calls) == ["a", "b"]
         finally:
             channel.close()
 

@@ -7,9 +7,12 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meridio.api.ipam.v1 import Child, IpFamily, Subnet
-from meridio.api.nsp.v1 import Conduit, Target, TargetStatus, TargetType, Trench
+from meridio.api.ipam.v1 import Child, IpFamily, Prefix, Subnet
+from meridio.api.meridio.ipam.v1 import AllocateResponse, Allocation
+from meridio.api.meridio.nsp.v1 import UpdateResponse, UpdateResult
+from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetStatus, TargetType, Trench
 from meridio.core import proxystate as ps
+from meridio.core import wire
 from meridio.core.proxystate import Registration, SourceRule, TargetConnection
 
 
@@ -188,6 +191,94 @@ def test_child_bytes_are_what_betterproto_makes(name: str) -> None:
     assert ps.child_bytes(name, bytes(Child(subnet=subnet))) == bytes(
         Child(name=name, subnet=subnet)
     )
+
+
+@given(
+    st.lists(st.text(max_size=200), max_size=4),
+    st.dictionaries(st.text(max_size=20), st.text(max_size=200), max_size=3),
+    st.sampled_from(list(TargetStatus)),
+    st.sampled_from(list(TargetType)),
+    st.sampled_from(["", "stream-a", "s" * 300]),
+)
+def test_target_bytes_are_what_betterproto_makes(
+    ips: list[str],
+    context: dict[str, str],
+    status: TargetStatus,
+    type_: TargetType,
+    name: str,
+) -> None:
+    stream = Stream(name=name, conduit=Conduit(name="conduit-a", trench=Trench(name="trench-a")))
+    stream_bytes = bytes(stream) if name else b""
+    made = ps.target_bytes(ips, context, int(status), stream_bytes, int(type_))
+    assert made == bytes(
+        Target(
+            ips=ips,
+            context=context,
+            status=status,
+            type=type_,
+            stream=stream if name else Stream(),
+        )
+    )
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.text(max_size=50)), max_size=20),
+    st.binary(max_size=40),
+)
+def test_update_results_decode_as_the_generated_decoder_does(
+    results: list[tuple[int, str]], junk: bytes
+) -> None:
+    data = bytes(UpdateResponse(results=[UpdateResult(status=s, message=m) for s, m in results]))
+    assert ps.update_results(data) == results
+    try:
+        expected = [(r.status, r.message) for r in wire.decode(UpdateResponse, junk).results]
+    except wire.WireError:
+        expected = None
+    try:
+        got = ps.update_results(junk)
+    except ValueError:
+        got = None
+    if got is not None:  # what the hand decoder takes, the strict one takes the same way
+        assert got == expected
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=40),
+            st.integers(-(2**31), 2**31 - 1),
+            st.integers(0, 2**32 - 1),
+            st.text(max_size=40),
+        ),
+        max_size=20,
+    ),
+    st.binary(max_size=40),
+)
+def test_allocations_decode_as_the_generated_decoder_does(
+    items: list[tuple[str, int, int, str]], junk: bytes
+) -> None:
+    data = bytes(
+        AllocateResponse(
+            allocations=[
+                Allocation(prefix=Prefix(address=a, prefix_length=n), status=s, message=m)
+                for a, n, s, m in items
+            ]
+        )
+    )
+    assert ps.allocations(data) == items
+    try:
+        expected = [
+            (a.prefix.address, a.prefix.prefix_length, a.status, a.message)
+            for a in wire.decode(AllocateResponse, junk).allocations
+        ]
+    except wire.WireError:
+        expected = None
+    try:
+        got = ps.allocations(junk)
+    except ValueError:
+        got = None
+    if got is not None:
+        assert got == expected
 
 
 @given(

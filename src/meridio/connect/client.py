@@ -4,10 +4,14 @@ The role says which connections it wants (:meth:`ConnectClient.set_desired`); th
 one task per connection that requests it, configures its own end of the link (for vxlan it
 creates it; for veth the endpoint created it in our namespace), and refreshes it well within the
 expiry the endpoint announced. A refresh is the same request again, so after an endpoint restart
-the next refresh simply recreates the connection with the same addresses. When the endpoint
-cannot be reached the task retries with backoff; when our end of the link disappears it asks
-again at once. A connection no longer wanted is closed (Close, then our end is removed), and
-links an earlier instance left for connections nobody wants any more are removed too.
+the request recreates the connection with the same addresses: it is made at once when the
+transport connection to the endpoint drops (the endpoint's process exited), not at the next
+refresh, so a restarted endpoint gets its clients back as soon as it answers, however long its
+expiry. When the endpoint cannot be reached the task retries with backoff, and counts the
+connection lost after LOST_AFTER seconds without an answer (or the expiry, when shorter); when
+our end of the link disappears it asks again at once. A connection no longer wanted is closed
+(Close, then our end is removed), and links an earlier instance left for connections nobody
+wants any more are removed too.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from meridio.connect.kernel import LinkError
 from meridio.core import conduit
 from meridio.core.conduit import CLIENT_ALIAS, VETH, VXLAN
 from meridio.runtime.bus import Lagged
-from meridio.runtime.grpc import Endpoint
+from meridio.runtime.grpc import Endpoint, on_connection_lost
 from meridio.runtime.netlink import LinkEvent, NetlinkManager
 from meridio.runtime.notify import Signal
 
@@ -50,6 +54,9 @@ if TYPE_CHECKING:
 CALL_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 3.0
 MAX_BACKOFF = 5.0
+LOST_AFTER = 30.0
+"""Seconds without an answer after which a connection counts as lost (the expiry, if shorter):
+a long expiry (it spares refreshes) does not keep a client that lost its endpoint waiting."""
 TRANSPORT_ERRORS = (OSError, StreamTerminatedError, TimeoutError, ProtocolError)
 
 
@@ -330,6 +337,7 @@ class ConnectClient:
                         )
                         delay = 0.05
                         wait = max(0.2, reply.expiry_seconds / 3)
+                        self._kick_when_dropped(conn)
                     delay = min(MAX_BACKOFF, delay * 2)
                     with trio.move_on_after(wait):
                         await conn.kick.wait()
@@ -342,9 +350,16 @@ class ConnectClient:
                 self.changes.bump()
                 conn.done.set()
 
+    def _kick_when_dropped(self, conn: ClientConnection) -> None:
+        """Ask again at once (this wait's kick) when the transport connection the answer came
+        on drops: the endpoint's process exited, and its successor knows nothing of us."""
+        channel = self._channels.get(conn.spec.endpoint)
+        if channel is not None:
+            on_connection_lost(channel, conn.spec.connection_id, conn.kick.set)
+
     def _failed(self, conn: ClientConnection, log: Any, error: str) -> None:
         expiry = conn.reply.expiry_seconds if conn.reply else 0.0
-        lost = conn.established and trio.current_time() - conn.last_ok > expiry
+        lost = conn.established and trio.current_time() - conn.last_ok > min(expiry, LOST_AFTER)
         if error != conn.error:
             log.warning("connection request failed", error=error)
         self._set(conn, error=error, established=conn.established and not lost)

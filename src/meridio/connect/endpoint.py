@@ -14,8 +14,10 @@ It stays cheap with a thousand connections (a proxy with every target of a busy 
 * a refresh that changes nothing (the same request again, for a link in place) is answered by
   the handler at once, with the reply serialized when the connection was made;
 * a new connection's addresses are assigned beside the task (the role may ask IPAM), many at
-  once; the request then comes back to the task, and the bridge ports of the connections
-  whose addresses came back together are made in one exchange with the kernel;
+  once; the request then goes to a link maker, also beside the task, which makes the bridge
+  ports of the connections waiting for one in one exchange with the kernel (MAKE_CHUNK at a
+  time) and hands each back to the task, whose reply goes then: while the kernel makes links,
+  the task answers, assigns and serves what was made before;
 * link events update the connection they concern (found by link index), and the resync reads
   every link in one lean dump (:mod:`meridio.core.rtnl`), put off while connections are being
   set up; expiries are kept in a heap.
@@ -58,7 +60,7 @@ from meridio.api.meridio.connect.v1 import (
 from meridio.connect import kernel
 from meridio.connect.kernel import LinkError, LinkInfo, pid_netns_path
 from meridio.connect.netnsguard import NetnsGuard
-from meridio.core import conduit, rtnl
+from meridio.core import conduit, rtnl, wire
 from meridio.core.authz import RefusalLog
 from meridio.core.conduit import (
     ENDPOINT_ALIAS,
@@ -88,6 +90,11 @@ LISTEN_BACKLOG = 4096
 RESYNC_DEFER = 4
 #: Bridge ports only: resync periods a resync may be skipped while no link changed.
 QUIET_RESYNC_PERIODS = 12
+#: New bridge ports made in one exchange with the kernel; their replies go as soon as it ends.
+MAKE_CHUNK = 64
+#: Requests remembered, parsed, by their bytes (a refresh sends its connection's very bytes).
+PARSED_REQUESTS = 4096
+REQUEST_PATH = "/meridio.connect.v1.Connect/Request"
 
 
 class VniTaken(Exception):
@@ -203,6 +210,7 @@ class _Assigned:
     addresses: Assigned | None = None
     error: Exception | None = None
     link: LinkInfo | None = None  # its link, made together with those of others
+    made: bool = False  # back from the link maker (with its link, or to make it the usual way)
 
 
 def _settle(
@@ -264,6 +272,7 @@ class ConnectEndpoint:
         the role sees (addresses, context, link up) since the role last emptied it."""
         self.bound: list[Any] = []
         self._send, self._recv = trio.open_memory_channel[Any](math.inf)
+        self._make_send, self._make_recv = trio.open_memory_channel[_Assigned](math.inf)
         self._netlink: NetlinkManager | None = None
         self._underlay_mtus: dict[str, int] = {}
         self._own_netns = kernel.own_netns_inode()
@@ -363,6 +372,7 @@ class ConnectEndpoint:
                     self._nursery = nursery
                     nursery.start_soon(self._forward_events, links)
                     nursery.start_soon(self._forward_events, overruns)
+                    nursery.start_soon(self._link_maker)
                     server = await self.runtime.grpc.serve([ConnectService(self)], listen)
                     _deepen_backlog(server)
                     self.bound = list(server.bound)
@@ -411,10 +421,7 @@ class ConnectEndpoint:
                     items.append(self._recv.receive_nowait())
                 except trio.WouldBlock:
                     break
-            try:
-                await self._make_links(items)
-            except Exception as exc:  # each is made the usual way
-                self.log.warning("making links together failed", error=str(exc))
+            items = self._to_link_maker(items)
             if items:
                 self._link_news = True
             for item in items:
@@ -526,20 +533,52 @@ class ConnectEndpoint:
             if reply is not None:
                 _settle(item.future, reply)
 
-    async def _make_links(self, items: list[Any]) -> None:
-        """Make the veth links of the new connections whose addresses came back together, in
-        one exchange with the kernel rather than a few round trips each (a thousand targets
-        asking at once, on a busy node, take seconds instead of minutes). Only bridge ports:
-        they need nothing else. A link that cannot be made so is made the usual way after."""
+    def _to_link_maker(self, items: list[Any]) -> list[Any]:
+        """Hand the new connections whose addresses came back to the link maker (bridge
+        ports); the others, to handle now. Those stay in ``_assigning`` meanwhile: anything
+        else for them waits."""
         if self.policy.bridge() is None:
-            return
+            return items
+        rest = []
+        for item in items:
+            if (
+                isinstance(item, _Assigned)
+                and not item.made
+                and item.error is None
+                and item.request.spec.connection_id not in self.connections
+            ):
+                self._make_send.send_nowait(item)
+            else:
+                rest.append(item)
+        return rest
+
+    async def _link_maker(self) -> None:
+        """Make the veth links of new connections, MAKE_CHUNK in one exchange with the kernel
+        rather than a few round trips each (a thousand targets asking at once, on a busy node,
+        take seconds instead of minutes), and send each back to the endpoint's task to be
+        served (its reply goes then). Beside that task: while the kernel makes a chunk, the
+        task answers, assigns addresses and serves the chunk made before."""
+        while True:
+            items = [await self._make_recv.receive()]
+            while len(items) < MAKE_CHUNK:
+                try:
+                    items.append(self._make_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await self._make_links(items)
+            except Exception as exc:  # each is made the usual way
+                self.log.warning("making links together failed", error=str(exc))
+            for item in items:
+                item.made = True
+                self._send.send_nowait(item)
+
+    async def _make_links(self, items: list[_Assigned]) -> None:
+        """Make the links of ``items`` in one exchange with the kernel. Only bridge ports:
+        they need nothing else. A link that cannot be made so is made the usual way after."""
         batch: list[tuple[_Assigned, VethSpec]] = []
         for item in items:
-            if not isinstance(item, _Assigned) or item.error is not None:
-                continue
             spec = item.request.spec
-            if spec.connection_id in self.connections:
-                continue
             try:
                 mechanism, _netns, local = await self._choose(spec, None, item.request.proven)
                 mtu = await self._mtu(mechanism, spec, local)
@@ -564,7 +603,7 @@ class ConnectEndpoint:
         if not batch:
             return
         assert self._netlink is not None
-        made = await self._netlink.create_veths([vspec for _, vspec in batch])
+        made = await self._netlink.create_veths([vspec for _, vspec in batch], chunk=MAKE_CHUNK)
         for (item, _), link in zip(batch, made, strict=True):
             if isinstance(link, rtnl.Link):
                 item.link = kernel.lean_link_info(link)
@@ -951,7 +990,7 @@ class ConnectEndpoint:
         owned = {c.link for c in self.connections.values()}
         for info in links.values():
             claimed = conduit.connection_of(ENDPOINT_ALIAS, info.alias)
-            if claimed is not None and info.name not in owned:
+            if claimed is not None and info.name not in owned and claimed not in self._assigning:
                 self.log.info("removing a link no client claimed", link=info.name)
                 await kernel.remove_link(self._netlink, info.name)
 
@@ -979,10 +1018,48 @@ class ConnectEndpoint:
 
 
 class ConnectService(ConnectBase):  # type: ignore[misc]  # generated code is untyped
-    """``meridio.connect.v1.Connect``: hands each call to the endpoint's task and waits."""
+    """``meridio.connect.v1.Connect``: hands each call to the endpoint's task and waits.
+
+    A request is read as bytes and parsed once for the same bytes (strictly decoded, then
+    checked: :func:`meridio.core.conduit.parse_request`): a client's refresh repeats the bytes
+    of its request, and their decoding and checks were a third of what a refresh cost (a proxy
+    answers a thousand targets' refreshes). What follows, the proof of the namespace among it,
+    runs for every call."""
 
     def __init__(self, endpoint: ConnectEndpoint) -> None:
         self.endpoint = endpoint
+        self._parsed: dict[bytes, RequestSpec] = {}
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        mapping: dict[str, grpclib.const.Handler] = dict(super().__mapping__())
+        generated = mapping[REQUEST_PATH]
+        mapping[REQUEST_PATH] = grpclib.const.Handler(
+            self._request_bytes, generated.cardinality, bytes, generated.reply_type
+        )
+        return mapping
+
+    async def _request_bytes(self, stream: Any) -> None:
+        data: bytes = await stream.recv_message()
+        spec = self._parsed.get(data)
+        if spec is None:
+            try:
+                message = wire.decode(ConnectRequest, data)
+            except Exception as exc:  # as the runtime's codec says it (WireError)
+                raise grpclib.GRPCError(
+                    Status.INVALID_ARGUMENT, f"malformed ConnectRequest message: {exc}"
+                ) from exc
+            spec = self._parse(message)
+            if len(self._parsed) >= PARSED_REQUESTS:
+                self._parsed.clear()
+            self._parsed[data] = spec
+        await stream.send_message(await self._serve(spec))
+
+    @staticmethod
+    def _parse(connect_request: ConnectRequest) -> RequestSpec:
+        try:
+            return conduit.parse_request(connect_request)
+        except InvalidRequest as exc:
+            raise grpclib.GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
 
     async def _submit(self, make: Callable[[asyncio.Future[Any]], Any]) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -995,10 +1072,10 @@ class ConnectService(ConnectBase):  # type: ignore[misc]  # generated code is un
             ) from None
 
     async def request(self, connect_request: ConnectRequest) -> Connection:
-        try:
-            spec = conduit.parse_request(connect_request)
-        except InvalidRequest as exc:
-            raise grpclib.GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+        result: Connection = await self._serve(self._parse(connect_request))
+        return result
+
+    async def _serve(self, spec: RequestSpec) -> Any:
         try:  # least authority: a veth end goes only into the caller's own namespace
             proven = await self.endpoint.prove(spec, current_peer())
         except Refused as exc:

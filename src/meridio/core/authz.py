@@ -203,6 +203,9 @@ class MessageRule:
     allowed: Mapping[str, frozenset[int]]
     """role -> the values it may send; a role not listed may send any."""
     names: Mapping[int, str] = field(default_factory=dict)
+    each: str = ""
+    """A batch: the repeated field whose every element carries ``attribute``, or its
+    sub-message that does (``updates.target``)."""
 
 
 TARGET_DEFAULT, TARGET_FRONTEND = 0, 1  # nsp.v1.TargetType
@@ -239,6 +242,13 @@ TABLE: tuple[Rule, ...] = (
         "only by lb",
     ),
     Rule(
+        "meridio.nsp.v1.TargetRegistryBatch",
+        ("Update",),
+        frozenset({"nsp"}),
+        frozenset({"proxy"}),
+        "many registrations in one call (a proxy's targets); type DEFAULT only",
+    ),
+    Rule(
         "nsp.v1.TargetRegistry",
         ("Watch",),
         frozenset({"nsp"}),
@@ -251,6 +261,13 @@ TABLE: tuple[Rule, ...] = (
         frozenset({"ipam"}),
         frozenset({"proxy"}),
         "addresses for the proxy's bridge, its LB links and its targets",
+    ),
+    Rule(
+        "meridio.ipam.v1.IpamBatch",
+        ("Allocate",),
+        frozenset({"ipam"}),
+        frozenset({"proxy"}),
+        "many of the proxy's addresses in one call (its targets, at start)",
     ),
     Rule(
         "meridio.admin.v1.IpamInspect",
@@ -289,18 +306,27 @@ TABLE: tuple[Rule, ...] = (
     ),
 )
 
-MESSAGE_RULES: tuple[MessageRule, ...] = tuple(
+MESSAGE_RULES: tuple[MessageRule, ...] = (
+    *(
+        MessageRule(
+            f"/nsp.v1.TargetRegistry/{method}",
+            "type",
+            {
+                "proxy": frozenset({TARGET_DEFAULT}),
+                "target": frozenset({TARGET_DEFAULT}),
+                "lb": frozenset({TARGET_FRONTEND}),
+            },
+            {TARGET_DEFAULT: "DEFAULT", TARGET_FRONTEND: "FRONTEND"},
+        )
+        for method in ("Register", "Unregister")
+    ),
     MessageRule(
-        f"/nsp.v1.TargetRegistry/{method}",
+        "/meridio.nsp.v1.TargetRegistryBatch/Update",
         "type",
-        {
-            "proxy": frozenset({TARGET_DEFAULT}),
-            "target": frozenset({TARGET_DEFAULT}),
-            "lb": frozenset({TARGET_FRONTEND}),
-        },
+        {"proxy": frozenset({TARGET_DEFAULT})},
         {TARGET_DEFAULT: "DEFAULT", TARGET_FRONTEND: "FRONTEND"},
-    )
-    for method in ("Register", "Unregister")
+        each="updates.target",
+    ),
 )
 
 
@@ -353,10 +379,17 @@ def check_message(method: str, role: str, message: Any) -> str | None:
     rule = _MESSAGES.get(method)
     if rule is None or role not in rule.allowed:
         return None
-    value = int(getattr(message, rule.attribute, 0) or 0)
+    items = [message]
+    if rule.each:
+        field_name, _, sub = rule.each.partition(".")
+        items = [getattr(i, sub) if sub else i for i in getattr(message, field_name, ())]
     allowed = rule.allowed[role]
-    if value in allowed:
+    refused = [
+        v for v in (int(getattr(i, rule.attribute, 0) or 0) for i in items) if v not in allowed
+    ]
+    if not refused:
         return None
+    value = refused[0]
     name = rule.names.get(value, str(value))
     ok = ", ".join(rule.names.get(v, str(v)) for v in sorted(allowed))
     return f"role {role} may not send {rule.attribute} {name} to {method} (allowed: {ok})"

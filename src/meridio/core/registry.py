@@ -55,6 +55,7 @@ from typing import Final, cast
 from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetStatus, TargetType, Trench
 from meridio.core import names, wire
 from meridio.core.names import describe, name_problem
+from meridio.core.wire import encode_varint
 
 __all__ = [
     "DEFAULT_ENTRY_TIMEOUT",
@@ -238,19 +239,10 @@ def canonical_target(target: Target) -> Target:
     )
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _len_field(tag: int, payload: bytes) -> bytes:
     """A length-delimited field whose one-byte tag is ``tag``."""
     n = len(payload)
-    return bytes((tag, n)) + payload if n < 0x80 else bytes((tag,)) + _varint(n) + payload
+    return bytes((tag, n)) + payload if n < 0x80 else bytes((tag,)) + encode_varint(n) + payload
 
 
 def encode_stored(target: Target) -> bytes:
@@ -271,10 +263,10 @@ def encode_stored(target: Target) -> bytes:
             out += _len_field(0x12, entry)
     status = int(_f(target, "status", 0))
     if status:
-        out += b"\x18" + _varint(status)
+        out += b"\x18" + encode_varint(status)
     type_ = int(_f(target, "type", 0))
     if type_:
-        out += b"\x20" + _varint(type_)
+        out += b"\x20" + encode_varint(type_)
     stream = _stream(target)
     if stream is not None and object.__getattribute__(stream, "_serialized_on_wire"):
         name, conduit, trench = stream_path(stream)
@@ -286,7 +278,7 @@ def encode_stored(target: Target) -> bytes:
         stream_payload = (
             (_len_field(0x0A, name.encode()) if name else b"")
             + _len_field(0x12, conduit_payload)
-            + (b"\x18" + _varint(max_targets) if max_targets else b"")
+            + (b"\x18" + encode_varint(max_targets) if max_targets else b"")
         )
         out += _len_field(0x2A, stream_payload)
     return bytes(out)

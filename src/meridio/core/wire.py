@@ -44,7 +44,16 @@ from typing import Any, Final
 
 import betterproto
 
-__all__ = ["MAX_DEPTH", "WireError", "build", "check", "decode", "field"]
+__all__ = [
+    "MAX_DEPTH",
+    "WireError",
+    "build",
+    "check",
+    "decode",
+    "encode_varint",
+    "field",
+    "read_varint",
+]
 
 MAX_DEPTH: Final = 64
 """Deepest nesting of embedded messages accepted (protobuf's own default is 100)."""
@@ -283,6 +292,22 @@ def decode(cls: type[Any], data: bytes) -> Any:
 def check(cls: type[Any], data: bytes) -> None:
     """Raise :class:`WireError` unless ``data`` is a well-formed ``cls`` message."""
     decode(cls, data)
+
+
+def encode_varint(value: int) -> bytes:
+    """A non-negative integer as a protobuf varint."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def read_varint(data: bytes, i: int, end: int, where: str = "message") -> tuple[int, int]:
+    """The varint at ``i`` (before ``end``): (value, next index); WireError if it is cut or
+    too long."""
+    return _varint(data, i, end, where)
 
 
 def _varint(data: bytes, i: int, end: int, where: str) -> tuple[int, int]:

@@ -1,5 +1,9 @@
 """The IPAM role: Meridio's ``ipam.v1.Ipam`` over a persistent allocator.
 
+Beside it, ``meridio.ipam.v1.IpamBatch`` (our own) allocates many children in one call, each
+as ``Allocate`` would: a proxy that starts with many targets asks for all their addresses at
+once instead of two calls each (Meridio's clients keep using ``ipam.v1.Ipam``).
+
 Every allocation is committed to sqlite before it is answered, so a restart (even after
 ``kill -9``) gives every child name the address it had and never hands an address out twice.
 Allocations are committed in groups (:mod:`meridio.runtime.commit`): one transaction, off the
@@ -27,6 +31,12 @@ from meridio.api.meridio.admin.v1 import (
     ListAllocationsRequest,
     ListAllocationsResponse,
 )
+from meridio.api.meridio.ipam.v1 import (
+    AllocateRequest,
+    AllocateResponse,
+    IpamBatchBase,
+)
+from meridio.api.meridio.ipam.v1 import Allocation as BatchAllocation
 from meridio.core.ipam import ChildRemoved, IpamConfig, IpamExhausted, IpamInvalid
 from meridio.core.names import describe, name_problem, show
 from meridio.roles.base import Role
@@ -35,6 +45,8 @@ from meridio.settings import CommonSettings
 from meridio.store.ipam import IpamBatch, IpamStoreError, PersistentIpam
 
 FAMILIES = {IpFamily.IPV4.value: "ipv4", IpFamily.IPV6.value: "ipv6"}
+MAX_BATCH = 4096
+"""Children one ``meridio.ipam.v1.IpamBatch/Allocate`` call may ask for."""
 
 
 class IpamSettings(CommonSettings, kw_only=True):
@@ -121,11 +133,12 @@ class IpamService(IpamBase):
         except IpamStoreError as exc:
             raise grpclib.GRPCError(Status.UNAVAILABLE, f"allocation not saved: {exc}") from exc
 
-    async def allocate(self, child: Child) -> Prefix:
+    def stage(self, child: Child, now: float) -> tuple[Prefix, int]:
+        """Allocate ``child`` (not yet saved): its prefix and the batch to wait for."""
         trench, conduit, node, family, name = self._where(child)
         try:
             address, length, seq = self.ipam.stage_allocate(
-                trench, conduit, node, family, name, time.time()
+                trench, conduit, node, family, name, now
             )
         except IpamInvalid as exc:
             raise _invalid(str(exc)) from exc
@@ -133,8 +146,12 @@ class IpamService(IpamBase):
             raise grpclib.GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)) from exc
         except IpamStoreError as exc:
             raise grpclib.GRPCError(Status.UNAVAILABLE, str(exc)) from exc
+        return Prefix(address=address, prefix_length=length), seq
+
+    async def allocate(self, child: Child) -> Prefix:
+        prefix, seq = self.stage(child, time.time())
         await self._committed(seq)
-        return Prefix(address=address, prefix_length=length)
+        return prefix
 
     async def release(self, child: Child) -> Empty:
         trench, conduit, node, family, name = self._where(child)
@@ -147,6 +164,32 @@ class IpamService(IpamBase):
         if seq:
             await self._committed(seq)
         return Empty()
+
+
+class IpamBatchService(IpamBatchBase):
+    """``meridio.ipam.v1.IpamBatch``: many ``Allocate`` calls in one, saved together."""
+
+    def __init__(self, service: IpamService) -> None:
+        self.service = service
+
+    async def allocate(self, allocate_request: AllocateRequest) -> AllocateResponse:
+        children = allocate_request.children
+        if len(children) > MAX_BATCH:
+            raise _invalid(f"{len(children)} children in one call; at most {MAX_BATCH}")
+        now = time.time()
+        answers: list[BatchAllocation] = []
+        last = 0
+        for child in children:
+            try:
+                prefix, seq = self.service.stage(child, now)
+            except grpclib.GRPCError as exc:
+                answers.append(BatchAllocation(status=exc.status.value, message=exc.message or ""))
+                continue
+            answers.append(BatchAllocation(prefix=prefix))
+            last = max(last, seq)
+        if last:
+            await self.service._committed(last)
+        return AllocateResponse(allocations=answers)
 
 
 class IpamInspectService(IpamInspectBase):
@@ -207,11 +250,9 @@ class IpamRole(Role[IpamSettings]):
         )
         commits: GroupCommit[IpamBatch] = GroupCommit(ipam, name="ipam")
         try:
+            service = IpamService(ipam, commits, settings.trench)
             await self.runtime.grpc.serve(
-                [
-                    IpamService(ipam, commits, settings.trench),
-                    IpamInspectService(ipam, commits),
-                ],
+                [service, IpamBatchService(service), IpamInspectService(ipam, commits)],
                 [settings.listen],
             )
             async with trio.open_nursery() as nursery:

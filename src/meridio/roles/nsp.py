@@ -1,5 +1,10 @@
 """The NSP role: Meridio's ``nsp.v1`` target registry and configuration manager.
 
+Beside them, ``meridio.nsp.v1.TargetRegistryBatch`` (our own) registers and unregisters many
+targets in one call, each as ``Register`` or ``Unregister`` would: a proxy keeps the
+registrations of every target of its node in a few calls instead of one or two a target
+(Meridio's clients keep using ``nsp.v1.TargetRegistry``).
+
 Registrations persist in sqlite and expire when not refreshed within ``entry-timeout``.
 Changes are committed in groups (:mod:`meridio.runtime.commit`): every change made while a
 commit runs goes into the next one, off the event loop, and a Register or Unregister is
@@ -29,6 +34,12 @@ from betterproto.lib.google.protobuf import Empty
 from grpclib.const import Status
 from prometheus_client import Gauge
 
+from meridio.api.meridio.nsp.v1 import (
+    TargetRegistryBatchBase,
+    UpdateRequest,
+    UpdateResponse,
+    UpdateResult,
+)
 from meridio.api.nsp.v1 import (
     Attractor,
     AttractorResponse,
@@ -63,6 +74,8 @@ if TYPE_CHECKING:
     from meridio.runtime import Runtime
 from meridio.store.registry import Batch, PersistentRegistry, StoreError
 
+MAX_BATCH = 4096
+"""Updates one ``meridio.nsp.v1.TargetRegistryBatch/Update`` call may carry."""
 PUBLISH_INTERVAL = 0.05
 """Least seconds between two wake-ups of the Watch streams (see :meth:`NspState.publish`)."""
 
@@ -229,6 +242,37 @@ class TargetRegistryService(TargetRegistryBase):
         return watch_changes(state.targets_changed, lambda: state.targets_bytes(target, key))
 
 
+class TargetRegistryBatchService(TargetRegistryBatchBase):
+    """``meridio.nsp.v1.TargetRegistryBatch``: many ``Register`` and ``Unregister`` calls in
+    one, applied in order and saved together. Over TLS, the authorization table's rule on
+    target types holds for every update (meridio.core.authz)."""
+
+    def __init__(self, state: NspState) -> None:
+        self.state = state
+
+    async def update(self, update_request: UpdateRequest) -> UpdateResponse:
+        updates = update_request.updates
+        if len(updates) > MAX_BATCH:
+            raise grpclib.GRPCError(
+                Status.INVALID_ARGUMENT, f"{len(updates)} updates in one call; at most {MAX_BATCH}"
+            )
+        registry, now = self.state.registry, time.time()
+        results: list[UpdateResult] = []
+        last = 0
+        for update in updates:
+            try:
+                validate(update.target, self.state.lookup_stream, removal=update.unregister)
+            except InvalidTarget as exc:
+                results.append(UpdateResult(status=Status.INVALID_ARGUMENT.value, message=str(exc)))
+                continue
+            stage = registry.stage_unregister if update.unregister else registry.stage_register
+            _, seq = stage(update.target, now)
+            last = max(last, seq)
+            results.append(UpdateResult())
+        await self.state.committed(last)
+        return UpdateResponse(results=results)
+
+
 class ConfigurationManagerService(ConfigurationManagerBase):
     def __init__(self, state: NspState) -> None:
         self.state = state
@@ -315,7 +359,11 @@ class NspRole(Role[NspSettings]):
         TARGETS.set(len(registry))
         try:
             await self.runtime.grpc.serve(
-                [TargetRegistryService(state), ConfigurationManagerService(state)],
+                [
+                    TargetRegistryService(state),
+                    TargetRegistryBatchService(state),
+                    ConfigurationManagerService(state),
+                ],
                 [settings.listen],
             )
             async with trio.open_nursery() as nursery:

@@ -2,7 +2,8 @@
 
 * **Addresses** come from IPAM, from this node's prefix of the conduit, named per connection
   (see :mod:`meridio.core.proxystate`), so a proxy restarted even with ``kill -9`` asks for and
-  gets the same ones, and never holds one twice.
+  gets the same ones, and never holds one twice. Those of targets that connect together are
+  asked for in one call (``meridio.ipam.v1.IpamBatch``; one call each from an IPAM without it).
 * **Bridge**: the conduit's bridge carries the proxy's own address (IPAM child ``bridge``).
   Every connection, to targets (this proxy is their endpoint) and to LBs (this proxy is their
   client), is a port of it, so the LBs reach this node's targets directly on one L2 segment.
@@ -16,9 +17,10 @@
 * **Targets**: each connected target is registered in NSP, once per stream it asked for in its
   extra context (``identifier/<stream>``), with its address and ``context["identifier"]``;
   disabled while its link is down, enabled when it is up, refreshed as a keepalive, and
-  unregistered at once when its connection closes or its link goes away. The proxy registers
-  (Meridio's early design), because it is the one that sees a target's link disappear, even when
-  the target's namespace vanishes without a word.
+  unregistered at once when its connection closes or its link goes away; many of these in one
+  call (``meridio.nsp.v1.TargetRegistryBatch``; one call each to an NSP without it). The proxy
+  registers (Meridio's early design), because it is the one that sees a target's link
+  disappear, even when the target's namespace vanishes without a word.
 * **Egress**: ``from <VIP>`` rules (the trench's VIPs) to a table whose default route is
   multipath over the LB-side addresses of the established LB connections; forwarding, layer-4
   multipath hashing and no reverse-path filter in this namespace (replies from VIPs arrive from
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpclib
 import trio
+from grpclib.const import Status
 from grpclib.exceptions import StreamTerminatedError
 
 from meridio.api.ipam.v1 import Child, IpamStub, IpFamily, Subnet
@@ -73,18 +76,22 @@ from meridio.core.proxystate import (
     RegistrationKey,
     Schedule,
     TargetConnection,
+    allocations,
     child_bytes,
     cidr,
+    delimited,
     egress_next_hops,
     egress_rules,
     lb_child,
     lb_connection_id,
     lb_peers,
+    target_bytes,
     target_child,
+    update_results,
 )
 from meridio.roles.base import Role
 from meridio.roles.common import IP_FAMILIES, KERNEL_ERRORS, Egress, NspInputs, wait_any, watch
-from meridio.runtime.grpc import Encoded
+from meridio.runtime.grpc import Encoded, unary_raw
 from meridio.runtime.notify import Signal
 from meridio.settings import CommonSettings
 
@@ -92,7 +99,12 @@ if TYPE_CHECKING:
     from meridio.runtime import Runtime
 
 IPAM_FAMILY = {4: IpFamily.IPV4, 6: IpFamily.IPV6}
-REGISTER_CONCURRENCY = 32  # NSP calls in flight at once
+IPAM_BATCH = 512  # addresses asked for in one IpamBatch call at most
+IPAM_BATCHES = 4  # IpamBatch calls in flight at once
+BATCH_ALLOCATE = "/meridio.ipam.v1.IpamBatch/Allocate"
+BATCH_UPDATE = "/meridio.nsp.v1.TargetRegistryBatch/Update"
+REGISTER_CONCURRENCY = 32  # NSP calls in flight at once (an NSP without batches)
+NSP_BATCH = 512  # registrations in one TargetRegistryBatch call at most
 KEEPALIVE_SLICE = 100  # keepalives sent together at most
 FULL_PASS = 60.0  # seconds between two reads of every connection by the registrar
 REGISTER_RETRY = 1.0  # seconds before a failed registration is tried again
@@ -128,10 +140,13 @@ class ProxySettings(CommonSettings, kw_only=True):
     table: int = 1
     """Routing table of the egress (multipath default route toward the LBs)."""
     rule_priority: int = 100
-    connect_expiry: float = 30.0
-    """Seconds a target's connection lives without a refresh."""
-    register_interval: float = 10.0
-    """Seconds between NSP registrations of each target (keep well under its entry-timeout)."""
+    connect_expiry: float = 90.0
+    """Seconds a target's connection lives without a refresh (targets refresh every third of
+    it). It only ends connections whose client went silent while its link stays: a link that
+    goes (the target's namespace deleted) or a Close ends a connection at once."""
+    register_interval: float = 30.0
+    """Seconds between NSP registrations of each target, the keepalive (keep it at most half
+    of NSP's entry-timeout, 60 s by default; Meridio's TAPA refreshes every 30 s too)."""
     resync_period: float = 5.0
     netns_path: str = ""
     """This proxy's network namespace as LBs open it (veth); default /proc/<pid>/ns/net."""
@@ -175,6 +190,117 @@ class ProxyPolicy:
 
     async def release(self, connection: EndpointConnection, reason: str) -> None:
         await self.role.release_all(target_child(connection.connection_id))
+
+
+class _Ask:
+    """The addresses of one name (a child per family), as a batch answers them."""
+
+    __slots__ = ("children", "done", "error", "result")
+
+    def __init__(self, children: list[bytes]) -> None:
+        self.children = children
+        self.done = trio.Event()
+        self.result: tuple[str, ...] | None = None
+        self.error: Exception | None = None
+
+
+class AddressBatches:
+    """The targets' addresses from IPAM, many in one ``meridio.ipam.v1.IpamBatch`` call.
+
+    What is asked for while IPAM_BATCHES calls are on their way goes in the next one (at most
+    IPAM_BATCH children): alone, an address waits for one round trip as before; a thousand
+    targets that connect together cost tens of calls instead of two thousand, and addresses
+    keep coming while the IPAM saves those of a call. An IPAM that does not have the
+    service (Meridio's, an older one: UNIMPLEMENTED) is asked one ``Allocate`` per address
+    from then on.
+    """
+
+    def __init__(self, role: ProxyRole) -> None:
+        self.role = role
+        self.batched = True
+        self._channel: Any = None
+        self._waiting: list[_Ask] = []
+        self._wake = trio.Event()
+
+    async def allocate(self, name: str) -> tuple[str, ...]:
+        role = self.role
+        if self.batched and self._channel is not None:
+            ask = _Ask([role._encoded_child(name, f).data for f in role.families])
+            self._waiting.append(ask)
+            self._wake.set()
+            await ask.done.wait()
+            if ask.error is not None:
+                raise ask.error
+            if ask.result is not None:
+                return ask.result
+        return await role.allocate_each(name)  # the IPAM has no batches
+
+    async def run(self, channel: Any) -> None:
+        self._channel = channel
+        limit = trio.Semaphore(IPAM_BATCHES)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await trio.sleep(0)  # the others that ask at this very moment join
+                while self._waiting:
+                    await limit.acquire()  # meanwhile, more join the next call
+                    count = size = 0
+                    for ask in self._waiting:
+                        if size and size + len(ask.children) > IPAM_BATCH:
+                            break
+                        count, size = count + 1, size + len(ask.children)
+                    asks, self._waiting = self._waiting[:count], self._waiting[count:]
+                    nursery.start_soon(self._send_released, asks, limit)
+
+    async def _send_released(self, asks: list[_Ask], limit: trio.Semaphore) -> None:
+        try:
+            await self._send(asks)
+        finally:
+            limit.release()
+
+    async def _send(self, asks: list[_Ask]) -> None:
+        request = b"".join(delimited(1, child) for ask in asks for child in ask.children)
+        try:
+            reply = await self.role.runtime.grpc.call(
+                unary_raw, self._channel, BATCH_ALLOCATE, Encoded(request), timeout=NSP_TIMEOUT
+            )
+            answers = allocations(reply)
+            if len(answers) != sum(len(ask.children) for ask in asks):
+                raise ValueError(f"IPAM answered {len(answers)} of the addresses asked for")
+            at = 0
+            for ask in asks:
+                got, at = answers[at : at + len(ask.children)], at + len(ask.children)
+                refused = next((a for a in got if a[2]), None)
+                if refused is not None:
+                    ask.error = grpclib.GRPCError(Status(refused[2]), refused[3])
+                else:
+                    ask.result = tuple(cidr(address, length) for address, length, _, _ in got)
+        except grpclib.GRPCError as exc:
+            if not _unimplemented(exc):
+                for ask in asks:
+                    ask.error = exc
+            elif self.batched:  # the askers ask one address at a time, from now on
+                self.batched = False
+                self.role.log.info("the IPAM has no batch allocation: one call per address")
+        except (*NSP_ERRORS, ValueError) as exc:  # the requests fail: their clients ask again
+            for ask in asks:
+                ask.error = exc
+        finally:
+            for ask in asks:
+                ask.done.set()
+
+
+class _NoBatches(Exception):
+    """The server has no batch service (an older one, or Meridio's)."""
+
+
+def _unimplemented(exc: grpclib.GRPCError) -> bool:
+    """The server has no such method: UNIMPLEMENTED, or how grpclib's client reads a grpclib
+    server's answer to it (sent without a content type, which that client checks first)."""
+    return exc.status == Status.UNIMPLEMENTED or (
+        exc.status == Status.UNKNOWN and exc.message == "Missing content-type header"
+    )
 
 
 class ProxyRole(NspInputs, Role[ProxySettings]):
@@ -225,8 +351,11 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         self.draining = False
         self._registry_wake = Signal()
         self._messages: dict[Registration, Encoded] = {}
+        self._streams: dict[str, bytes] = {}  # stream name -> its Stream message, serialized
+        self._nsp_batched = True  # until the NSP says it has no TargetRegistryBatch
         self._wanted = DesiredRegistrations()  # the registrations the targets call for
         self._subnets: dict[int, bytes] = {}  # family -> a Child with only its subnet
+        self.addresses = AddressBatches(self)
         self._inputs_changed = trio.Event()
         trench = Trench(name=settings.trench)
         self.conduit_msg = Conduit(name=settings.conduit, trench=trench)
@@ -250,7 +379,12 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         return cidr(prefix.address, prefix.prefix_length)
 
     async def allocate_all(self, name: str) -> tuple[str, ...]:
-        """``name``'s address in every family of the conduit, asked for at once."""
+        """``name``'s address in every family of the conduit (with other names asked for at
+        the same moment: :class:`AddressBatches`)."""
+        return await self.addresses.allocate(name)
+
+    async def allocate_each(self, name: str) -> tuple[str, ...]:
+        """``name``'s address in every family of the conduit, a call each, at once."""
 
         async def both() -> tuple[str, ...]:
             prefixes = await asyncio.gather(
@@ -300,7 +434,12 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
     async def _ensure_bridge(self) -> None:
         netlink = self.netlink
         name = self.proxy.bridge
-        await netlink.ensure_link(name, "bridge")
+        index = await netlink.ensure_link(name, "bridge")
+        # No multicast snooping: with no querier on the conduit (there is none) the bridge
+        # floods multicast to every port anyway, and snooping only costs: the kernel walks
+        # every port at each port's state change (a thousand targets starting: a million
+        # walks, a quarter of the time their links take) and follows each target's MLD.
+        await netlink.set_link_index(index, kind="bridge", br_mcast_snooping=0)
         await self._pin_bridge_mac(name)
         kernel.write_sysctl(f"net/ipv4/conf/{name}/rp_filter", "0")
         info = (await kernel.read_links(netlink))[name]
@@ -329,10 +468,12 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
         health.register("Proxy", ["Liveness"]).set(True)
         self._sysctls()
         self.netlink = kernel.serial(await self.runtime.netlink(events=True))
-        self.ipam = IpamStub(await self.runtime.grpc.channel(settings.ipam), timeout=5)
+        ipam_channel = await self.runtime.grpc.channel(settings.ipam)
+        self.ipam = IpamStub(ipam_channel, timeout=5)
         nsp = await self.runtime.grpc.channel(settings.nsp)
         # calls go in batches, with a deadline for each batch (see _nsp_batch)
         self.registry = TargetRegistryStub(nsp)
+        self.nsp_channel = nsp
         # streams live as long as the proxy: no deadline (the stub's 5 s would end them)
         watcher = TargetRegistryStub(nsp)
         config = ConfigurationManagerStub(nsp)
@@ -371,6 +512,7 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
                 addresses=list(self.bridge_addresses.values()),
             )
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.addresses.run, ipam_channel)
                 await nursery.start(self.endpoint.run, [settings.connect_listen])
                 await nursery.start(self.client.run)
                 frontend_filter = Target(
@@ -541,21 +683,22 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
             return None
         return TargetConnection(conn.connection_id, conn.assigned.client, ids, conn.up)
 
-    def _target_message(self, reg: Registration, status: TargetStatus) -> Target:
-        return Target(
-            ips=list(reg.ips),
-            context={identifiers.IDENTIFIER_KEY: str(reg.identifier)},
-            status=status,
-            type=TargetType.DEFAULT,
-            stream=Stream(name=reg.stream, conduit=self.conduit_msg),
-        )
+    def _target_bytes(self, reg: Registration, status: TargetStatus) -> Encoded:
+        """``reg`` as an NSP ``Target`` with ``status``, serialized (its stream once)."""
+        stream = self._streams.get(reg.stream)
+        if stream is None:
+            stream = self._streams[reg.stream] = bytes(
+                Stream(name=reg.stream, conduit=self.conduit_msg)
+            )
+        context = {identifiers.IDENTIFIER_KEY: str(reg.identifier)}
+        return Encoded(target_bytes(reg.ips, context, int(status), stream))
 
     def _encoded(self, reg: Registration) -> Encoded:
         """``reg`` as NSP is sent it, serialized once (a keepalive sends the same bytes)."""
         data = self._messages.get(reg)
         if data is None:
             status = TargetStatus.ENABLED if reg.enabled else TargetStatus.DISABLED
-            data = self._messages[reg] = Encoded(bytes(self._target_message(reg, status)))
+            data = self._messages[reg] = self._target_bytes(reg, status)
         return data
 
     async def _registrar(self) -> None:
@@ -691,8 +834,15 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
     async def _nsp_batch(
         self, jobs: list[tuple[Registration, str]]
     ) -> list[tuple[Registration, str, bool]]:
-        """(asyncio) Send every job (unregister, new, change, keepalive), at most
-        REGISTER_CONCURRENCY at once; each with whether it succeeded."""
+        """(asyncio) Send every job (unregister, new, change, keepalive); each with whether
+        it succeeded. In ``meridio.nsp.v1.TargetRegistryBatch`` calls (NSP_BATCH updates
+        each); to an NSP without it, a call per job, at most REGISTER_CONCURRENCY at once."""
+        if jobs and self._nsp_batched:
+            try:
+                return await self._nsp_updates(jobs)
+            except _NoBatches:
+                self._nsp_batched = False
+                self.log.info("the NSP has no batch registration: one call per registration")
         limit = asyncio.Semaphore(REGISTER_CONCURRENCY)
 
         async def one(reg: Registration, what: str) -> bool:
@@ -719,6 +869,76 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
             for (reg, what), task in zip(jobs, tasks, strict=True)
         ]
 
+    async def _nsp_updates(
+        self, jobs: list[tuple[Registration, str]]
+    ) -> list[tuple[Registration, str, bool]]:
+        """(asyncio) The jobs in TargetRegistryBatch calls, sent together; _NoBatches when
+        the NSP does not have the service. A registration new to the NSP that asks to be
+        enabled is two updates in the same call (NSP stores a new target disabled)."""
+        chunks: list[list[tuple[Registration, str, list[bytes]]]] = [[]]
+        size = 0
+        for reg, what in jobs:
+            if what == "unregister":
+                updates = [delimited(1, self._target_bytes(reg, TargetStatus.ENABLED).data)]
+                updates[0] += b"\x10\x01"  # unregister = true
+            else:
+                message = delimited(1, self._encoded(reg).data)
+                updates = [message, message] if what == "new" and reg.enabled else [message]
+            if size and size + len(updates) > NSP_BATCH:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((reg, what, updates))
+            size += len(updates)
+        answers = await asyncio.gather(
+            *(self._nsp_update_call(chunk) for chunk in chunks), return_exceptions=True
+        )
+        out: list[tuple[Registration, str, bool]] = []
+        for chunk, answer in zip(chunks, answers, strict=True):
+            if isinstance(answer, grpclib.GRPCError) and _unimplemented(answer):
+                raise _NoBatches
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, (*NSP_ERRORS, ValueError)):
+                    raise answer
+                self.log.warning("registering targets failed", count=len(chunk), error=str(answer))
+                out += [(reg, what, False) for reg, what, _ in chunk]
+                continue
+            at = 0
+            for reg, what, updates in chunk:
+                results, at = answer[at : at + len(updates)], at + len(updates)
+                refused = next((r for r in results if r[0]), None)
+                out.append((reg, what, refused is None))
+                self._log_update(reg, what, refused[1] if refused is not None else None)
+        return out
+
+    async def _nsp_update_call(
+        self, chunk: list[tuple[Registration, str, list[bytes]]]
+    ) -> list[tuple[int, str]]:
+        request = b"".join(delimited(1, u) for _reg, _what, updates in chunk for u in updates)
+        reply = await unary_raw(
+            self.nsp_channel, BATCH_UPDATE, Encoded(request), timeout=NSP_TIMEOUT
+        )
+        results = update_results(reply)
+        if len(results) != sum(len(updates) for _reg, _what, updates in chunk):
+            raise ValueError(f"the NSP answered {len(results)} of the updates sent")
+        return results
+
+    def _log_update(self, reg: Registration, what: str, refused: str | None) -> None:
+        if refused is not None:
+            action = "unregistering" if what == "unregister" else "registering"
+            self.log.warning(
+                f"{action} a target failed", ips=list(reg.ips), stream=reg.stream, error=refused
+            )
+        elif what == "unregister":
+            self.log.info("target unregistered", ips=list(reg.ips), stream=reg.stream)
+        elif what != "keepalive":
+            self.log.info(
+                "target registered",
+                ips=list(reg.ips),
+                stream=reg.stream,
+                identifier=reg.identifier,
+                status="ENABLED" if reg.enabled else "DISABLED",
+            )
+
     async def _register_aio(self, reg: Registration, what: str) -> bool:
         """(asyncio) Register ``reg``: ``new`` (NSP does not have it), ``change`` or
         ``keepalive``."""
@@ -731,23 +951,14 @@ class ProxyRole(NspInputs, Role[ProxySettings]):
                 # e.g. after a restart of this proxy)
                 await self.registry.register(message)
         except NSP_ERRORS as exc:
-            self.log.warning(
-                "registering a target failed", ips=list(reg.ips), stream=reg.stream, error=str(exc)
-            )
+            self._log_update(reg, what, str(exc))
             return False
-        if what != "keepalive":
-            self.log.info(
-                "target registered",
-                ips=list(reg.ips),
-                stream=reg.stream,
-                identifier=reg.identifier,
-                status="ENABLED" if reg.enabled else "DISABLED",
-            )
+        self._log_update(reg, what, None)
         return True
 
     async def _unregister_aio(self, reg: Registration) -> bool:
         try:
-            await self.registry.unregister(self._target_message(reg, TargetStatus.ENABLED))
+            await self.registry.unregister(self._target_bytes(reg, TargetStatus.ENABLED))
         except NSP_ERRORS as exc:
             self.log.warning("unregistering a target failed", ips=list(reg.ips), error=str(exc))
             return False

@@ -29,7 +29,7 @@ import grpclib.config
 import grpclib.server
 import trio
 import trio_asyncio
-from grpclib.const import Status
+from grpclib.const import Cardinality, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import StreamTerminatedError
 
@@ -70,6 +70,53 @@ KEEPALIVE = grpclib.config.Configuration(
 )
 
 
+_WATCHERS = "_meridio_on_lost"
+
+
+def on_connection_lost(
+    channel: grpclib.client.Channel, key: object, callback: Callable[[], None]
+) -> None:
+    """Call ``callback`` (in the event loop) when the transport connection ``channel`` holds
+    now is lost: the peer closed it (its process exited), pings found it dead, or the channel
+    was closed. Once; a later callback for the same ``key`` replaces this one. Nothing happens
+    when the channel holds no connection (its next call connects afresh).
+
+    grpclib has no public hook for this: its client handler's ``close`` is what the protocol
+    calls when the connection goes (tests/unit/test_grpclib_private.py)."""
+    handler = getattr(getattr(channel, "_protocol", None), "handler", None)
+    if handler is None or getattr(handler, "connection_lost", True):
+        return
+    watchers: dict[object, Callable[[], None]] | None = handler.__dict__.get(_WATCHERS)
+    if watchers is None:
+        watchers = handler.__dict__[_WATCHERS] = {}
+        close = handler.close
+
+        def closed() -> None:
+            close()
+            called: list[Callable[[], None]] = list(watchers.values())
+            watchers.clear()
+            for fn in called:
+                fn()
+
+        handler.close = closed
+    watchers[key] = callback
+
+
+async def unary_raw(
+    channel: grpclib.client.Channel, path: str, request: Encoded, *, timeout: float
+) -> bytes:
+    """(asyncio) A unary call of ``path`` with its request serialized already and its reply
+    as it came, for a decoder of the caller's own (as strict as :class:`LimitedCodec`)."""
+    async with channel.request(
+        path, Cardinality.UNARY_UNARY, Encoded, bytes, timeout=timeout
+    ) as stream:
+        await stream.send_message(request, end=True)
+        reply: bytes | None = await stream.recv_message()
+    if reply is None:
+        raise grpclib.GRPCError(Status.UNKNOWN, f"{path} answered no message")
+    return reply
+
+
 class LimitedCodec(ProtoCodec):
     """Protobuf codec that refuses messages over a size limit and decodes strictly.
 
@@ -77,7 +124,8 @@ class LimitedCodec(ProtoCodec):
     message, request or reply, is decoded by :func:`meridio.core.wire.decode`: data that is
     not a well-formed encoding of the expected message (truncated, a length past the end, a
     wrong wire type, invalid UTF-8, a value that does not fit its type) is INVALID_ARGUMENT
-    with a message naming the field, and is never decoded into something else.
+    with a message naming the field, and is never decoded into something else. A call that
+    asks for ``bytes`` gets the reply as it came, for a decoder of its own, as strict.
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
@@ -98,6 +146,8 @@ class LimitedCodec(ProtoCodec):
                 Status.RESOURCE_EXHAUSTED,
                 f"message of {len(data)} bytes exceeds the limit of {self.max_message_bytes}",
             )
+        if message_type is bytes:  # asked for as is: the caller decodes it (strictly)
+            return data
         try:
             return wire.decode(message_type, data)
         except Exception as exc:  # WireError; anything else would be a decoder bug

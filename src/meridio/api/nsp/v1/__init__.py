@@ -173,6 +173,60 @@ class Target(betterproto.Message):
     stream: "Stream" = betterproto.message_field(5)
 
 
+class TargetRegistryStub(betterproto.ServiceStub):
+    async def register(
+        self,
+        target: "Target",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "betterproto_lib_google_protobuf.Empty":
+        return await self._unary_unary(
+            "/nsp.v1.TargetRegistry/Register",
+            target,
+            betterproto_lib_google_protobuf.Empty,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def unregister(
+        self,
+        target: "Target",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "betterproto_lib_google_protobuf.Empty":
+        return await self._unary_unary(
+            "/nsp.v1.TargetRegistry/Unregister",
+            target,
+            betterproto_lib_google_protobuf.Empty,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def watch(
+        self,
+        target: "Target",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> AsyncIterator[TargetResponse]:
+        async for response in self._unary_stream(
+            "/nsp.v1.TargetRegistry/Watch",
+            target,
+            TargetResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+
 class ConfigurationManagerStub(betterproto.ServiceStub):
     async def watch_trench(
         self,
@@ -301,58 +355,69 @@ class ConfigurationManagerStub(betterproto.ServiceStub):
             yield response
 
 
-class TargetRegistryStub(betterproto.ServiceStub):
+class TargetRegistryBase(ServiceBase):
+
     async def register(
-        self,
-        target: "Target",
-        *,
-        timeout: Optional[float] = None,
-        deadline: Optional["Deadline"] = None,
-        metadata: Optional["MetadataLike"] = None
+        self, target: "Target"
     ) -> "betterproto_lib_google_protobuf.Empty":
-        return await self._unary_unary(
-            "/nsp.v1.TargetRegistry/Register",
-            target,
-            betterproto_lib_google_protobuf.Empty,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-        )
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def unregister(
-        self,
-        target: "Target",
-        *,
-        timeout: Optional[float] = None,
-        deadline: Optional["Deadline"] = None,
-        metadata: Optional["MetadataLike"] = None
+        self, target: "Target"
     ) -> "betterproto_lib_google_protobuf.Empty":
-        return await self._unary_unary(
-            "/nsp.v1.TargetRegistry/Unregister",
-            target,
-            betterproto_lib_google_protobuf.Empty,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def watch(self, target: "Target") -> AsyncIterator[TargetResponse]:
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield TargetResponse()
+
+    async def __rpc_register(
+        self,
+        stream: "grpclib.server.Stream[Target, betterproto_lib_google_protobuf.Empty]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.register(request)
+        await stream.send_message(response)
+
+    async def __rpc_unregister(
+        self,
+        stream: "grpclib.server.Stream[Target, betterproto_lib_google_protobuf.Empty]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.unregister(request)
+        await stream.send_message(response)
+
+    async def __rpc_watch(
+        self, stream: "grpclib.server.Stream[Target, TargetResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        await self._call_rpc_handler_server_stream(
+            self.watch,
+            stream,
+            request,
         )
 
-    async def watch(
-        self,
-        target: "Target",
-        *,
-        timeout: Optional[float] = None,
-        deadline: Optional["Deadline"] = None,
-        metadata: Optional["MetadataLike"] = None
-    ) -> AsyncIterator[TargetResponse]:
-        async for response in self._unary_stream(
-            "/nsp.v1.TargetRegistry/Watch",
-            target,
-            TargetResponse,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-        ):
-            yield response
+    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
+        return {
+            "/nsp.v1.TargetRegistry/Register": grpclib.const.Handler(
+                self.__rpc_register,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                Target,
+                betterproto_lib_google_protobuf.Empty,
+            ),
+            "/nsp.v1.TargetRegistry/Unregister": grpclib.const.Handler(
+                self.__rpc_unregister,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                Target,
+                betterproto_lib_google_protobuf.Empty,
+            ),
+            "/nsp.v1.TargetRegistry/Watch": grpclib.const.Handler(
+                self.__rpc_watch,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                Target,
+                TargetResponse,
+            ),
+        }
 
 
 class ConfigurationManagerBase(ServiceBase):
@@ -500,70 +565,5 @@ class ConfigurationManagerBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 Gateway,
                 GatewayResponse,
-            ),
-        }
-
-
-class TargetRegistryBase(ServiceBase):
-
-    async def register(
-        self, target: "Target"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def unregister(
-        self, target: "Target"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def watch(self, target: "Target") -> AsyncIterator[TargetResponse]:
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield TargetResponse()
-
-    async def __rpc_register(
-        self,
-        stream: "grpclib.server.Stream[Target, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.register(request)
-        await stream.send_message(response)
-
-    async def __rpc_unregister(
-        self,
-        stream: "grpclib.server.Stream[Target, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.unregister(request)
-        await stream.send_message(response)
-
-    async def __rpc_watch(
-        self, stream: "grpclib.server.Stream[Target, TargetResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        await self._call_rpc_handler_server_stream(
-            self.watch,
-            stream,
-            request,
-        )
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/nsp.v1.TargetRegistry/Register": grpclib.const.Handler(
-                self.__rpc_register,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                Target,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/nsp.v1.TargetRegistry/Unregister": grpclib.const.Handler(
-                self.__rpc_unregister,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                Target,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/nsp.v1.TargetRegistry/Watch": grpclib.const.Handler(
-                self.__rpc_watch,
-                grpclib.const.Cardinality.UNARY_STREAM,
-                Target,
-                TargetResponse,
             ),
         }
