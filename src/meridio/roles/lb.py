@@ -440,6 +440,7 @@ class LbRole(Role[LbSettings]):
         self._fast_links: dict[str, int] = {}
         """Fast path hook: device name -> its index when the table was loaded."""
         self._fast_links_seen: dict[str, int] = {}
+        self._attraction_inputs: tuple[object, ...] = ()
         self.fast_pending = False
         """Some target of the fast path's links has no neighbour entry yet: look again soon."""
         self._fast_retries = 0
@@ -1068,6 +1069,7 @@ class LbRole(Role[LbSettings]):
                 self.log.error("unknown attractor", attractor=self.lb.attractor)
             frontend.set_error(message)
             return
+        self._log_attraction_inputs()
         try:
             config = self.frontend_config()
         except birdconf.FrontendConfigError as exc:
@@ -1076,6 +1078,31 @@ class LbRole(Role[LbSettings]):
             frontend.set_error(str(exc))
             return
         frontend.set_config(config)
+
+    def _log_attraction_inputs(self) -> None:
+        """Log what decides the announcement whenever it changes: an LB that does not announce
+        must say why (data path, target routes, egress, draining, streams with targets)."""
+        egress = getattr(self, "egress_check", None)
+        path = self.datapath
+        inputs = (
+            path is not None,
+            self.datapath_check.serving,
+            egress is None or egress.serving,
+            self.draining,
+            tuple(sorted(str(k) for k, st in (path.streams.items() if path else ()) if st.targets)),
+            self.announceable_vips(),
+        )
+        if inputs != self._attraction_inputs:
+            self._attraction_inputs = inputs
+            self.log.info(
+                "attraction inputs",
+                datapath=inputs[0],
+                target_routes=inputs[1],
+                egress=inputs[2],
+                draining=inputs[3],
+                streams_with_targets=list(inputs[4]),
+                announce=list(inputs[5]),
+            )
 
     def _frontend_changed(self) -> None:
         frontend = self.frontend
