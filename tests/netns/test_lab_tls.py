@@ -56,7 +56,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         the_lab.up(SPEC)
         yield the_lab
     finally:
-        the_lab.down()
+        # the logs outlive the lab in pytest's base temp (the last three runs are kept)
+        the_lab.down(keep_logs=tmp_path_factory.getbasetemp() / "lab-logs" / PREFIX)
 
 
 def split(hostport: str) -> tuple[str, int]:

@@ -385,11 +385,16 @@ def _print_gateways(console: Console, status: dict[str, Any]) -> None:
 
 
 @lab.command()
+@click.option(
+    "--keep-logs",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Copy every instance's logs into this directory before they are removed.",
+)
 @click.pass_context
-def down(ctx: click.Context) -> None:
+def down(ctx: click.Context, keep_logs: Path | None) -> None:
     """Stop every process and remove every namespace and link of the lab."""
     try:
-        removed = _lab(ctx).down()
+        removed = _lab(ctx).down(keep_logs)
     except LabError as exc:
         raise _fail(exc) from None
     click.echo(f"removed {len(removed)} namespaces" + (f": {' '.join(removed)}" if removed else ""))

@@ -1116,9 +1116,10 @@ class Lab:
 
     # -- down
 
-    def down(self) -> list[str]:
+    def down(self, keep_logs: Path | None = None) -> list[str]:
         """Stop every process (targets first, the NSP and IPAM last) and remove every namespace
-        of the lab; the names of the namespaces removed."""
+        of the lab; the names of the namespaces removed. With `keep_logs`, every instance's
+        logs (its own and its BIRD's) are copied there first, one directory per instance."""
         state = load(self.state_dir)
         procs = list(state.processes.values()) if state else []
         if self.state_dir.exists():
@@ -1135,8 +1136,20 @@ class Lab:
         for name in sorted(names):
             if name in present:
                 system.delete_netns(name)
+        if keep_logs is not None:
+            self._keep_logs(state, keep_logs)
         self._remove_files(state)
         return sorted(names & present)
+
+    def _keep_logs(self, state: LabState | None, into: Path) -> None:
+        for name in sorted(state.processes) if state else []:
+            source = plan.role_dir(self.state_dir, name)
+            logs = sorted(source.glob("*.log")) if source.is_dir() else []
+            if logs:
+                (into / name).mkdir(parents=True, exist_ok=True)
+            for log in logs:
+                with contextlib.suppress(OSError):
+                    shutil.copy2(log, into / name / log.name)
 
     def _remove_files(self, state: LabState | None) -> None:
         """The state file, the instances' directories and the lab's CA (nothing else in the
