@@ -489,3 +489,72 @@ def test_a_configuration_bird_refuses_keeps_the_running_one(
     assert "Hold time must be in range 3-65535 or zero" in out["error"], out
     assert out["conf_kept"], out
     assert out["gateways"] == ["active"] or out["gateways"][0] in ("idle", "connect", "active")
+
+
+# A change the LB makes while BIRD parses its first configuration (the LB became able to
+# forward meanwhile): BIRD must end up with it. The wrapper holds the parse until the test
+# has made the change.
+CHANGED_WHILE_PARSING_SCRIPT = r"""
+import dataclasses, json, sys, trio
+from pathlib import Path
+import structlog
+from meridio.core.birdconf import FrontendConfig, Peer
+from meridio.lb.frontend import Frontend
+
+async def main(run_dir, wrapper):
+    frontend = Frontend(Path(run_dir), structlog.get_logger(), binary=wrapper, poll_interval=0.05)
+    quiet = FrontendConfig("192.0.2.11", "lo", 4096, peers=(Peer("gw-a", "192.0.2.1", 4),))
+    announcing = dataclasses.replace(quiet, announce=("203.0.113.1/32",))
+    out = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(frontend.run)
+        frontend.set_config(quiet)
+        with trio.fail_after(10):
+            while not Path(run_dir, "parsing").exists():
+                await trio.sleep(0.01)
+        frontend.set_config(announcing)
+        Path(run_dir, "go").touch()
+        with trio.fail_after(10):
+            while not (frontend.running and frontend.applied == announcing):
+                await trio.sleep(0.02)
+        routes = ""
+        with trio.move_on_after(10):
+            while "203.0.113.1/32" not in routes:
+                reply = await frontend.control.ask("show route")
+                routes = " ".join(t for _, t in reply.lines)
+                await trio.sleep(0.05)
+        out["routes"] = routes
+        out["announced"] = list(frontend.announced)
+        nursery.cancel_scope.cancel()
+    print(json.dumps(out))
+
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_change_made_while_bird_parses_its_first_configuration_is_applied(
+    tmp_path: Path, bird_installed: None
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    wrapper = tmp_path / "bird"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-p" ] && [ ! -e {run_dir}/go ]; then\n'
+        f"  touch {run_dir}/parsing\n"
+        f"  while [ ! -e {run_dir}/go ]; do sleep 0.01; done\n"
+        "fi\n"
+        f'exec {BIRD} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    ns = make_netns("bird")
+    try:
+        script = tmp_path / "changed.py"
+        script.write_text(CHANGED_WHILE_PARSING_SCRIPT)
+        result = ns.run(sys.executable, str(script), str(run_dir), str(wrapper), check=False)
+    finally:
+        ns.close()
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "203.0.113.1/32" in out["routes"], out  # BIRD has the VIP to announce
+    assert out["announced"] == ["203.0.113.1/32"], out

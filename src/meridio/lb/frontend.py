@@ -273,8 +273,11 @@ class Frontend:
     async def _first_config(self) -> str:
         """Render the desired configuration and have BIRD parse it; the last accepted one when
         BIRD refuses it (its message reported), or the error when there is none."""
-        assert self.desired is not None
-        text = render(self.desired)
+        # what is rendered is what is recorded as applied: the LB may change its mind while
+        # BIRD parses (an announcement that came then, taken as applied, was never made)
+        desired = self.desired
+        assert desired is not None
+        text = render(desired)
         self.candidate.write_text(text)
         check = await trio.run_process(
             [self.binary, "-p", "-c", str(self.candidate)],
@@ -284,7 +287,7 @@ class Frontend:
         )
         if check.returncode == 0:
             self.candidate.replace(self.conf)
-            self.applied, self._applied_text = self.desired, text
+            self.applied, self._applied_text = desired, text
             self.set_error("")
             return text
         message = (check.stderr or check.stdout).decode(errors="replace").strip()
