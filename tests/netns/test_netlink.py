@@ -181,8 +181,8 @@ async def test_lean_reads_agree_with_pyroute2(aio_loop: object, netns: object) -
 
 async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path: object) -> None:
     """create_veths: several pairs in one exchange, each a bridge port, up, with its alias
-    (isolated when asked); a pair that cannot be made says why and does not stop the others.
-    isolate_port isolates a port afterwards."""
+    (isolated, and without IPv6 address, when asked); a pair that cannot be made says why and
+    does not stop the others. configure_port does the same to a port afterwards."""
     peers = [make_netns("peer") for _ in range(3)]
     try:
         netns.run("ip", "link", "add", "mt-br", "type", "bridge")  # type: ignore[attr-defined]
@@ -203,6 +203,7 @@ async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path
                     True,
                     f"meridio-endpoint:t{i}",
                     isolated=i == 0,
+                    ipv6_link_local=i != 0,
                 )
                 for i, p in enumerate(peers)
             ] + [VethSpec("mt-tx", "conduit0", "/run/netns/mtest-none", 1400, bridge.index)]
@@ -227,11 +228,17 @@ async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path
                 assert "isolated " in out, out
                 return "isolated on" in out
 
+            def addrgenmode(name: str) -> str:
+                out = netns.run("ip", "-d", "link", "show", name).stdout  # type: ignore[attr-defined]
+                return out.split("addrgenmode ", 1)[1].split()[0]
+
             assert (isolated("mt-t0"), isolated("mt-t1")) == (True, False)
-            await manager.isolate_port("mt-t1")
+            assert (addrgenmode("mt-t0"), addrgenmode("mt-t1")) == ("none", "eui64")
+            await manager.configure_port("mt-t1", isolated=True, ipv6_link_local=False)
             assert isolated("mt-t1")
+            assert addrgenmode("mt-t1") == "none"
             with pytest.raises(rtnl.NetlinkDumpError):
-                await manager.isolate_port("mt-none")
+                await manager.configure_port("mt-none", isolated=True)
             again = await manager.create_veths(specs[:1])
             assert isinstance(again[0], OSError) and again[0].errno == errno.EEXIST
         finally:

@@ -598,6 +598,7 @@ class ConnectEndpoint:
                 alias=conduit.alias_of(ENDPOINT_ALIAS, spec.connection_id),
                 group=self._group,
                 isolated=self.config.isolate_ports,
+                ipv6_link_local=False,
             )
             batch.append((item, vspec))
         if not batch:
@@ -876,21 +877,24 @@ class ConnectEndpoint:
             addresses=None if master is not None else conn.assigned.on_link,
             group=self._group,
         )
-        if joins and master is not None and self.config.isolate_ports:
-            await self._isolate(conn.link)
+        if joins and master is not None:
+            await self._configure_port(conn.link)
         self._forget_index(conn)
         conn.index = info.index
         conn.up = info.running
         self._by_index[info.index] = conn.connection_id
 
-    async def _isolate(self, link: str) -> None:
-        """Make ``link`` an isolated port of the bridge; best effort (a kernel before 4.18
-        cannot): a port that is not isolated only carries more than it needs to."""
+    async def _configure_port(self, link: str) -> None:
+        """Make ``link`` an isolated port of the bridge (when so configured) with no IPv6
+        address, as the links made together are; best effort (a kernel before 4.18 cannot
+        isolate): such a port only carries or sends more than it needs to."""
         assert self._netlink is not None
         try:
-            await self._netlink.isolate_port(link)
+            await self._netlink.configure_port(
+                link, isolated=self.config.isolate_ports, ipv6_link_local=False
+            )
         except OSError as exc:
-            self.log.warning("isolating a bridge port failed", link=link, error=str(exc))
+            self.log.warning("configuring a bridge port failed", link=link, error=str(exc))
 
     def _reply(self, conn: EndpointConnection) -> Connection:
         m = conn.mechanism

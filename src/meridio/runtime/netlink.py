@@ -128,7 +128,8 @@ class VethSpec:
     up: bool = False
     alias: str | None = None
     group: int = 0  # the link group of ``name``
-    isolated: bool = False  # an isolated port of ``master`` (best effort: see isolate_port)
+    isolated: bool = False  # an isolated port of ``master`` (best effort: see configure_port)
+    ipv6_link_local: bool = True  # False: no IPv6 address on ``name`` (see rtnl.port_request)
 
 
 @dataclass(frozen=True)
@@ -387,10 +388,10 @@ class NetlinkManager:
         self, specs: Sequence[VethSpec], chunk: int = 64
     ) -> list[rtnl.Link | OSError]:
         """Create veth pairs, many per round trip: for each, one request creates the pair
-        (here a bridge port, up, with ``master``), one sets the alias and one reads the link
-        back, all sent at once (``chunk`` pairs at a time) on our own socket. The answer for
-        each is the link as created, or why not (an ``OSError``; EEXIST when ``name`` or
-        ``peer`` exists)."""
+        (here a bridge port, up, with ``master``), one sets the alias, isolation and IPv6
+        addressing (:func:`rtnl.port_request`) and one reads the link back, all sent at once
+        (``chunk`` pairs at a time) on our own socket. The answer for each is the link as
+        created, or why not (an ``OSError``; EEXIST when ``name`` or ``peer`` exists)."""
         out: list[rtnl.Link | OSError] = []
         for start in range(0, len(specs), chunk):
             out.extend(await self._create_veths(specs[start : start + chunk]))
@@ -440,11 +441,19 @@ class NetlinkManager:
                     group=spec.group,
                     ack=False,
                 )
-                if spec.alias:
-                    request += rtnl.alias_request(alias, spec.name, spec.alias, ack=False)
-                if spec.isolated and spec.master is not None:
-                    # best effort, as isolate_port (its failure is not the link's): seq 0
-                    request += rtnl.isolate_request(0, spec.name, ack=False)
+                isolated = spec.isolated and spec.master is not None
+                if spec.alias or isolated or not spec.ipv6_link_local:
+                    # one message: each change is a pass under the kernel's lock and a link
+                    # event to every listener. Its failure is not the link's: the caller
+                    # repairs the alias, isolation is best effort (as configure_port)
+                    request += rtnl.port_request(
+                        alias,
+                        spec.name,
+                        alias=spec.alias,
+                        isolated=isolated,
+                        ipv6_link_local=spec.ipv6_link_local,
+                        ack=False,
+                    )
                 request += rtnl.link_request(spec.name, get)
                 plan.append((create, get))
             gets = {p[1] for p in plan if not isinstance(p, OSError)}
@@ -481,14 +490,20 @@ class NetlinkManager:
             answers.append(rtnl.parse_link(payload))
         return answers
 
-    async def isolate_port(self, ifname: str) -> None:
-        """Make the bridge port ``ifname`` an isolated port (see :func:`rtnl.isolate_request`;
-        Linux 4.18 or later). NetlinkDumpError when the kernel refuses."""
+    async def configure_port(
+        self, ifname: str, *, isolated: bool = False, ipv6_link_local: bool = True
+    ) -> None:
+        """Make the bridge port ``ifname`` an isolated port and (without ``ipv6_link_local``)
+        one with no IPv6 address: see :func:`rtnl.port_request`. NetlinkDumpError when the
+        kernel refuses."""
         async with self._dump_lock:
             sock = await self._lean_socket()
             seq = self._next_seq()
+            request = rtnl.port_request(
+                seq, ifname, isolated=isolated, ipv6_link_local=ipv6_link_local
+            )
             try:
-                await sock.send(rtnl.isolate_request(seq, ifname))
+                await sock.send(request)
                 while True:
                     for got, _type, error, _payload in rtnl.answers(await sock.recv(1 << 20)):
                         if got != seq:
