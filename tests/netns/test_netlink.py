@@ -11,7 +11,14 @@ import trio
 
 from meridio.core import rtnl
 from meridio.runtime.bus import EventBus
-from meridio.runtime.netlink import AddressEvent, LinkEvent, NetlinkManager, RuleEvent, VethSpec
+from meridio.runtime.netlink import (
+    AddressEvent,
+    LinkEvent,
+    NetlinkManager,
+    RuleEvent,
+    VethSpec,
+    open_event_socket,
+)
 from tests.conftest import make_netns
 
 pytestmark = pytest.mark.netns
@@ -287,3 +294,39 @@ async def test_link_events_carry_the_carrier_and_skip_bridge_port_states(
         await _next(links, LinkEvent, lambda e: e.ifname == "mt-a" and e.action == "del")
         nursery.cancel_scope.cancel()
     manager.close()
+
+
+def test_the_event_socket_drops_bridge_port_states_in_the_kernel(netns: object) -> None:
+    """The event socket's filter: a bridge's port states (family AF_BRIDGE) never reach it,
+    the ports' own link events do."""
+    sock = open_event_socket(netns.name)  # type: ignore[attr-defined]
+    try:
+        run = netns.run  # type: ignore[attr-defined]
+        run("ip", "link", "add", "mt-br", "type", "bridge")
+        run(
+            "ip",
+            "link",
+            "add",
+            "mt-a",
+            "master",
+            "mt-br",
+            "up",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mt-b",
+        )
+        run("ip", "link", "set", "mt-b", "up")
+        run("ip", "link", "set", "mt-a", "nomaster")
+        families = []
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            while True:
+                for msg_type, payload in rtnl.messages(sock.recv(1 << 16), None):
+                    if msg_type in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
+                        families.append(payload[0])
+        assert families and socket.AF_BRIDGE not in families
+        assert set(families) == {socket.AF_UNSPEC}
+    finally:
+        sock.close()

@@ -281,6 +281,31 @@ def group_delete_request(seq: int, group: int) -> bytes:
     return _message(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
+def _host_u16(value: int) -> int:
+    """``value`` as a classic BPF program reads a 16-bit field in host order (BPF loads are
+    big-endian, netlink headers are in host order)."""
+    return int.from_bytes(struct.pack("=H", value), "big")
+
+
+def bridge_port_filter() -> bytes:
+    """A classic BPF program (``struct sock_filter`` array) for an event socket that drops
+    the bridge port states in the kernel: ``RTM_NEWLINK`` and ``RTM_DELLINK`` of family
+    ``AF_BRIDGE``, which a bridge sends beside each of its ports' own link events (seven a
+    port as it is made and comes up). Every other message passes; a notification is one
+    message a datagram, so looking at the first is enough."""
+    ld_h, ld_b, jeq, ret = 0x28, 0x30, 0x15, 0x06  # BPF_LD|H|ABS, BPF_LD|B|ABS, JMP|JEQ|K, RET|K
+    program = [
+        (ld_h, 0, 0, 4),  # nlmsg_type
+        (jeq, 1, 0, _host_u16(RTM_NEWLINK)),
+        (jeq, 0, 2, _host_u16(RTM_DELLINK)),
+        (ld_b, 0, 0, _NLMSGHDR.size),  # ifi_family
+        (jeq, 1, 0, socket.AF_BRIDGE),
+        (ret, 0, 0, 0xFFFFFFFF),  # keep the whole datagram
+        (ret, 0, 0, 0),  # drop it
+    ]
+    return b"".join(struct.pack("=HBBI", *insn) for insn in program)
+
+
 def answers(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
     """(seq, type, error, payload) of each message in ``data``: an error message's code (0:
     an acknowledgement) as a positive errno, else 0."""
