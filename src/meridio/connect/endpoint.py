@@ -53,9 +53,6 @@ from meridio.api.meridio.connect.v1 import (
     ConnectBase,
     Connection,
     ConnectRequest,
-    Mechanism,
-    Veth,
-    Vxlan,
 )
 from meridio.connect import kernel
 from meridio.connect.kernel import LinkError, LinkInfo, pid_netns_path
@@ -676,7 +673,7 @@ class ConnectEndpoint:
             # event says when the link goes) and the same reply
             conn.reply = existing.reply
         if conn.reply is None:
-            conn.reply = Encoded(bytes(self._reply(conn)))
+            conn.reply = Encoded(self._reply(conn))
         self.connections[spec.connection_id] = conn
         heapq.heappush(self._expiries, (conn.refreshed + self.config.expiry, conn.connection_id))
         if existing is None:
@@ -896,29 +893,20 @@ class ConnectEndpoint:
         except OSError as exc:
             self.log.warning("configuring a bridge port failed", link=link, error=str(exc))
 
-    def _reply(self, conn: EndpointConnection) -> Connection:
-        m = conn.mechanism
-        mechanism = Mechanism(type=m.type, interface_name=m.interface)
-        if m.type == VETH:
-            mechanism.veth = Veth(netns_path=m.netns_path)
-        else:
-            mechanism.vxlan = Vxlan(
-                client_address=m.client_address,
-                endpoint_address=conn.local,
-                vni=m.vni,
-                port=m.port,
-            )
-        return Connection(
+    def _reply(self, conn: EndpointConnection) -> bytes:
+        """The ``Connection`` answered, serialized (by hand: see conduit.connection_bytes)."""
+        return conduit.connection_bytes(
             connection_id=conn.connection_id,
             network_service=conn.spec.network_service,
             endpoint_name=self.config.name,
-            mechanism=mechanism,
-            client_addresses=list(conn.assigned.client),
-            endpoint_addresses=list(conn.assigned.endpoint),
+            mechanism=conn.mechanism,
+            endpoint_address=conn.local,
+            client_addresses=conn.assigned.client,
+            endpoint_addresses=conn.assigned.endpoint,
             endpoint_interface=conn.link,
             mtu=conn.mtu,
             expiry_seconds=self.config.expiry,
-            extra_context=dict(conn.context),
+            context=conn.context,
         )
 
     # --- liveness, drift, clean-up ------------------------------------------------------------
