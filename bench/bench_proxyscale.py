@@ -31,6 +31,7 @@ The baseline is the smallest case (N = 10) of the same run: ratios are against i
 cold start and the steady state, into ``DIR/<case>-cold.txt`` and ``DIR/<case>-steady.txt``
 (``MERIDIO_BENCH_PROFILE_RATE``: samples a second, 50 unless given).
 ``MERIDIO_BENCH_LOGS=DIR``: keep the daemons' logs, as ``DIR/<case>-<role>.log``.
+``MERIDIO_BENCH_COLD_ONLY=1``: measure only the cold starts (no steady state, no changes).
 ``MERIDIO_BENCH_PROXY_ARGS``: more proxy settings (``--register-interval=30 ...``).
 ``MERIDIO_BENCH_PROXY_SRC`` / ``MERIDIO_BENCH_CONTROL_SRC``: a source tree (its ``src``
 directory) to run the proxy / the NSP and IPAM from instead of the installed one, to compare
@@ -695,6 +696,9 @@ async def run_case(name: str, workdir: Path, ns: Any, targets_ns: list[TargetNs]
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait()
+        if os.environ.get("MERIDIO_BENCH_COLD_ONLY"):
+            nan = float("nan")
+            return Result(name, n, cold, cold_links, cold_nsp, nan, nan, nan, [], [], [], [], [])
         await asyncio.sleep(2)
         steady = max(STEADY, register_interval(), *(t.period for t in targets))
         spy = profile(proxy.pid, f"{name}-steady", steady)

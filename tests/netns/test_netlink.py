@@ -11,7 +11,14 @@ import trio
 
 from meridio.core import rtnl
 from meridio.runtime.bus import EventBus
-from meridio.runtime.netlink import AddressEvent, LinkEvent, NetlinkManager, RuleEvent, VethSpec
+from meridio.runtime.netlink import (
+    AddressEvent,
+    LinkEvent,
+    NetlinkManager,
+    RuleEvent,
+    VethSpec,
+    open_event_socket,
+)
 from tests.conftest import make_netns
 
 pytestmark = pytest.mark.netns
@@ -181,8 +188,8 @@ async def test_lean_reads_agree_with_pyroute2(aio_loop: object, netns: object) -
 
 async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path: object) -> None:
     """create_veths: several pairs in one exchange, each a bridge port, up, with its alias
-    (isolated when asked); a pair that cannot be made says why and does not stop the others.
-    isolate_port isolates a port afterwards."""
+    (isolated, and without IPv6 address, when asked); a pair that cannot be made says why and
+    does not stop the others. configure_port does the same to a port afterwards."""
     peers = [make_netns("peer") for _ in range(3)]
     try:
         netns.run("ip", "link", "add", "mt-br", "type", "bridge")  # type: ignore[attr-defined]
@@ -203,6 +210,7 @@ async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path
                     True,
                     f"meridio-endpoint:t{i}",
                     isolated=i == 0,
+                    ipv6_link_local=i != 0,
                 )
                 for i, p in enumerate(peers)
             ] + [VethSpec("mt-tx", "conduit0", "/run/netns/mtest-none", 1400, bridge.index)]
@@ -227,11 +235,17 @@ async def test_veths_are_made_together(aio_loop: object, netns: object, tmp_path
                 assert "isolated " in out, out
                 return "isolated on" in out
 
+            def addrgenmode(name: str) -> str:
+                out = netns.run("ip", "-d", "link", "show", name).stdout  # type: ignore[attr-defined]
+                return out.split("addrgenmode ", 1)[1].split()[0]
+
             assert (isolated("mt-t0"), isolated("mt-t1")) == (True, False)
-            await manager.isolate_port("mt-t1")
+            assert (addrgenmode("mt-t0"), addrgenmode("mt-t1")) == ("none", "eui64")
+            await manager.configure_port("mt-t1", isolated=True, ipv6_link_local=False)
             assert isolated("mt-t1")
+            assert addrgenmode("mt-t1") == "none"
             with pytest.raises(rtnl.NetlinkDumpError):
-                await manager.isolate_port("mt-none")
+                await manager.configure_port("mt-none", isolated=True)
             again = await manager.create_veths(specs[:1])
             assert isinstance(again[0], OSError) and again[0].errno == errno.EEXIST
         finally:
@@ -280,3 +294,39 @@ async def test_link_events_carry_the_carrier_and_skip_bridge_port_states(
         await _next(links, LinkEvent, lambda e: e.ifname == "mt-a" and e.action == "del")
         nursery.cancel_scope.cancel()
     manager.close()
+
+
+def test_the_event_socket_drops_bridge_port_states_in_the_kernel(netns: object) -> None:
+    """The event socket's filter: a bridge's port states (family AF_BRIDGE) never reach it,
+    the ports' own link events do."""
+    sock = open_event_socket(netns.name)  # type: ignore[attr-defined]
+    try:
+        run = netns.run  # type: ignore[attr-defined]
+        run("ip", "link", "add", "mt-br", "type", "bridge")
+        run(
+            "ip",
+            "link",
+            "add",
+            "mt-a",
+            "master",
+            "mt-br",
+            "up",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mt-b",
+        )
+        run("ip", "link", "set", "mt-b", "up")
+        run("ip", "link", "set", "mt-a", "nomaster")
+        families = []
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            while True:
+                for msg_type, payload in rtnl.messages(sock.recv(1 << 16), None):
+                    if msg_type in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
+                        families.append(payload[0])
+        assert families and socket.AF_BRIDGE not in families
+        assert set(families) == {socket.AF_UNSPEC}
+    finally:
+        sock.close()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meridio.api.meridio.connect.v1 import ConnectRequest, Mechanism, Veth, Vxlan
+from meridio.api.meridio.connect.v1 import Connection, ConnectRequest, Mechanism, Veth, Vxlan
 from meridio.core import conduit
 from meridio.core.conduit import InvalidRequest
 
@@ -173,3 +173,67 @@ def test_family_and_host() -> None:
     assert conduit.family("198.18.0.1/24") == 4
     assert conduit.family("fd00::1") == 6
     assert conduit.host("fd00:10::1/64") == "fd00:10::1"
+
+
+_text = st.text(max_size=30)
+
+
+@given(
+    st.sampled_from(["veth", "vxlan"]),
+    st.tuples(_text, _text, _text, _text, _text),
+    st.integers(0, conduit.MAX_VNI),
+    st.integers(0, 65535),
+    st.lists(_text, max_size=3),
+    st.lists(_text, max_size=3),
+    st.integers(0, 2**32 - 1),
+    st.floats(allow_nan=False),
+    st.dictionaries(_text, _text, max_size=4),
+)
+def test_connection_bytes_are_what_betterproto_makes(
+    kind: str,
+    texts: tuple[str, str, str, str, str],
+    vni: int,
+    port: int,
+    client: list[str],
+    endpoint: list[str],
+    mtu: int,
+    expiry: float,
+    context: dict[str, str],
+) -> None:
+    """The endpoint's reply written by hand: the bytes the generated message makes, the way
+    the endpoint built it (its mechanism and the veth or vxlan part set explicitly)."""
+    cid, name, interface, path_or_address, local = texts
+    spec = conduit.MechanismSpec(kind, interface, path_or_address, path_or_address, vni, port)
+    mechanism = Mechanism(type=kind, interface_name=interface)
+    if kind == "veth":
+        mechanism.veth = Veth(netns_path=path_or_address)
+    else:
+        mechanism.vxlan = Vxlan(
+            client_address=path_or_address, endpoint_address=local, vni=vni, port=port
+        )
+    expected = Connection(
+        connection_id=cid,
+        network_service=name,
+        endpoint_name=local,
+        mechanism=mechanism,
+        client_addresses=client,
+        endpoint_addresses=endpoint,
+        endpoint_interface=interface,
+        mtu=mtu,
+        expiry_seconds=expiry,
+        extra_context=context,
+    )
+    made = conduit.connection_bytes(
+        connection_id=cid,
+        network_service=name,
+        endpoint_name=local,
+        mechanism=spec,
+        endpoint_address=local,
+        client_addresses=client,
+        endpoint_addresses=endpoint,
+        endpoint_interface=interface,
+        mtu=mtu,
+        expiry_seconds=expiry,
+        context=context,
+    )
+    assert made == bytes(expected)

@@ -53,9 +53,6 @@ from meridio.api.meridio.connect.v1 import (
     ConnectBase,
     Connection,
     ConnectRequest,
-    Mechanism,
-    Veth,
-    Vxlan,
 )
 from meridio.connect import kernel
 from meridio.connect.kernel import LinkError, LinkInfo, pid_netns_path
@@ -598,6 +595,7 @@ class ConnectEndpoint:
                 alias=conduit.alias_of(ENDPOINT_ALIAS, spec.connection_id),
                 group=self._group,
                 isolated=self.config.isolate_ports,
+                ipv6_link_local=False,
             )
             batch.append((item, vspec))
         if not batch:
@@ -675,7 +673,7 @@ class ConnectEndpoint:
             # event says when the link goes) and the same reply
             conn.reply = existing.reply
         if conn.reply is None:
-            conn.reply = Encoded(bytes(self._reply(conn)))
+            conn.reply = Encoded(self._reply(conn))
         self.connections[spec.connection_id] = conn
         heapq.heappush(self._expiries, (conn.refreshed + self.config.expiry, conn.connection_id))
         if existing is None:
@@ -876,45 +874,39 @@ class ConnectEndpoint:
             addresses=None if master is not None else conn.assigned.on_link,
             group=self._group,
         )
-        if joins and master is not None and self.config.isolate_ports:
-            await self._isolate(conn.link)
+        if joins and master is not None:
+            await self._configure_port(conn.link)
         self._forget_index(conn)
         conn.index = info.index
         conn.up = info.running
         self._by_index[info.index] = conn.connection_id
 
-    async def _isolate(self, link: str) -> None:
-        """Make ``link`` an isolated port of the bridge; best effort (a kernel before 4.18
-        cannot): a port that is not isolated only carries more than it needs to."""
+    async def _configure_port(self, link: str) -> None:
+        """Make ``link`` an isolated port of the bridge (when so configured) with no IPv6
+        address, as the links made together are; best effort (a kernel before 4.18 cannot
+        isolate): such a port only carries or sends more than it needs to."""
         assert self._netlink is not None
         try:
-            await self._netlink.isolate_port(link)
-        except OSError as exc:
-            self.log.warning("isolating a bridge port failed", link=link, error=str(exc))
-
-    def _reply(self, conn: EndpointConnection) -> Connection:
-        m = conn.mechanism
-        mechanism = Mechanism(type=m.type, interface_name=m.interface)
-        if m.type == VETH:
-            mechanism.veth = Veth(netns_path=m.netns_path)
-        else:
-            mechanism.vxlan = Vxlan(
-                client_address=m.client_address,
-                endpoint_address=conn.local,
-                vni=m.vni,
-                port=m.port,
+            await self._netlink.configure_port(
+                link, isolated=self.config.isolate_ports, ipv6_link_local=False
             )
-        return Connection(
+        except OSError as exc:
+            self.log.warning("configuring a bridge port failed", link=link, error=str(exc))
+
+    def _reply(self, conn: EndpointConnection) -> bytes:
+        """The ``Connection`` answered, serialized (by hand: see conduit.connection_bytes)."""
+        return conduit.connection_bytes(
             connection_id=conn.connection_id,
             network_service=conn.spec.network_service,
             endpoint_name=self.config.name,
-            mechanism=mechanism,
-            client_addresses=list(conn.assigned.client),
-            endpoint_addresses=list(conn.assigned.endpoint),
+            mechanism=conn.mechanism,
+            endpoint_address=conn.local,
+            client_addresses=conn.assigned.client,
+            endpoint_addresses=conn.assigned.endpoint,
             endpoint_interface=conn.link,
             mtu=conn.mtu,
             expiry_seconds=self.config.expiry,
-            extra_context=dict(conn.context),
+            context=conn.context,
         )
 
     # --- liveness, drift, clean-up ------------------------------------------------------------

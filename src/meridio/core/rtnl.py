@@ -55,6 +55,7 @@ IFLA_LINKINFO = 18
 IFLA_IFALIAS = 20
 IFLA_GROUP = 27
 IFLA_NET_NS_FD = 28
+IFLA_AF_SPEC = 26
 IFLA_EXT_MASK = 29
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 VETH_INFO_PEER = 1
@@ -64,6 +65,8 @@ IFLA_INFO_DATA = 2
 IFLA_INFO_SLAVE_KIND = 4
 IFLA_INFO_SLAVE_DATA = 5
 IFLA_BRPORT_ISOLATED = 33
+IFLA_INET6_ADDR_GEN_MODE = 8
+IN6_ADDR_GEN_MODE_NONE = 1
 IFLA_VXLAN_ID = 1
 IFLA_VXLAN_GROUP = 2
 IFLA_VXLAN_LOCAL = 4
@@ -191,8 +194,13 @@ def _name(ifname: str) -> bytes:
 
 
 def link_request(ifname: str, seq: int) -> bytes:
-    """An ``RTM_GETLINK`` request for the one link named ``ifname`` (not a dump)."""
-    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + attribute(IFLA_IFNAME, _name(ifname))
+    """An ``RTM_GETLINK`` request for the one link named ``ifname`` (not a dump), without
+    its statistics (as the dumps)."""
+    body = (
+        _IFINFOMSG.pack(0, 0, 0, 0, 0)
+        + attribute(IFLA_IFNAME, _name(ifname))
+        + attribute(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS))
+    )
     return _message(RTM_GETLINK, NLM_F_REQUEST, seq, body)
 
 
@@ -233,30 +241,36 @@ def veth_request(
     return _message(RTM_NEWLINK, request, seq, body)
 
 
-def alias_request(seq: int, ifname: str, alias: str, *, ack: bool = True) -> bytes:
-    """Set the alias of the link named ``ifname``; acknowledged with ``ack`` (without, only
-    a failure is answered)."""
-    body = (
-        _IFINFOMSG.pack(0, 0, 0, 0, 0)
-        + attribute(IFLA_IFNAME, _name(ifname))
-        + attribute(IFLA_IFALIAS, alias.encode())
-    )
-    return _message(RTM_NEWLINK, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, body)
-
-
-def isolate_request(seq: int, ifname: str, *, ack: bool = True) -> bytes:
-    """Make the bridge port ``ifname`` isolated (``ip link set <ifname> type bridge_slave
-    isolated on``): the bridge forwards nothing between two isolated ports, so what one sends
-    to every port (broadcast, multicast, unknown unicast) reaches only the others. Acknowledged
-    with ``ack`` (without, only a failure is answered)."""
-    linkinfo = attribute(IFLA_INFO_SLAVE_KIND, b"bridge\0") + attribute(
-        IFLA_INFO_SLAVE_DATA, attribute(IFLA_BRPORT_ISOLATED, b"\1")
-    )
-    body = (
-        _IFINFOMSG.pack(0, 0, 0, 0, 0)
-        + attribute(IFLA_IFNAME, _name(ifname))
-        + attribute(IFLA_LINKINFO, linkinfo)
-    )
+def port_request(
+    seq: int,
+    ifname: str,
+    *,
+    alias: str | None = None,
+    isolated: bool = False,
+    ipv6_link_local: bool = True,
+    ack: bool = True,
+) -> bytes:
+    """Set, in one message, what a new bridge port needs besides its creation (which ignores
+    these attributes): its alias; ``isolated``, an isolated port (``ip link set <ifname> type
+    bridge_slave isolated on``: the bridge forwards nothing between two isolated ports, so
+    what one sends to every port (broadcast, multicast, unknown unicast) reaches only the
+    others; Linux 4.18 or later); and, without ``ipv6_link_local``, no IPv6 address of its
+    own (``addrgenmode none``: a port carries frames for the bridge and needs none; with one,
+    each port makes address and route events and sends duplicate address detection, router
+    solicitation and MLD packets when its carrier comes up). Acknowledged with ``ack``
+    (without, only a failure is answered)."""
+    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + attribute(IFLA_IFNAME, _name(ifname))
+    if alias is not None:
+        body += attribute(IFLA_IFALIAS, alias.encode())
+    if isolated:
+        body += attribute(
+            IFLA_LINKINFO,
+            attribute(IFLA_INFO_SLAVE_KIND, b"bridge\0")
+            + attribute(IFLA_INFO_SLAVE_DATA, attribute(IFLA_BRPORT_ISOLATED, b"\1")),
+        )
+    if not ipv6_link_local:
+        mode = attribute(IFLA_INET6_ADDR_GEN_MODE, bytes((IN6_ADDR_GEN_MODE_NONE,)))
+        body += attribute(IFLA_AF_SPEC, attribute(socket.AF_INET6, mode))
     return _message(RTM_NEWLINK, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, body)
 
 
@@ -265,6 +279,31 @@ def group_delete_request(seq: int, group: int) -> bytes:
     them down together, far faster than one request each."""
     body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + attribute(IFLA_GROUP, _U32.pack(group))
     return _message(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, body)
+
+
+def _host_u16(value: int) -> int:
+    """``value`` as a classic BPF program reads a 16-bit field in host order (BPF loads are
+    big-endian, netlink headers are in host order)."""
+    return int.from_bytes(struct.pack("=H", value), "big")
+
+
+def bridge_port_filter() -> bytes:
+    """A classic BPF program (``struct sock_filter`` array) for an event socket that drops
+    the bridge port states in the kernel: ``RTM_NEWLINK`` and ``RTM_DELLINK`` of family
+    ``AF_BRIDGE``, which a bridge sends beside each of its ports' own link events (seven a
+    port as it is made and comes up). Every other message passes; a notification is one
+    message a datagram, so looking at the first is enough."""
+    ld_h, ld_b, jeq, ret = 0x28, 0x30, 0x15, 0x06  # BPF_LD|H|ABS, BPF_LD|B|ABS, JMP|JEQ|K, RET|K
+    program = [
+        (ld_h, 0, 0, 4),  # nlmsg_type
+        (jeq, 1, 0, _host_u16(RTM_NEWLINK)),
+        (jeq, 0, 2, _host_u16(RTM_DELLINK)),
+        (ld_b, 0, 0, _NLMSGHDR.size),  # ifi_family
+        (jeq, 1, 0, socket.AF_BRIDGE),
+        (ret, 0, 0, 0xFFFFFFFF),  # keep the whole datagram
+        (ret, 0, 0, 0),  # drop it
+    ]
+    return b"".join(struct.pack("=HBBI", *insn) for insn in program)
 
 
 def answers(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
