@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import meridio.api
 from meridio.api.ipam.v1 import Child, IpFamily, Subnet
+from meridio.api.meridio.connect.v1 import ConnectRequest
 from meridio.api.nsp.v1 import Conduit, Stream, Target, TargetResponse, TargetStatus, Trench
 from meridio.core.wire import MAX_DEPTH, WireError, check, decode
 
@@ -157,10 +158,14 @@ def test_corrupted_data_is_refused_or_decoded_exactly_as_betterproto(
     except WireError as exc:
         assert str(exc)
         return
-    # Accepted: it must be what betterproto reads too, and encode back to an equal message.
+    # Accepted: it must be what betterproto reads too, and encode to bytes both read alike and
+    # that encode again to themselves. (Not always to an equal message: betterproto's encoder
+    # drops a map entry with an empty key and value, b'"\x00' in a ConnectRequest.)
     theirs = cls().parse(corrupt)
     assert same(ours, theirs)
-    assert decode(cls, bytes(ours)) == ours
+    again = bytes(ours)
+    assert same(decode(cls, again), cls().parse(again))
+    assert bytes(decode(cls, again)) == again
 
 
 CHILD = Child(
@@ -267,3 +272,12 @@ def test_build_refuses_unknown_fields() -> None:
     with pytest.raises(TypeError, match="nope"):
         build(Target, nope=1)
     assert build(Target) == Target() and not build(Target)._serialized_on_wire
+
+
+def test_an_empty_map_entry_is_read_as_betterproto_reads_it() -> None:
+    # found by the test above: a map entry with no key and no value is {"": ""} for both
+    # decoders (betterproto's encoder then leaves it out)
+    data = b'*\x00"\x00'
+    ours = decode(ConnectRequest, data)
+    assert same(ours, ConnectRequest().parse(data))
+    assert ours.extra_context == {"": ""}
