@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,16 @@ def reports(runs: dict[str, TrafficRun]) -> dict[str, dict[str, Any]]:
 
 def summary(report: dict[str, Any]) -> str:
     keys = ("hosts", "lost_per_host", "lost_connections", "failed_connects", "sent", "received")
-    return json.dumps({k: report.get(k) for k in keys})
+    out = {k: report.get(k) for k in keys}
+    # what failed, when (seconds into the run) and why
+    failed = [c for c in report.get("connections", []) if c.get("state") == "failed"]
+    if failed:
+        out["run_started"] = report.get("started")
+        out["failed"] = [
+            {k: c.get(k) for k in ("started", "ended", "error", "local", "retransmits")}
+            for c in failed[:10]
+        ]
+    return json.dumps(out)
 
 
 def assert_clean(report: dict[str, Any], targets: set[str], lab: Lab, what: str) -> None:
@@ -335,6 +345,7 @@ def test_a_target_pod_gone_fails_its_connections_only_and_leaves_every_lb(
     # the pod is gone (a crashing sidecar is started again by its supervisor: see below); its
     # proxy sees its link go and it leaves every LB (how soon: bench_proxyscale, "namespace
     # gone -> gone from NSP")
+    print(f"{victim} killed at {datetime.now(UTC).isoformat()}")  # shown when it fails
     lab.kill(victim, netns=True)
     wait_until(
         lambda: not any(ips & lb_ips(lab, lb) for lb in ("lb-1", "lb-2")),
