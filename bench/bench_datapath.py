@@ -9,7 +9,8 @@ namespace and four target namespaces with the VIP on lo. The cases:
   link (``--fast-path-interfaces=c0``): VIP packets are steered and forwarded at ingress;
 * ``kernel-routed``: kernel mode without the fast path (``--no-fast-path``): mark, ip rule,
   routing, as for every packet the fast path leaves to the routed path;
-* ``first-packet``, ``nfqueue``: meridiod in those modes;
+* ``first-packet``, ``nfqueue``: meridiod in those modes; ``nfqueue-2q``: with two queues, a
+  reader each (``--queues=2``), and each reader's share of the packets;
 * ``nfqueue-c``: no meridiod; the same NFQUEUE rule and fwmark routing, read by the minimal C
   reader ``bench/nfq_reader.c`` (libnetfilter_queue, one verdict with a mark per packet from a
   hash lookup, the same queue length and copy range as the LB's reader), built with gcc.
@@ -86,6 +87,8 @@ CASES: dict[str, tuple[str | None, list[str]]] = {
     "kernel-routed": ("kernel", ["--no-fast-path"]),
     "first-packet": ("first-packet", []),
     "nfqueue": ("nfqueue", []),
+    # two queues, a reader each (``--queues``): packets spread over them by flow
+    "nfqueue-2q": ("nfqueue", ["--queues=2"]),
 }
 LB_ARGS = ["--resync-period=5"]  # the default (the test topology resyncs every second)
 # measured together, in each round: the baseline, the case and these
@@ -533,8 +536,31 @@ def main() -> None:
                             f" {spread(ratios(ours, c_reader, 'tcp_cps'))}"
                         )
                     for runner in group[1:]:
+                        if CASES.get(runner.name, (None,))[0] == "nfqueue":
+                            per_reader(runner)
                         if runner.name.startswith("nfqueue"):
                             paced(runner, tools)
+
+
+def queued_per_queue(ns: str) -> dict[int, int]:
+    """Packets each queue of ``ns`` has taken so far (the kernel's id sequence per queue)."""
+    text = ns_run(ns, "cat", "/proc/net/netfilter/nfnetlink_queue").stdout
+    return {int(f[0]): int(f[7]) for f in (line.split() for line in text.splitlines()) if f}
+
+
+def per_reader(runner: Runner) -> None:
+    """Each reader's share of the packets queued in the whole run, and its UDP rate (the
+    case's median delivered rate times that share)."""
+    counts = queued_per_queue(runner.topo.lb_ns.name)
+    total = sum(counts.values())
+    if not total:
+        return
+    rate = statistics.median(s.udp_pps for s in runner.samples)
+    text = ", ".join(
+        f"queue {q}: {n / total:.0%}, {rate * n / total:,.0f} pps"
+        for q, n in sorted(counts.items())
+    )
+    print(f"  {runner.name} per reader: {text}", flush=True)
 
 
 def paced(runner: Runner, tools: dict[str, Path]) -> None:
