@@ -470,11 +470,7 @@ def report(case: Runner, base: Runner) -> None:
     # the baseline's CPU cost per packet over the case's: the throughput ratio the case would
     # have where it had the machine to itself (forwarding is CPU-bound), much less sensitive
     # to what else the machine runs
-    per_cpu = [
-        b.cost / c.cost
-        for c, b in zip(case.samples, base.samples, strict=True)
-        if c.cost and b.cost
-    ]
+    per_cpu = ratios(base, case, "cost")
     print(
         f"  {case.name:<14} {spread(udp, '{:,.0f}'):>26} {udp_ratio:>18}"
         f" {spread(per_cpu):>18} {spread(loss, '{:.1%}'):>22}   {spread(tcp, '{:,.0f}'):>22}"
@@ -524,11 +520,7 @@ def main() -> None:
                         report(runner, base)
                     if len(names) > 1:
                         ours, c_reader = group[1], group[2]
-                        reader_ratio = [
-                            c.reader_cost / o.reader_cost
-                            for o, c in zip(ours.samples, c_reader.samples, strict=True)
-                            if o.reader_cost and c.reader_cost
-                        ]
+                        reader_ratio = ratios(c_reader, ours, "reader_cost")
                         print(
                             f"  {ours.name} / {c_reader.name}: UDP"
                             f" {spread(ratios(ours, c_reader, 'udp_pps'))}, reader CPU per"
