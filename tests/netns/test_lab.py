@@ -131,7 +131,23 @@ def assert_clean(report: dict[str, Any], targets: set[str], lab: Lab, what: str)
     """No connection lost or failed, every target answered."""
     assert report["lost_connections"] == 0, f"{what}: {summary(report)}\n{diagnose(lab)}"
     assert report["failed_connects"] == 0, f"{what}: {summary(report)}\n{diagnose(lab)}"
-    assert set(report["hosts"]) == targets, f"{what}: {summary(report)}"
+    assert set(report["hosts"]) == targets, f"{what}: {summary(report)}\n{lb_kernel_view(lab)}"
+
+
+def lb_kernel_view(lab: Lab) -> str:
+    """Where each LB's kernel sends what: its per-target hit counters, its fwmark rules and
+    the routes of their tables (for a message when traffic missed a target)."""
+    out = []
+    for lb in ("lb-1", "lb-2"):
+        ns = lab.netns(lb)
+        for cmd in (
+            ("nft", "list", "counters", "table", "inet", "meridio-lb"),
+            ("ip", "-4", "rule"),
+            ("ip", "-4", "route", "show", "table", "all", "type", "unicast"),
+        ):
+            done = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
+            out.append(f"--- {lb}: {' '.join(cmd)}\n{done.stdout}{done.stderr}")
+    return "\n".join(out)
 
 
 def lb_ips(lab: Lab, lb: str) -> set[str]:
