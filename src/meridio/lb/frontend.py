@@ -32,7 +32,13 @@ from typing import Any
 import trio
 
 from meridio.core import birdc
-from meridio.core.birdconf import FrontendConfig, FrontendConfigError, Peer, render
+from meridio.core.birdconf import (
+    KERNEL_PROTOCOL,
+    FrontendConfig,
+    FrontendConfigError,
+    Peer,
+    render,
+)
 
 PR_SET_PDEATHSIG = 1
 SOCKET_WAIT = 10.0
@@ -184,6 +190,8 @@ class Frontend:
         """Why the desired configuration is not running (BIRD's message or ours), or ""."""
         self.bird = "stopped"
         self.gateways: list[GatewayState] = []
+        self.kernel_routes = 0
+        """Routes BIRD has exported to the kernel (the gateways' routes for the replies)."""
         self.control = BirdControl(self.ctl)
         self._wake = trio.Event()
         self._applied_event = trio.Event()
@@ -213,8 +221,13 @@ class Frontend:
         return self.running and any(g.up for g in self.gateways)
 
     def egress_up(self) -> bool:
-        """A gateway is up and gave us a route: replies from the VIPs can leave."""
-        return self.running and any(g.up and g.routes_received > 0 for g in self.gateways)
+        """A gateway is up and gave us a route, and BIRD has put it in the kernel: replies
+        from the VIPs can leave (a reply sent before the kernel had the route was lost)."""
+        return (
+            self.running
+            and self.kernel_routes > 0
+            and any(g.up and g.routes_received > 0 for g in self.gateways)
+        )
 
     async def withdraw(self) -> None:
         """Announce nothing from now on, and return once BIRD has taken it (or is gone)."""
@@ -255,6 +268,7 @@ class Frontend:
             self.bird = state
             if state != "running":
                 self.gateways = []
+                self.kernel_routes = 0
             self.on_change()
 
     def _kill_leftover(self) -> None:
@@ -432,6 +446,11 @@ class Frontend:
         sessions = birdc.parse_bfd_sessions(await self.control.ask("show bfd sessions"))
         peers = self.applied.peers if self.applied else ()
         states = gateway_states(peers, protocols, sessions, bool(self.announced))
+        kernel_routes = sum(p.exported for p in protocols if p.name in KERNEL_PROTOCOL.values())
+        if (kernel_routes > 0) != (self.kernel_routes > 0):
+            self.kernel_routes = kernel_routes
+            self.on_change()
+        self.kernel_routes = kernel_routes
         if states != self.gateways:
             before = {g.name: (g.state, g.bfd) for g in self.gateways}
             for gateway in states:
