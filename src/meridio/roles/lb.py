@@ -452,6 +452,8 @@ class LbRole(Role[LbSettings]):
         self.log = runtime.log
         self.connect: LbConnect | None = None
         self.external: External | None = None
+        self.egress_vips: frozenset[str] = frozenset()
+        """The VIPs whose egress (``from <VIP>`` rules) was last put in place."""
         self.frontend: Frontend | None = None
         self.watches = 5 if settings.attractor else 4
         self.draining = False
@@ -1140,9 +1142,23 @@ class LbRole(Role[LbSettings]):
             await external.reconcile(vips, check_drift=check_drift)
         except Exception as exc:
             self.egress_check.set(False)
+            self.egress_vips = frozenset()
             self.log.error("egress reconcile failed", error=str(exc), exc_info=True)
             return
         self.egress_check.set(True)
+        if frozenset(vips) != self.egress_vips:
+            self.egress_vips = frozenset(vips)
+            if self.connect is not None:
+                self.connect.replies_changed()
+
+    def takes_replies(self) -> bool:
+        """Whether the proxies may send the targets' replies through this LB: its egress is in
+        place (the ``from <VIP>`` rules and the gateways' table; in static mode the proxies were
+        told so before the LB had them) and, with an attractor, BIRD has a gateway's route in
+        the kernel (BGP takes seconds)."""
+        if self.external is not None and not self.egress_vips:
+            return False
+        return not self.lb.attractor or (self.frontend is not None and self.frontend.egress_up())
 
     async def _detach_external(self) -> None:
         if self.external is None:
@@ -1167,10 +1183,7 @@ class LbRole(Role[LbSettings]):
             self.lb,
             self.lb.trench,
             self.lb.conduit,
-            # with an attractor, replies wait for a gateway route (BGP takes seconds)
-            takes_replies=lambda: (
-                not self.lb.attractor or (self.frontend is not None and self.frontend.egress_up())
-            ),
+            takes_replies=self.takes_replies,
         )
         await nursery.start(self.connect.run, nsp)
 
