@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -304,3 +305,21 @@ def test_schedule_due_takes_exactly_the_keys_due_by_then(
     assert sorted(due) == sorted(k for k, t in times.items() if t <= horizon)
     assert [times[k] for k in due] == sorted(times[k] for k in due)
     assert len(schedule) == len(times) - len(due)
+
+
+def test_a_tag_beyond_32_bits_is_refused_as_the_strict_decoder_refuses_it() -> None:
+    # found by the property above: field number 2**29 (tag 2**32) in five varint bytes
+    junk = b"\x80\x80\x80\x80\x10\x00"
+    with pytest.raises(wire.WireError):
+        wire.decode(UpdateResponse, junk)
+    with pytest.raises(ValueError):
+        ps.update_results(junk)
+
+
+def test_a_known_field_of_a_fixed_size_wire_type_is_refused_as_the_strict_decoder_does() -> None:
+    # found by a longer run of the property: results (field 1) sent as a fixed64
+    junk = b"\t" + bytes(8)
+    with pytest.raises(wire.WireError):
+        wire.decode(UpdateResponse, junk)
+    with pytest.raises(ValueError):
+        ps.update_results(junk)

@@ -304,14 +304,18 @@ def target_bytes(
 
 
 def _fields(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, Any]]:
-    """(number, value) of each field of a message: an int (varint), or the bytes of a
-    length-delimited value; ValueError when the data is not well formed (fixed-size values
-    are skipped, groups refused)."""
+    """(number, value) of each field of a message: an int (varint), the bytes of a
+    length-delimited value, or a 1-tuple of the bytes of a fixed-size one; ValueError when the
+    data is not well formed (groups refused)."""
     end = len(data) if end is None else end
     i = start
     while i < end:
         key, i = read_varint(data, i, end)
         number, wire = key >> 3, key & 7
+        # as the strict decoder (meridio.core.wire): a tag fits in 32 bits, a field number is
+        # within 1..2**29-1
+        if key >= 1 << 32:
+            raise ValueError("a tag does not fit in 32 bits")
         if number == 0:
             raise ValueError("field number 0")
         if wire == 0:
@@ -324,9 +328,11 @@ def _fields(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tup
             yield number, data[i : i + length]
             i += length
         elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
+            begin, i = i, i + (8 if wire == 1 else 4)
             if i > end:
                 raise ValueError("a fixed-size value runs past its message")
+            # neither an int nor bytes: a field that must be one of those refuses it
+            yield number, (data[begin:i],)
         else:
             raise ValueError(f"wire type {wire}")
 
