@@ -145,7 +145,7 @@ def lb_kernel_view(lab: Lab) -> str:
             ("ip", "-4", "rule"),
             ("ip", "-4", "route", "show", "table", "all", "type", "unicast"),
         ):
-            done = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
+            done = system.run("ip", "netns", "exec", ns, *cmd, check=False)
             out.append(f"--- {lb}: {' '.join(cmd)}\n{done.stdout}{done.stderr}")
     return "\n".join(out)
 

@@ -447,10 +447,10 @@ class Frontend:
         peers = self.applied.peers if self.applied else ()
         states = gateway_states(peers, protocols, sessions, bool(self.announced))
         kernel_routes = sum(p.exported for p in protocols if p.name in KERNEL_PROTOCOL.values())
-        if (kernel_routes > 0) != (self.kernel_routes > 0):
-            self.kernel_routes = kernel_routes
-            self.on_change()
+        egress_changed = (kernel_routes > 0) != (self.kernel_routes > 0)
         self.kernel_routes = kernel_routes
+        if egress_changed:
+            self.on_change()
         if states != self.gateways:
             before = {g.name: (g.state, g.bfd) for g in self.gateways}
             for gateway in states:

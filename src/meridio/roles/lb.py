@@ -1021,8 +1021,9 @@ class LbRole(Role[LbSettings]):
         }
         return tuple(sorted(wanted & carried))
 
-    def frontend_config(self) -> birdconf.FrontendConfig:
-        """BIRD's configuration for the attractor as the NSP has it now."""
+    def frontend_config(self, announce: tuple[str, ...]) -> birdconf.FrontendConfig:
+        """BIRD's configuration for the attractor as the NSP has it now, announcing
+        ``announce`` (:meth:`announceable_vips`)."""
         assert self.external is not None
         spec = self.external.spec
         peers = []
@@ -1037,7 +1038,7 @@ class LbRole(Role[LbSettings]):
             interface=spec.interface,
             table=spec.table,
             peers=tuple(peers),
-            announce=self.announceable_vips(),
+            announce=announce,
             families=tuple(sorted({p.family for p in peers})) or (4, 6),
         )
 
@@ -1071,9 +1072,10 @@ class LbRole(Role[LbSettings]):
                 self.log.error("unknown attractor", attractor=self.lb.attractor)
             frontend.set_error(message)
             return
-        self._log_attraction_inputs()
+        announce = self.announceable_vips()
+        self._log_attraction_inputs(announce)
         try:
-            config = self.frontend_config()
+            config = self.frontend_config(announce)
         except birdconf.FrontendConfigError as exc:
             if frontend.error != str(exc):
                 self.log.error("frontend configuration refused", error=str(exc))
@@ -1081,7 +1083,7 @@ class LbRole(Role[LbSettings]):
             return
         frontend.set_config(config)
 
-    def _log_attraction_inputs(self) -> None:
+    def _log_attraction_inputs(self, announce: tuple[str, ...]) -> None:
         """Log what decides the announcement whenever it changes: an LB that does not announce
         must say why (data path, target routes, egress, draining, streams with targets)."""
         egress = getattr(self, "egress_check", None)
@@ -1092,7 +1094,7 @@ class LbRole(Role[LbSettings]):
             egress is None or egress.serving,
             self.draining,
             tuple(sorted(str(k) for k, st in (path.streams.items() if path else ()) if st.targets)),
-            self.announceable_vips(),
+            announce,
         )
         if inputs != self._attraction_inputs:
             self._attraction_inputs = inputs
